@@ -1,0 +1,115 @@
+"""Buses: map an address (I/O port or guest-physical MMIO address) to the device that claims it.
+
+x86 has two address spaces for devices. *Port I/O* (the `in`/`out` instructions, 64 Ki ports) is
+where the legacy PC devices live: the UART at 0x3f8, the PIT at 0x40, the PIC at 0x20/0xa0. *MMIO* is
+ordinary physical addresses that are not RAM: a guest load or store there makes KVM exit with
+KVM_EXIT_MMIO. Both are served by the same `Bus`: a sorted range map; a device is registered at a
+base with a length and then only ever sees offsets from its base.
+
+A device is any object with
+
+    read(offset, size) -> int
+    write(offset, size, value) -> None
+
+An access nobody claims is the guest's business (probing for hardware that is absent is normal):
+reads return all ones, as on a real ISA bus with nothing driving it, writes are dropped, and both are
+counted in `unclaimed`.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+class Device(Protocol):
+    def read(self, offset: int, size: int) -> int: ...
+
+    def write(self, offset: int, size: int, value: int) -> None: ...
+
+
+class BusOverlapError(ValueError):
+    """Two devices claimed the same addresses (a VMM configuration bug)."""
+
+
+@dataclass(frozen=True)
+class Range:
+    base: int
+    length: int
+    device: Any
+    name: str
+
+    @property
+    def end(self) -> int:
+        return self.base + self.length
+
+
+class Bus:
+    """A range map from addresses to devices."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._bases: list[int] = []
+        self._ranges: list[Range] = []
+        self.unclaimed = 0
+        self.unclaimed_log: dict[int, int] = {}  # address -> count, for the exit tracer
+
+    def register(self, base: int, length: int, device: Device, name: str | None = None) -> None:
+        if length <= 0:
+            raise ValueError("a device range needs a positive length")
+        new = Range(base, length, device, name or type(device).__name__)
+        i = bisect.bisect_left(self._bases, base)
+        for neighbour in self._ranges[max(i - 1, 0):i + 1]:
+            if neighbour.base < new.end and new.base < neighbour.end:
+                raise BusOverlapError(
+                    f"{self.name}: {new.name} at {base:#x}+{length:#x} overlaps "
+                    f"{neighbour.name} at {neighbour.base:#x}+{neighbour.length:#x}")
+        self._bases.insert(i, base)
+        self._ranges.insert(i, new)
+
+    def unregister(self, base: int) -> None:
+        i = bisect.bisect_left(self._bases, base)
+        if i == len(self._bases) or self._bases[i] != base:
+            raise KeyError(f"{self.name}: nothing registered at {base:#x}")
+        del self._bases[i]
+        del self._ranges[i]
+
+    def find(self, addr: int) -> Range | None:
+        i = bisect.bisect_right(self._bases, addr) - 1
+        if i >= 0:
+            r = self._ranges[i]
+            if addr < r.end:
+                return r
+        return None
+
+    def ranges(self) -> list[Range]:
+        return list(self._ranges)
+
+    def _miss(self, addr: int) -> None:
+        self.unclaimed += 1
+        self.unclaimed_log[addr] = self.unclaimed_log.get(addr, 0) + 1
+
+    def read(self, addr: int, size: int) -> int:
+        r = self.find(addr)
+        if r is None:
+            self._miss(addr)
+            return (1 << (8 * size)) - 1
+        return r.device.read(addr - r.base, size)
+
+    def write(self, addr: int, size: int, value: int) -> None:
+        r = self.find(addr)
+        if r is None:
+            self._miss(addr)
+            return
+        r.device.write(addr - r.base, size, value)
+
+    # String and repeated I/O (`rep outsb`, `rep insw`): KVM hands us `count` items of `size` bytes
+    # in one buffer; the bus loops, so devices only ever see single accesses.
+    def read_into(self, addr: int, size: int, buf: memoryview, count: int) -> None:
+        for i in range(count):
+            buf[i * size:(i + 1) * size] = self.read(addr, size).to_bytes(size, "little")
+
+    def write_from(self, addr: int, size: int, buf: memoryview, count: int) -> None:
+        for i in range(count):
+            self.write(addr, size, int.from_bytes(buf[i * size:(i + 1) * size], "little"))

@@ -1,0 +1,146 @@
+"""Guest-physical memory: the one door into guest RAM.
+
+A guest's "physical" RAM is ordinary host memory that the VMM maps and then hands to KVM with
+KVM_SET_USER_MEMORY_REGION (one *slot* per contiguous range). The guest's page tables translate its
+virtual addresses to these guest-physical addresses (GPAs); the VMM sees the same bytes through its own
+mapping. Every device model and loader reads and writes guest memory through `GuestMemory.read` /
+`GuestMemory.write` (or `view` for zero-copy), which bounds-check the GPA range, so a guest that hands
+us a bad pointer gets an error rather than us touching host memory outside guest RAM.
+
+Two backends: `MmapBackend` (anonymous shared mapping, what KVM is given) and `BytesBackend`
+(a bytearray, for unit tests with no /dev/kvm).
+"""
+
+from __future__ import annotations
+
+import mmap
+from dataclasses import dataclass
+
+
+class GuestMemoryError(Exception):
+    """A guest-physical access outside RAM (usually a guest's mistake: callers log and count it)."""
+
+
+class BytesBackend:
+    """Guest RAM in a bytearray: for tests that need no KVM."""
+
+    def __init__(self, size: int):
+        self.buf = bytearray(size)
+        self.size = size
+
+    def view(self) -> memoryview:
+        return memoryview(self.buf)
+
+    def close(self) -> None:
+        pass
+
+
+class MmapBackend:
+    """Guest RAM in an anonymous mapping that KVM can be given (see Vm.set_user_memory_region).
+
+    MAP_PRIVATE with MADV_HUGEPAGE lets the host back guest RAM with 2 MiB pages where it can, which
+    matters on shadow-paging hosts (KVM-PVM) as much as with EPT/NPT: fewer TLB misses for the guest.
+    """
+
+    def __init__(self, size: int, hugepages: bool = True):
+        self.size = size
+        self.mmap = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                              prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        if hugepages and hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                self.mmap.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:
+                pass  # transparent huge pages disabled on this host: 4 KiB pages it is
+        self._view = memoryview(self.mmap)
+
+    def view(self) -> memoryview:
+        return self._view
+
+    def address(self) -> int:
+        """Host virtual address of the mapping, for KVM_SET_USER_MEMORY_REGION."""
+        import ctypes
+        return ctypes.addressof(ctypes.c_char.from_buffer(self.mmap))
+
+    def close(self) -> None:
+        self._view.release()
+        try:
+            self.mmap.close()
+        except BufferError:
+            pass  # someone still holds a view; the mapping goes when they do
+
+
+@dataclass
+class Region:
+    """A contiguous range of guest-physical RAM: [gpa, gpa + size)."""
+
+    gpa: int
+    size: int
+    backend: BytesBackend | MmapBackend
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+
+class GuestMemory:
+    """Guest-physical RAM made of non-overlapping regions, with bounds-checked access.
+
+    An access must fall entirely inside one region: guest RAM is not contiguous across the PCI hole
+    below 4 GiB, and a DMA that runs off the end of a region is the guest's mistake.
+    """
+
+    def __init__(self, regions: list[Region]):
+        self.regions = sorted(regions, key=lambda r: r.gpa)
+        for a, b in zip(self.regions, self.regions[1:]):
+            if a.end > b.gpa:
+                raise ValueError(f"memory regions overlap at {b.gpa:#x}")
+        self._views = [r.backend.view() for r in self.regions]
+
+    @classmethod
+    def for_test(cls, size: int, gpa: int = 0) -> "GuestMemory":
+        return cls([Region(gpa, size, BytesBackend(size))])
+
+    @property
+    def size(self) -> int:
+        """Total bytes of RAM (not the highest address)."""
+        return sum(r.size for r in self.regions)
+
+    def _find(self, gpa: int, size: int) -> tuple[memoryview, int]:
+        if size < 0 or gpa < 0:
+            raise GuestMemoryError(f"bad guest access {gpa:#x}+{size}")
+        for region, view in zip(self.regions, self._views):
+            if region.gpa <= gpa and gpa + size <= region.end:
+                return view, gpa - region.gpa
+        raise GuestMemoryError(f"guest-physical range {gpa:#x}..{gpa + size:#x} is not RAM")
+
+    def view(self, gpa: int, size: int) -> memoryview:
+        """A zero-copy window onto guest RAM; stays valid while the memory lives."""
+        view, off = self._find(gpa, size)
+        return view[off:off + size]
+
+    def read(self, gpa: int, size: int) -> bytes:
+        view, off = self._find(gpa, size)
+        return bytes(view[off:off + size])
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        view, off = self._find(gpa, len(data))
+        view[off:off + len(data)] = data
+
+    def fill(self, gpa: int, size: int, byte: int = 0) -> None:
+        view, off = self._find(gpa, size)
+        view[off:off + size] = bytes([byte]) * size
+
+    def read_int(self, gpa: int, size: int) -> int:
+        return int.from_bytes(self.read(gpa, size), "little")
+
+    def write_int(self, gpa: int, size: int, value: int) -> None:
+        self.write(gpa, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+
+    def contains(self, gpa: int, size: int = 1) -> bool:
+        return any(r.gpa <= gpa and gpa + size <= r.end for r in self.regions)
+
+    def close(self) -> None:
+        for v in self._views:
+            v.release()
+        for r in self.regions:
+            r.backend.close()

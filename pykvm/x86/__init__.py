@@ -1,0 +1,1 @@
+"""x86 specifics: the guest-physical layout, CPU mode set-up, page tables."""

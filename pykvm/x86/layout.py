@@ -1,0 +1,80 @@
+"""Every fixed guest-physical address pykvm uses, in one place.
+
+The PC's first megabyte is full of history: the real-mode interrupt vector table at 0, the BIOS data
+area at 0x400, the EBDA just below 640 KiB, the VGA window and option ROMs at 0xa0000-0xfffff. Linux
+expects RAM below 640 KiB to be described by the e820 map and leaves the rest alone, so pykvm puts its
+boot-time structures (GDT, page tables, zero page, command line) in low RAM and the kernel at 1 MiB.
+
+Below 4 GiB, the top 1 GiB is the "PCI hole": no RAM, only device MMIO (virtio-mmio, PCI BARs,
+IOAPIC, local APIC). Guest RAM beyond 3 GiB continues at 4 GiB.
+"""
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+
+# --- Low memory: boot structures written by pykvm before the first instruction. ---
+BOOT_GDT = 0x500          # GDT for protected/long mode entry (pykvm/x86/cpu.py)
+BOOT_IDT = 0x520          # an empty IDT: any exception before the kernel sets its own is a triple fault
+ZERO_PAGE = 0x7000        # struct boot_params, "the zero page" (Documentation/arch/x86/zero-page.rst)
+BOOT_STACK = 0x8ff0       # initial RSP for 64-bit entry
+PML4 = 0x9000             # identity-mapping page tables for 64-bit entry: PML4, PDPT, then PDs
+PDPT = 0xa000
+PD = 0xb000               # 4 page directories (0xb000-0xefff) map the first 4 GiB with 2 MiB pages
+CMDLINE = 0x20000         # kernel command line (boot.rst: anywhere below 0xa0000 after the setup)
+CMDLINE_MAX = 0x10000
+EBDA_START = 0x9fc00      # extended BIOS data area: the e820 map stops low RAM here
+HIMEM_START = 0x100000    # 1 MiB: the protected-mode kernel (boot.rst "code32_start")
+
+# --- Firmware test programs (firmware/) are linked to run from here. ---
+FIRMWARE_BASE = 0x100000
+
+# --- The MMIO hole below 4 GiB. ---
+MMIO_HOLE_START = 0xc0000000
+MMIO_HOLE_END = 0x100000000
+VIRTIO_MMIO_BASE = 0xd0000000   # virtio-mmio device n lives at base + n * VIRTIO_MMIO_SIZE
+VIRTIO_MMIO_SIZE = 0x1000
+PCI_MMIO_BASE = 0xe0000000      # PCI BARs are allocated upwards from here
+PCI_MMIO_END = 0xfec00000
+IOAPIC_BASE = 0xfec00000
+LAPIC_BASE = 0xfee00000
+
+# KVM on Intel needs three pages for a real-mode TSS and one for an identity page table
+# (KVM_SET_TSS_ADDR, KVM_SET_IDENTITY_MAP_ADDR); they must not overlap RAM or MMIO in use.
+KVM_IDENTITY_MAP = 0xfeffc000
+KVM_TSS = 0xfeffd000
+
+# Legacy ISA IRQ numbers (the PC/AT wiring of the two 8259s).
+IRQ_PIT = 0
+IRQ_KEYBOARD = 1
+IRQ_COM2 = 3
+IRQ_COM1 = 4
+IRQ_RTC = 8
+IRQ_ATA0 = 14
+IRQ_ATA1 = 15
+# Interrupt lines pykvm hands out to virtio-mmio and PCI devices.
+IRQ_VIRTIO_FIRST = 5
+
+# I/O ports.
+PORT_PIT = 0x40
+PORT_COM1 = 0x3f8
+PORT_POST = 0x80
+PORT_DEBUG = 0xe9          # Bochs/QEMU debug console: a byte written here is printed
+PORT_EXIT = 0xf4           # firmware test programs write their exit status here
+PORT_I8042 = 0x60
+PORT_RTC = 0x70
+PORT_PIC_MASTER = 0x20
+PORT_PIC_SLAVE = 0xa0
+PORT_ELCR = 0x4d0
+PORT_PCI_CONFIG = 0xcf8
+
+MIN_MEMORY = 32 * MiB      # below this a Linux kernel cannot unpack itself; firmware needs less
+
+
+def ram_regions(size: int) -> list[tuple[int, int]]:
+    """Split `size` bytes of guest RAM around the MMIO hole: [(gpa, length), ...]."""
+    low = min(size, MMIO_HOLE_START)
+    regions = [(0, low)]
+    if size > low:
+        regions.append((MMIO_HOLE_END, size - low))
+    return regions
