@@ -1,0 +1,347 @@
+"""Build pykvm's binding to the KVM API with cffi in API mode.
+
+API mode compiles a small C extension against the system's own <linux/kvm.h> (Debian: linux-libc-dev),
+so every ioctl number and struct layout below is checked by the C compiler against the kernel's
+header: `#define KVM_RUN ...` takes the header's value; `...;` in a struct lets the compiler place
+the fields we name and fill in the rest. Nothing here hand-copies a number that bakes in a size.
+
+Run by setuptools at install time (setup.py: cffi_modules); `python csrc/build_ffi.py` builds in place.
+"""
+
+import pathlib
+
+from cffi import FFI
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+ffibuilder = FFI()
+
+ffibuilder.cdef(r"""
+/* ---- ioctl numbers, straight from <linux/kvm.h> ---- */
+#define KVM_API_VERSION ...
+#define KVM_GET_API_VERSION ...
+#define KVM_CREATE_VM ...
+#define KVM_CHECK_EXTENSION ...
+#define KVM_GET_VCPU_MMAP_SIZE ...
+#define KVM_GET_SUPPORTED_CPUID ...
+#define KVM_GET_MSR_INDEX_LIST ...
+#define KVM_CREATE_VCPU ...
+#define KVM_SET_USER_MEMORY_REGION ...
+#define KVM_SET_TSS_ADDR ...
+#define KVM_SET_IDENTITY_MAP_ADDR ...
+#define KVM_CREATE_IRQCHIP ...
+#define KVM_CREATE_PIT2 ...
+#define KVM_IRQ_LINE ...
+#define KVM_IRQFD ...
+#define KVM_IOEVENTFD ...
+#define KVM_SET_CLOCK ...
+#define KVM_GET_CLOCK ...
+#define KVM_ENABLE_CAP ...
+#define KVM_RUN ...
+#define KVM_GET_REGS ...
+#define KVM_SET_REGS ...
+#define KVM_GET_SREGS ...
+#define KVM_SET_SREGS ...
+#define KVM_GET_FPU ...
+#define KVM_SET_FPU ...
+#define KVM_GET_MSRS ...
+#define KVM_SET_MSRS ...
+#define KVM_SET_CPUID2 ...
+#define KVM_GET_VCPU_EVENTS ...
+#define KVM_SET_VCPU_EVENTS ...
+#define KVM_INTERRUPT ...
+#define KVM_TRANSLATE ...
+#define KVM_GET_LAPIC ...
+#define KVM_SET_LAPIC ...
+#define KVM_SET_GSI_ROUTING ...
+#define KVM_SET_GUEST_DEBUG ...
+
+/* ---- capabilities pykvm asks about ---- */
+#define KVM_CAP_IRQCHIP ...
+#define KVM_CAP_HLT ...
+#define KVM_CAP_USER_MEMORY ...
+#define KVM_CAP_SET_TSS_ADDR ...
+#define KVM_CAP_EXT_CPUID ...
+#define KVM_CAP_NR_VCPUS ...
+#define KVM_CAP_MAX_VCPUS ...
+#define KVM_CAP_NR_MEMSLOTS ...
+#define KVM_CAP_PIT2 ...
+#define KVM_CAP_IRQFD ...
+#define KVM_CAP_IOEVENTFD ...
+#define KVM_CAP_SET_IDENTITY_MAP_ADDR ...
+#define KVM_CAP_ADJUST_CLOCK ...
+#define KVM_CAP_VCPU_EVENTS ...
+#define KVM_CAP_IMMEDIATE_EXIT ...
+#define KVM_CAP_SPLIT_IRQCHIP ...
+#define KVM_CAP_IRQ_ROUTING ...
+#define KVM_CAP_XSAVE ...
+#define KVM_CAP_TSC_CONTROL ...
+#define KVM_CAP_COALESCED_MMIO ...
+#define KVM_CAP_READONLY_MEM ...
+#define KVM_CAP_X2APIC_API ...
+
+/* ---- exit reasons ---- */
+#define KVM_EXIT_UNKNOWN ...
+#define KVM_EXIT_EXCEPTION ...
+#define KVM_EXIT_IO ...
+#define KVM_EXIT_HYPERCALL ...
+#define KVM_EXIT_DEBUG ...
+#define KVM_EXIT_HLT ...
+#define KVM_EXIT_MMIO ...
+#define KVM_EXIT_IRQ_WINDOW_OPEN ...
+#define KVM_EXIT_SHUTDOWN ...
+#define KVM_EXIT_FAIL_ENTRY ...
+#define KVM_EXIT_INTR ...
+#define KVM_EXIT_NMI ...
+#define KVM_EXIT_INTERNAL_ERROR ...
+#define KVM_EXIT_SYSTEM_EVENT ...
+#define KVM_EXIT_IOAPIC_EOI ...
+#define KVM_EXIT_X86_RDMSR ...
+#define KVM_EXIT_X86_WRMSR ...
+#define KVM_EXIT_IO_IN ...
+#define KVM_EXIT_IO_OUT ...
+#define KVM_INTERNAL_ERROR_EMULATION ...
+#define KVM_INTERNAL_ERROR_SIMUL_EX ...
+#define KVM_INTERNAL_ERROR_DELIVERY_EV ...
+#define KVM_SYSTEM_EVENT_SHUTDOWN ...
+#define KVM_SYSTEM_EVENT_RESET ...
+#define KVM_SYSTEM_EVENT_CRASH ...
+
+#define KVM_MEM_LOG_DIRTY_PAGES ...
+#define KVM_MEM_READONLY ...
+#define KVM_IRQFD_FLAG_DEASSIGN ...
+#define KVM_IOEVENTFD_FLAG_DATAMATCH ...
+#define KVM_IOEVENTFD_FLAG_PIO ...
+#define KVM_IOEVENTFD_FLAG_DEASSIGN ...
+#define KVM_PIT_SPEAKER_DUMMY ...
+#define KVM_VCPUEVENT_VALID_NMI_PENDING ...
+#define KVM_VCPUEVENT_VALID_SIPI_VECTOR ...
+#define KVM_VCPUEVENT_VALID_SHADOW ...
+#define KVM_GUESTDBG_ENABLE ...
+#define KVM_GUESTDBG_SINGLESTEP ...
+
+/* ---- structures (named fields are checked against the header) ---- */
+struct kvm_regs {
+    uint64_t rax, rbx, rcx, rdx;
+    uint64_t rsi, rdi, rsp, rbp;
+    uint64_t r8,  r9,  r10, r11;
+    uint64_t r12, r13, r14, r15;
+    uint64_t rip, rflags;
+};
+
+struct kvm_segment {
+    uint64_t base;
+    uint32_t limit;
+    uint16_t selector;
+    uint8_t  type;
+    uint8_t  present, dpl, db, s, l, g, avl;
+    uint8_t  unusable;
+    uint8_t  padding;
+};
+
+struct kvm_dtable {
+    uint64_t base;
+    uint16_t limit;
+    ...;
+};
+
+struct kvm_sregs {
+    struct kvm_segment cs, ds, es, fs, gs, ss;
+    struct kvm_segment tr, ldt;
+    struct kvm_dtable gdt, idt;
+    uint64_t cr0, cr2, cr3, cr4, cr8;
+    uint64_t efer;
+    uint64_t apic_base;
+    unsigned long long interrupt_bitmap[...];
+};
+
+struct kvm_fpu {
+    uint8_t  fpr[8][16];
+    uint16_t fcw;
+    uint16_t fsw;
+    uint8_t  ftwx;
+    uint16_t last_opcode;
+    uint64_t last_ip;
+    uint64_t last_dp;
+    uint8_t  xmm[16][16];
+    uint32_t mxcsr;
+    ...;
+};
+
+struct kvm_msr_entry {
+    uint32_t index;
+    uint64_t data;
+    ...;
+};
+
+struct kvm_msrs {
+    uint32_t nmsrs;
+    struct kvm_msr_entry entries[];
+    ...;
+};
+
+struct kvm_msr_list {
+    uint32_t nmsrs;
+    uint32_t indices[];
+};
+
+struct kvm_cpuid_entry2 {
+    uint32_t function;
+    uint32_t index;
+    uint32_t flags;
+    uint32_t eax;
+    uint32_t ebx;
+    uint32_t ecx;
+    uint32_t edx;
+    ...;
+};
+
+struct kvm_cpuid2 {
+    uint32_t nent;
+    struct kvm_cpuid_entry2 entries[];
+    ...;
+};
+
+struct kvm_userspace_memory_region {
+    uint32_t slot;
+    uint32_t flags;
+    uint64_t guest_phys_addr;
+    uint64_t memory_size;
+    uint64_t userspace_addr;
+};
+
+struct kvm_irq_level {
+    uint32_t irq;
+    uint32_t level;
+};
+
+struct kvm_irqfd {
+    uint32_t fd;
+    uint32_t gsi;
+    uint32_t flags;
+    uint32_t resamplefd;
+    ...;
+};
+
+struct kvm_ioeventfd {
+    uint64_t datamatch;
+    uint64_t addr;
+    uint32_t len;
+    int32_t  fd;
+    uint32_t flags;
+    ...;
+};
+
+struct kvm_pit_config {
+    uint32_t flags;
+    ...;
+};
+
+struct kvm_clock_data {
+    uint64_t clock;
+    uint32_t flags;
+    ...;
+};
+
+struct kvm_enable_cap {
+    uint32_t cap;
+    uint32_t flags;
+    unsigned long long args[4];
+    ...;
+};
+
+struct kvm_interrupt {
+    uint32_t irq;
+};
+
+struct kvm_translation {
+    uint64_t linear_address;
+    uint64_t physical_address;
+    uint8_t  valid;
+    uint8_t  writeable;
+    uint8_t  usermode;
+    ...;
+};
+
+struct kvm_vcpu_events {
+    struct {
+        uint8_t injected;
+        uint8_t nr;
+        uint8_t has_error_code;
+        uint8_t pending;
+        uint32_t error_code;
+    } exception;
+    struct {
+        uint8_t injected;
+        uint8_t nr;
+        uint8_t soft;
+        uint8_t shadow;
+    } interrupt;
+    struct {
+        uint8_t injected;
+        uint8_t pending;
+        uint8_t masked;
+        uint8_t pad;
+    } nmi;
+    uint32_t sipi_vector;
+    uint32_t flags;
+    ...;
+};
+
+struct kvm_guest_debug {
+    uint32_t control;
+    ...;
+};
+
+/* The shared page between KVM and the VMM, mmap'ed from the vCPU fd. The exit-specific part is a
+   union in the header; we name the members pykvm reads. */
+struct kvm_run {
+    uint8_t  request_interrupt_window;
+    uint8_t  immediate_exit;
+    uint32_t exit_reason;
+    uint8_t  ready_for_interrupt_injection;
+    uint8_t  if_flag;
+    uint16_t flags;
+    uint64_t cr8;
+    uint64_t apic_base;
+    union {
+        struct { uint64_t hardware_exit_reason; } hw;
+        struct { uint64_t hardware_entry_failure_reason; uint32_t cpu; } fail_entry;
+        struct { uint32_t exception; uint32_t error_code; } ex;
+        struct { uint8_t direction; uint8_t size; uint16_t port; uint32_t count;
+                 uint64_t data_offset; } io;
+        struct { uint64_t phys_addr; uint8_t data[8]; uint32_t len; uint8_t is_write; } mmio;
+        struct { uint32_t suberror; uint32_t ndata; uint64_t data[16]; } internal;
+        struct { uint32_t type; uint32_t ndata; uint64_t data[16]; } system_event;
+        struct { uint8_t error; uint8_t pad[7]; uint32_t reason; uint32_t index; uint64_t data; } msr;
+        ...;
+    };
+    ...;
+};
+
+/* ---- helpers compiled with the module (csrc/kvm_helpers.h) ---- */
+long pykvm_ioctl(int fd, unsigned long request, void *arg);
+long pykvm_ioctl_int(int fd, unsigned long request, unsigned long arg);
+struct pykvm_run_stats {
+    uint64_t ns_in_run;
+    uint64_t runs;
+    uint64_t exits[...];
+};
+long pykvm_run(int fd, struct kvm_run *run, struct pykvm_run_stats *st);
+void *pykvm_mmap_vcpu(int fd, size_t size);
+int pykvm_munmap(void *addr, size_t size);
+""")
+
+ffibuilder.set_source(
+    "pykvm._kvm_cffi",
+    '#include "kvm_helpers.h"\n',
+    include_dirs=[str(HERE)],
+    extra_compile_args=["-O2"],
+)
+
+if __name__ == "__main__":
+    # In-place build for development: compile under build/ and drop the extension into pykvm/.
+    import shutil
+    root = HERE.parent
+    built = ffibuilder.compile(tmpdir=str(root / "build" / "cffi"), verbose=False)
+    shutil.copy(built, root / "pykvm")

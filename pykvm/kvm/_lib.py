@@ -1,0 +1,34 @@
+"""The compiled cffi module, and the one helper every ioctl goes through.
+
+This is the only module that imports `pykvm._kvm_cffi`. If it is missing, pykvm was not installed
+(the extension is compiled at install time against the kernel headers).
+"""
+
+from __future__ import annotations
+
+try:
+    from pykvm._kvm_cffi import ffi, lib
+except ImportError as e:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "pykvm's KVM binding is not built: run `pip install -e .` (needs gcc and linux-libc-dev), "
+        f"or `python csrc/build_ffi.py` in a checkout ({e})") from None
+
+from .errors import KvmError
+
+__all__ = ["ffi", "lib", "ioctl", "ioctl_int"]
+
+
+def ioctl(fd: int, request: int, arg, name: str) -> int:
+    """ioctl with a pointer argument (a cffi object or NULL); raise KvmError naming `name` on failure."""
+    r = lib.pykvm_ioctl(fd, request, arg)
+    if r < 0:
+        raise KvmError(-r, name)
+    return r
+
+
+def ioctl_int(fd: int, request: int, arg: int, name: str) -> int:
+    """ioctl with an integer argument (or none)."""
+    r = lib.pykvm_ioctl_int(fd, request, arg)
+    if r < 0:
+        raise KvmError(-r, name)
+    return r

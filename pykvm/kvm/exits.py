@@ -1,0 +1,115 @@
+"""VM exits as typed values.
+
+Each time KVM_RUN returns, the vCPU has stopped for a reason KVM could not handle in the kernel and
+wrote it into the shared `struct kvm_run` page (`exit_reason` plus a union of per-reason details).
+`Vcpu.run()` decodes that page into one of the values below, so the rest of pykvm (and its tests)
+deal with plain Python objects: `IoOut(port=0x3f8, size=1, count=1, data=b"A")`.
+
+Exits that expect an answer (a port read, an MMIO read) carry `data`: a writable window into the
+`kvm_run` page. The handler fills it in, and KVM completes the guest's `in`/`mov` with those bytes on
+the next KVM_RUN. In tests, `data` is just a `memoryview` of a `bytearray`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class Exit:
+    """Base class of every exit value."""
+
+    __slots__ = ()
+
+
+@dataclass(slots=True)
+class IoOut(Exit):
+    """`out`/`outs`: the guest wrote `count` items of `size` bytes to `port`; `data` holds them."""
+
+    port: int
+    size: int
+    count: int
+    data: memoryview
+
+
+@dataclass(slots=True)
+class IoIn(Exit):
+    """`in`/`ins`: fill `data` (count * size bytes) with what the guest reads from `port`."""
+
+    port: int
+    size: int
+    count: int
+    data: memoryview
+
+
+@dataclass(slots=True)
+class MmioWrite(Exit):
+    """A store to guest-physical `addr` that is not RAM."""
+
+    addr: int
+    data: memoryview
+
+
+@dataclass(slots=True)
+class MmioRead(Exit):
+    """A load from guest-physical `addr` that is not RAM: fill `data` (len(data) bytes)."""
+
+    addr: int
+    data: memoryview
+
+
+@dataclass(slots=True)
+class Hlt(Exit):
+    """`hlt` with no in-kernel irqchip to wait for an interrupt (or interrupts disabled)."""
+
+
+@dataclass(slots=True)
+class Shutdown(Exit):
+    """A triple fault (or `ud2`-style shutdown): a real PC resets here."""
+
+
+@dataclass(slots=True)
+class SystemEvent(Exit):
+    """PSCI-style shutdown/reset/crash (KVM_SYSTEM_EVENT_*)."""
+
+    type: int
+
+
+@dataclass(slots=True)
+class InternalError(Exit):
+    """KVM could not go on. `suberror` KVM_INTERNAL_ERROR_EMULATION means its instruction emulator
+    met an instruction it does not know: on KVM-PVM hosts, pykvm.pvm completes some of those."""
+
+    suberror: int
+    data: tuple[int, ...]
+
+
+@dataclass(slots=True)
+class FailEntry(Exit):
+    """VM entry failed: the register state is invalid for the hardware (a VMM bug)."""
+
+    reason: int
+
+
+@dataclass(slots=True)
+class IrqWindowOpen(Exit):
+    """The guest can take an interrupt now (asked for with request_interrupt_window)."""
+
+
+@dataclass(slots=True)
+class Interrupted(Exit):
+    """KVM_RUN returned EINTR: a signal arrived (Ctrl-C, a timeout, a kick from another thread)."""
+
+
+@dataclass(slots=True)
+class Debug(Exit):
+    """A single-step or breakpoint exit (KVM_SET_GUEST_DEBUG)."""
+
+    exception: int
+    pc: int
+
+
+@dataclass(slots=True)
+class Unknown(Exit):
+    """An exit pykvm does not decode; `reason` is the raw KVM_EXIT_* number."""
+
+    reason: int

@@ -1,0 +1,313 @@
+"""`Machine`: a VM, its RAM, its buses and devices, one vCPU, and the run loop.
+
+The run loop is the heart of any VMM:
+
+    while not stopped:
+        exit = vcpu.run()                  # KVM_RUN: the guest runs until it needs us
+        outcome = handle_exit(machine, exit)
+
+`handle_exit` is a plain function over typed exits (pykvm.kvm.exits), so it can be tested with
+made-up exits and no /dev/kvm.
+"""
+
+from __future__ import annotations
+
+import collections
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .bus import Bus
+from .irq import IrqLine
+from .kvm import KICK_SIGNAL, Kvm, exits as E
+from .memory import GuestMemory, MmapBackend, Region
+from .x86 import layout
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Why the run loop ended.
+
+    reason: "exit" (a firmware program wrote its status to the exit port), "halt" (hlt with
+    interrupts off: nothing can wake the CPU), "shutdown" (triple fault), "reset" (the guest asked
+    to reboot), "poweroff", "panic", "until" (an awaited console line appeared), "timeout",
+    "interrupted" (Ctrl-C or stop()), "error" (the VMM could not go on)."""
+
+    reason: str
+    status: int | None = None
+    message: str = ""
+
+
+class MachineError(Exception):
+    """A configuration mistake by the VMM's user (too little memory, ...); one line, for the CLI."""
+
+
+class KvmIrqLine(IrqLine):
+    """An input pin of KVM's in-kernel interrupt controllers (KVM_IRQ_LINE)."""
+
+    def __init__(self, vm, gsi: int):
+        super().__init__()
+        self.vm = vm
+        self.gsi = gsi
+
+    def _raise_level(self, level: bool) -> None:
+        self.vm.irq_line(self.gsi, level)
+
+
+@dataclass
+class Stats:
+    """What the VMM counted. Exits by reason and time inside KVM_RUN are kept by the vCPU's C
+    helper (Vcpu.exit_counts(), Vcpu.seconds_in_run); these are the rest."""
+
+    guest_errors: collections.Counter = field(default_factory=collections.Counter)
+    pvm_gaps: collections.Counter = field(default_factory=collections.Counter)
+    wall_time: float = 0.0     # wall seconds in the run loop
+
+
+_kick_handler_installed = False
+
+
+def _install_kick_handler() -> bool:
+    """A no-op handler for KICK_SIGNAL, so that signal only interrupts KVM_RUN (its default action
+    would end the process). Python only lets the main thread install handlers."""
+    global _kick_handler_installed
+    if not _kick_handler_installed and threading.current_thread() is threading.main_thread():
+        signal.signal(KICK_SIGNAL, lambda *_: None)
+        _kick_handler_installed = True
+    return _kick_handler_installed
+
+
+class Machine:
+    """A one-vCPU x86 machine. Use as a context manager; `run()` blocks, `start()` runs in a thread.
+
+    irqchip: "kernel" puts KVM's PIC/IOAPIC/LAPIC and PIT in the kernel (fast); "none" leaves the
+    vCPU with no interrupt controller at all (firmware tests; pykvm.devices adds Python models)."""
+
+    def __init__(self, memory: int = 64 * layout.MiB, *, irqchip: str = "kernel",
+                 kvm: Kvm | None = None, hugepages: bool = True):
+        if memory < 1 * layout.MiB or memory % 4096:
+            raise MachineError(f"memory size {memory} is not a positive multiple of 4 KiB "
+                               "(at least 1 MiB)")
+        self._own_kvm = kvm is None
+        self.kvm = kvm or Kvm()
+        self.vm = self.kvm.create_vm()
+        self.irqchip = irqchip
+        self.stats = Stats()
+        self.pio = Bus("pio")
+        self.mmio = Bus("mmio")
+        self.internal_error_handlers: list[Callable[["Machine", E.InternalError], bool]] = []
+        self.on_stop: list[Callable[[Stop], None]] = []
+        self._stop: Stop | None = None
+        self._thread: threading.Thread | None = None
+        self._result: Stop | None = None
+        self._done = threading.Event()
+
+        # KVM on Intel needs these two guest-physical areas for real-mode emulation.
+        self.vm.set_tss_addr(layout.KVM_TSS)
+        self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP)
+
+        regions = []
+        for slot, (gpa, size) in enumerate(layout.ram_regions(memory)):
+            backend = MmapBackend(size, hugepages=hugepages)
+            self.vm.set_user_memory_region(slot, gpa, size, backend.address())
+            regions.append(Region(gpa, size, backend))
+        self.mem = GuestMemory(regions)
+
+        if irqchip == "kernel":
+            self.vm.create_irqchip()
+            self.vm.create_pit2()
+        elif irqchip != "none":
+            raise MachineError(f"unknown irqchip mode {irqchip!r} (kernel or none)")
+        self.vcpu = self.vm.create_vcpu()
+        _install_kick_handler()
+
+    # ---- assembly ----
+    def irq_line(self, gsi: int) -> IrqLine:
+        """The interrupt line a device on GSI `gsi` should drive."""
+        if self.irqchip == "kernel":
+            return KvmIrqLine(self.vm, gsi)
+        raise MachineError("this machine has no interrupt controller (irqchip='none')")
+
+    def add_pio(self, base: int, length: int, device, name: str | None = None) -> None:
+        self.pio.register(base, length, device, name)
+
+    def add_mmio(self, base: int, length: int, device, name: str | None = None) -> None:
+        self.mmio.register(base, length, device, name)
+
+    # ---- stopping ----
+    def request_stop(self, stop: Stop) -> None:
+        """Ask the run loop to end (from a device callback or any thread). The first request wins."""
+        if self._stop is None:
+            self._stop = stop
+        self.vcpu.kick()
+
+    def stop(self) -> Stop | None:
+        """Stop a machine started with start(), and wait for its thread."""
+        self.request_stop(Stop("interrupted", message="stopped by the VMM"))
+        return self.wait()
+
+    # ---- running ----
+    def run(self, timeout: float | None = None) -> Stop:
+        """Run the vCPU on this thread until the guest or the VMM stops it."""
+        self.vcpu.thread_id = threading.get_ident()
+        timer = None
+        if timeout is not None:
+            timer = threading.Timer(timeout, self.request_stop,
+                                    (Stop("timeout", message=f"no stop within {timeout:g} s"),))
+            timer.daemon = True
+            timer.start()
+        run = self.vcpu.run
+        start = time.perf_counter()
+        try:
+            while self._stop is None:
+                outcome = handle_exit(self, run())
+                if outcome is not None:
+                    self.request_stop(outcome)
+        except KeyboardInterrupt:
+            self.request_stop(Stop("interrupted", message="Ctrl-C"))
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self.stats.wall_time += time.perf_counter() - start
+            self.vcpu.kvm_run.immediate_exit = 0
+        result = self._stop
+        self._stop = None
+        for fn in self.on_stop:
+            fn(result)
+        return result
+
+    def start(self, timeout: float | None = None) -> None:
+        """Run the vCPU in a background thread; `wait()` or `stop()` to finish."""
+        if not _kick_handler_installed:
+            raise MachineError("create the Machine in the main thread before start(): "
+                               "only it can install the signal handler that stops a vCPU")
+        self._done.clear()
+
+        def body():
+            try:
+                self._result = self.run(timeout)
+            except BaseException as e:  # a host failure: report it as the stop reason
+                self._result = Stop("error", message=f"{type(e).__name__}: {e}")
+            finally:
+                self._done.set()
+
+        self._thread = threading.Thread(target=body, name="pykvm-vcpu0", daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> Stop | None:
+        if self._thread is None:
+            return self._result
+        self._done.wait(timeout)
+        if self._done.is_set():
+            self._thread.join()
+            self._thread = None
+        return self._result
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and not self._done.is_set()
+
+    # ---- teardown ----
+    def close(self) -> None:
+        if self.running:
+            self.stop()
+        self.vm.close()
+        self.mem.close()
+        if self._own_kvm:
+            self.kvm.close()
+
+    def __enter__(self) -> "Machine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---- exit dispatch ----
+
+def _io_out(m: Machine, e: E.IoOut) -> Stop | None:
+    if e.count == 1:
+        m.pio.write(e.port, e.size, int.from_bytes(e.data, "little"))
+    else:
+        m.pio.write_from(e.port, e.size, e.data, e.count)
+    return None
+
+
+def _io_in(m: Machine, e: E.IoIn) -> Stop | None:
+    if e.count == 1:
+        e.data[:] = m.pio.read(e.port, e.size).to_bytes(e.size, "little")
+    else:
+        m.pio.read_into(e.port, e.size, e.data, e.count)
+    return None
+
+
+def _mmio_write(m: Machine, e: E.MmioWrite) -> Stop | None:
+    m.mmio.write(e.addr, len(e.data), int.from_bytes(e.data, "little"))
+    return None
+
+
+def _mmio_read(m: Machine, e: E.MmioRead) -> Stop | None:
+    n = len(e.data)
+    e.data[:] = m.mmio.read(e.addr, n).to_bytes(n, "little")
+    return None
+
+
+def _hlt(m: Machine, e: E.Hlt) -> Stop | None:
+    # Without an interrupt controller nothing can wake the CPU: the guest is done.
+    return Stop("halt", message="the guest executed hlt with no interrupt to wait for")
+
+
+def _shutdown(m: Machine, e: E.Shutdown) -> Stop | None:
+    return Stop("shutdown", message="triple fault: the guest's CPU reset itself")
+
+
+def _system_event(m: Machine, e: E.SystemEvent) -> Stop | None:
+    from .kvm._lib import lib
+    if e.type == lib.KVM_SYSTEM_EVENT_RESET:
+        return Stop("reset", message="the guest asked for a reset")
+    if e.type == lib.KVM_SYSTEM_EVENT_CRASH:
+        return Stop("panic", message="the guest reported a crash")
+    return Stop("poweroff", message="the guest powered off")
+
+
+def _internal_error(m: Machine, e: E.InternalError) -> Stop | None:
+    for handler in m.internal_error_handlers:
+        if handler(m, e):
+            return None
+    return Stop("error", message=f"KVM internal error, suberror {e.suberror}, data "
+                                 + " ".join(f"{d:#x}" for d in e.data))
+
+
+def _fail_entry(m: Machine, e: E.FailEntry) -> Stop | None:
+    return Stop("error", message=f"VM entry failed, hardware reason {e.reason:#x}")
+
+
+def _ignore(m: Machine, e: E.Exit) -> Stop | None:
+    return None
+
+
+def _unknown(m: Machine, e: E.Exit) -> Stop | None:
+    m.stats.guest_errors["unhandled exit"] += 1
+    return Stop("error", message=f"unhandled exit {e!r}")
+
+
+_HANDLERS: dict[type, Callable[[Machine, E.Exit], Stop | None]] = {
+    E.IoOut: _io_out,
+    E.IoIn: _io_in,
+    E.MmioWrite: _mmio_write,
+    E.MmioRead: _mmio_read,
+    E.Hlt: _hlt,
+    E.Shutdown: _shutdown,
+    E.SystemEvent: _system_event,
+    E.InternalError: _internal_error,
+    E.FailEntry: _fail_entry,
+    E.Interrupted: _ignore,
+    E.IrqWindowOpen: _ignore,
+}
+
+
+def handle_exit(machine: Machine, exit: E.Exit) -> Stop | None:
+    """Dispatch one exit. Returns None to go on running, or a Stop."""
+    return _HANDLERS.get(type(exit), _unknown)(machine, exit)
