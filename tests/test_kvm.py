@@ -1,0 +1,119 @@
+"""The binding and the Machine on a real /dev/kvm, with guests of a few bytes."""
+
+import time
+
+import pytest
+
+from pykvm.kvm import KvmError, KvmUnavailable, Kvm, exits as E
+from pykvm.machine import Machine, MachineError
+from pykvm.x86.cpu import setup_real_mode
+
+from conftest import needs_kvm
+
+# Real-mode guest at 0x1000 (CS=0x100, IP=0): mov dx, 0xe9; mov al, 'A'; out dx, al; hlt
+OUT_A_HLT = bytes([0xba, 0xe9, 0x00, 0xb0, 0x41, 0xee, 0xf4])
+# mov dx, 0xe9; l: out dx, al; jmp l  (an endless exit storm)
+OUT_LOOP = bytes([0xba, 0xe9, 0x00, 0xee, 0xeb, 0xfd])
+
+
+class Recorder:
+    def __init__(self):
+        self.data = bytearray()
+
+    def read(self, offset, size):
+        return 0
+
+    def write(self, offset, size, value):
+        self.data.append(value)
+
+
+def test_missing_dev_kvm_is_a_one_line_error(tmp_path):
+    with pytest.raises(KvmUnavailable) as e:
+        Kvm(str(tmp_path / "kvm"))
+    assert "\n" not in str(e.value) and "modprobe" in str(e.value)
+
+
+def test_unopenable_dev_kvm_names_the_fix(tmp_path):
+    p = tmp_path / "kvm"
+    p.write_text("")
+    with pytest.raises(KvmUnavailable):  # a regular file: the version ioctl fails
+        try:
+            Kvm(str(p))
+        except KvmError as e:
+            raise KvmUnavailable(str(e))
+
+
+@needs_kvm
+def test_system_queries(kvm):
+    assert kvm.api_version == 12
+    caps = kvm.capabilities()
+    assert caps["USER_MEMORY"] and caps["IRQCHIP"]
+    assert kvm.vcpu_mmap_size >= 4096
+    assert kvm.supported_cpuid().nent > 0
+    assert kvm.max_vcpus >= 1
+
+
+@needs_kvm
+def test_failed_ioctl_names_itself(kvm):
+    vm = kvm.create_vm()
+    try:
+        with pytest.raises(KvmError, match="KVM_SET_USER_MEMORY_REGION"):
+            vm.set_user_memory_region(0, 0x123, 0x1000, 0x1000)  # gpa not page aligned
+    finally:
+        vm.close()
+
+
+@needs_kvm
+def test_real_mode_out_and_hlt():
+    with Machine(1 << 20, irqchip="none") as m:
+        rec = Recorder()
+        m.add_pio(0xe9, 1, rec)
+        m.mem.write(0x1000, OUT_A_HLT)
+        setup_real_mode(m.vcpu, 0x100, 0)
+        stop = m.run(timeout=30)
+        assert stop.reason == "halt"
+        assert rec.data == b"A"
+        counts = m.vcpu.exit_counts()
+        assert counts["IO"] == 1 and counts["HLT"] == 1
+
+
+@needs_kvm
+def test_vcpu_run_returns_typed_exits():
+    with Machine(1 << 20, irqchip="none") as m:
+        m.mem.write(0x1000, OUT_A_HLT)
+        setup_real_mode(m.vcpu, 0x100, 0)
+        e = m.vcpu.run()
+        assert isinstance(e, E.IoOut) and (e.port, e.size, e.count) == (0xe9, 1, 1)
+        assert bytes(e.data) == b"A"
+        assert isinstance(m.vcpu.run(), E.Hlt)
+
+
+@needs_kvm
+def test_timeout_stops_a_busy_guest():
+    with Machine(1 << 20, irqchip="none") as m:
+        rec = Recorder()
+        m.add_pio(0xe9, 1, rec)
+        m.mem.write(0x1000, OUT_LOOP)
+        setup_real_mode(m.vcpu, 0x100, 0)
+        stop = m.run(timeout=0.3)
+        assert stop.reason == "timeout"
+        assert len(rec.data) > 10
+
+
+@needs_kvm
+def test_background_run_and_stop():
+    """A vCPU in another thread, busy in the guest, stops on request (kick via signal)."""
+    with Machine(2 << 20) as m:
+        m.mem.write(0x1000, bytes([0xeb, 0xfe]))   # jmp $: never exits on its own
+        setup_real_mode(m.vcpu, 0x100, 0)
+        m.start()
+        time.sleep(0.2)
+        assert m.running
+        stop = m.stop()
+        assert stop.reason == "interrupted"
+        assert not m.running
+
+
+def test_memory_size_checked():
+    with pytest.raises(MachineError):
+        Machine(12345)
