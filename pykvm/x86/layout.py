@@ -16,6 +16,10 @@ GiB = 1 << 30
 # --- Low memory: boot structures written by pykvm before the first instruction. ---
 BOOT_GDT = 0x500          # GDT for protected/long mode entry (pykvm/x86/cpu.py)
 BOOT_IDT = 0x520          # an empty IDT: any exception before the kernel sets its own is a triple fault
+PVH_START_INFO = 0x6000   # struct hvm_start_info for a PVH entry (EBX), pykvm/boot/zeropage.py
+PVH_MODLIST = 0x6040      # hvm_modlist_entry array: the initrd
+PVH_MEMMAP = 0x6080       # hvm_memmap_table_entry array (24 bytes each), up to PVH_MEMMAP_END
+PVH_MEMMAP_END = 0x7000
 ZERO_PAGE = 0x7000        # struct boot_params, "the zero page" (Documentation/arch/x86/zero-page.rst)
 BOOT_STACK = 0x8ff0       # initial RSP for 64-bit entry
 PML4 = 0x9000             # identity-mapping page tables for 64-bit entry: PML4, PDPT, then PDs

@@ -1,0 +1,145 @@
+"""Decompress a bzImage payload on the host, giving the ELF vmlinux the kernel's own decompressor makes.
+
+Why on the host: the bzImage decompressor runs at CPL0, which KVM-PVM hosts emulate instruction by
+instruction (see /work/shared/HOST-KVM.md: 82 s to decompress Debian's LZ4 kernel in the guest, against
+well under a second here).
+
+What the payload is (arch/x86/boot/compressed/Makefile): `vmlinux.bin` (vmlinux with symbols stripped,
+still an ELF file), followed by `vmlinux.relocs` when the kernel is relocatable, compressed with the
+CONFIG_KERNEL_* compressor. Every compressor but gzip gets `size_append`: four little-endian bytes
+after the stream giving the uncompressed size, which the kernel's pre-boot decompressors read (e.g.
+lib/decompress_unlz4.c under PREBOOT reads it at input + in_len - 4). So every decoder here stops at the
+end of its stream and ignores what follows. The relocations that trail the ELF do no harm: pykvm loads
+the kernel at its link address, where no relocation is needed, and the ELF loader reads by offset.
+"""
+
+from __future__ import annotations
+
+import bz2
+import lzma
+import zlib
+
+from pykvm.boot.errors import BootError
+
+# Magic numbers, as the kernel's own lib/decompress.c table recognizes them.
+_MAGICS = (
+    (b"\x1f\x8b", "gzip"),
+    (b"BZh", "bzip2"),
+    (b"\xfd7zXZ\x00", "xz"),
+    (b"\x5d\x00\x00", "lzma"),           # .lzma "alone" header: properties byte 0x5d, dictionary size
+    (b"\x89LZO", "lzo"),
+    (b"\x02\x21\x4c\x18", "lz4"),        # LZ4 legacy frame magic 0x184C2102, little-endian
+    (b"\x28\xb5\x2f\xfd", "zstd"),       # zstd frame magic 0xFD2FB528, little-endian
+    (b"\x7fELF", "none"),                # CONFIG_KERNEL_UNCOMPRESSED
+)
+
+LZ4_LEGACY_MAGIC = 0x184C2102
+LZ4_LEGACY_BLOCK = 8 << 20     # the legacy format's fixed uncompressed block size (lz4 -l)
+
+
+def detect_compression(payload: bytes) -> str:
+    """Name the payload's compression from its magic: gzip, bzip2, xz, lzma, lzo, lz4, zstd or none."""
+    for magic, name in _MAGICS:
+        if payload.startswith(magic):
+            return name
+    raise BootError(f"payload starts with {bytes(payload[:6]).hex()}, no known compression magic "
+                    f"(gzip/bzip2/xz/lzma/lz4/zstd): the image is corrupt or uses a new format")
+
+
+def decompress_payload(payload: bytes) -> tuple[str, bytes]:
+    """Decompress a bzImage payload; return (compression name, vmlinux bytes)."""
+    kind = detect_compression(payload)
+    if kind == "none":
+        return kind, bytes(payload)
+    if kind == "lzo":
+        raise BootError("payload is LZO-compressed, which pykvm cannot decompress on the host: "
+                        "load with decompress=False or use a gzip/xz/lz4/zstd kernel")
+    try:
+        out = _DECODERS[kind](payload)
+    except BootError:
+        raise
+    except Exception as e:  # each library raises its own error type for corrupt input
+        raise BootError(f"{kind} payload is corrupt ({type(e).__name__}: {e}): re-fetch the kernel")
+    if not out:
+        raise BootError(f"{kind} payload decompressed to nothing: re-fetch the kernel")
+    return kind, out
+
+
+def _gzip(data: bytes) -> bytes:
+    d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)   # gzip container; unused_data keeps the tail
+    out = d.decompress(data)
+    if not d.eof:
+        raise BootError("gzip payload ends before its stream does: the image is truncated")
+    return out
+
+
+def _bzip2(data: bytes) -> bytes:
+    d = bz2.BZ2Decompressor()
+    out = d.decompress(data)
+    if not d.eof:
+        raise BootError("bzip2 payload ends before its stream does: the image is truncated")
+    return out
+
+
+def _lzma_like(fmt: int, name: str):
+    def decode(data: bytes) -> bytes:
+        # The kernel's xz stream uses the x86 BCJ filter and CRC32 check; liblzma reads both from the
+        # stream header. FORMAT_ALONE (.lzma) has an unknown-size end marker or a stored size.
+        d = lzma.LZMADecompressor(format=fmt)
+        out = d.decompress(data)
+        if not d.eof:
+            raise BootError(f"{name} payload ends before its stream does: the image is truncated")
+        return out
+    return decode
+
+
+def _lz4_legacy(data: bytes) -> bytes:
+    """The LZ4 legacy frame the kernel uses (lz4 -l): magic, then blocks of [le32 size][size bytes].
+
+    Each block decompresses to at most 8 MiB. The stream has no end marker: it ends with the input,
+    which for a bzImage is followed by the 4-byte size_append trailer. A block size equal to the magic
+    starts a further concatenated frame.
+    """
+    import lz4.block
+
+    out = []
+    pos, end = 4, len(data)
+    while pos < end:
+        if end - pos == 4 and out:
+            break                               # the size_append trailer
+        if end - pos < 4:
+            raise BootError("lz4 payload ends inside a block header: the image is truncated")
+        size = int.from_bytes(data[pos:pos + 4], "little")
+        pos += 4
+        if size == LZ4_LEGACY_MAGIC:
+            continue
+        if size > end - pos:
+            raise BootError(f"lz4 block of {size} bytes at payload offset {pos - 4:#x} runs past the "
+                            f"payload's end: the image is truncated")
+        out.append(lz4.block.decompress(data[pos:pos + size], uncompressed_size=LZ4_LEGACY_BLOCK))
+        pos += size
+    if not out:
+        raise BootError("lz4 payload has no blocks: the image is truncated")
+    return b"".join(out)
+
+
+def _zstd(data: bytes) -> bytes:
+    import zstandard
+
+    # `zstd -22 --ultra` (the kernel's choice) uses windows up to 128 MiB and may omit the content
+    # size; a streaming decompressor handles both and leaves the size_append trailer unused.
+    d = zstandard.ZstdDecompressor(max_window_size=1 << 31).decompressobj()
+    out = d.decompress(data)
+    if not d.eof:
+        raise BootError("zstd payload ends before its frame does: the image is truncated")
+    return out
+
+
+_DECODERS = {
+    "gzip": _gzip,
+    "bzip2": _bzip2,
+    "xz": _lzma_like(lzma.FORMAT_XZ, "xz"),
+    "lzma": _lzma_like(lzma.FORMAT_ALONE, "lzma"),
+    "lz4": _lz4_legacy,
+    "zstd": _zstd,
+}
