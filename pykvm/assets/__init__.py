@@ -1,1 +1,40 @@
+"""Default assets for pykvm's tests and CLI: kernels, an initramfs and a disk image.
 
+::
+
+    from pykvm.assets import test_kernel, cloud_kernel, initramfs, disk_image
+    k = test_kernel()          # TestKernel(bzimage=Path, vmlinux=Path, config=Path, release=str)
+    cloud_kernel()             # Path: Debian's linux-image-cloud-amd64 vmlinuz (bzImage)
+    initramfs()                # Path: busybox initramfs.cpio.gz
+    disk_image()               # Path: 64 MiB raw ext4 with the same busybox root
+
+Everything is built or fetched on first use and cached outside the repo
+(``$PYKVM_CACHE``, default ``~/.cache/pykvm``) under a key of its inputs, so
+later calls only check that the files are there. ``python -m pykvm.assets``
+does the same from a shell. Failures raise :class:`AssetError` with a one-line
+message naming the fix.
+
+How it is done:
+
+1. ``debian``: Debian packages through apt-get/apt-cache/dpkg-deb (download
+   without installing; install the kernel build dependencies when root).
+2. ``cpio``: the cpio "newc" format, with ``construct``.
+3. ``userland``: busybox-static into an initramfs whose /init prints
+   :data:`USERLAND_MARKER` and powers off on ``pykvm.poweroff``.
+4. ``disk``: the same tree as an ext4 image via ``mke2fs -d``.
+5. ``kernel``: Debian's linux-source-6.1, ``tinyconfig`` + ``pykvm-6.1.config``.
+6. ``cloud``: Debian's cloud kernel as shipped.
+7. ``cache``: keys, atomic writes.
+"""
+
+from .cache import cache_root
+from .cloud import cloud_kernel
+from .disk import DISK_MARKER, disk_image
+from .errors import AssetError
+from .kernel import TestKernel, test_kernel
+from .userland import POWEROFF_ARG, REBOOT_ARG, USERLAND_MARKER, initramfs
+
+__all__ = [
+    "AssetError", "DISK_MARKER", "POWEROFF_ARG", "REBOOT_ARG", "TestKernel", "USERLAND_MARKER",
+    "cache_root", "cloud_kernel", "disk_image", "initramfs", "test_kernel",
+]
