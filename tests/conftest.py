@@ -14,8 +14,18 @@ def kvm_unusable_reason() -> str | None:
     return None
 
 
-needs_kvm = pytest.mark.skipif(kvm_unusable_reason() is not None,
-                               reason=kvm_unusable_reason() or "")
+def needs_kvm(test):
+    """Mark a test as running a guest on /dev/kvm: `-m "not kvm"` deselects it, and it skips,
+    naming the reason, where /dev/kvm is unusable."""
+    reason = kvm_unusable_reason()
+    test = pytest.mark.kvm(test)
+    return pytest.mark.skipif(reason is not None, reason=reason or "")(test)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "kvm" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.kvm)
 
 
 @pytest.fixture

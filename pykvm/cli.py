@@ -1,0 +1,167 @@
+"""The `pykvm` command.
+
+    pykvm info                         what this host's KVM offers
+    pykvm boot KERNEL [DISK] [...]     boot a Linux kernel with its console on the terminal
+
+Exit status of `pykvm boot` (also in the README):
+    0    the guest powered off, halted, rebooted, or --until matched
+    1    VMM error: KVM failed, or the guest hit something pykvm cannot handle
+    2    bad input: usage, a missing or malformed file, too little memory, no usable /dev/kvm
+    3    kernel panic
+    4    timeout (--timeout passed without any of the above)
+    130  interrupted (Ctrl-C, Ctrl-A x)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EXIT_OK, EXIT_VMM_ERROR, EXIT_BAD_INPUT, EXIT_PANIC, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+
+STOP_STATUS = {
+    "poweroff": EXIT_OK, "halt": EXIT_OK, "reset": EXIT_OK, "until": EXIT_OK, "exit": EXIT_OK,
+    "panic": EXIT_PANIC, "timeout": EXIT_TIMEOUT, "interrupted": EXIT_INTERRUPTED,
+    "shutdown": EXIT_VMM_ERROR, "error": EXIT_VMM_ERROR,
+}
+
+
+class UsageError(Exception):
+    pass
+
+
+def _say(msg: str) -> None:
+    print(f"pykvm: {msg}", file=sys.stderr, flush=True)
+
+
+def cmd_info(args) -> int:
+    from . import pvm
+    from .kvm import Kvm
+    from .kvm.system import CAPABILITIES
+    kind = pvm.host_kind()
+    with Kvm(args.device) as kvm:
+        caps = kvm.capabilities()
+        print(f"KVM device:       {args.device}")
+        print(f"API version:      {kvm.api_version}")
+        print(f"host kind:        {kind}")
+        print(f"max vCPUs:        {kvm.max_vcpus} (recommended {caps['NR_VCPUS']})")
+        print(f"memory slots:     {caps['NR_MEMSLOTS']}")
+        print(f"vCPU mmap size:   {kvm.vcpu_mmap_size} bytes")
+        print(f"supported CPUID:  {kvm.supported_cpuid().nent} leaves")
+        print("capabilities:")
+        for name in CAPABILITIES:
+            if name in ("NR_VCPUS", "MAX_VCPUS", "NR_MEMSLOTS"):
+                continue
+            value = caps[name]
+            shown = "yes" if value == 1 else ("no" if value == 0 else f"yes ({value})")
+            print(f"  {name.lower():24} {shown}")
+    if kind == "KVM-PVM":
+        print()
+        print(pvm.HOST_NOTE)
+    return EXIT_OK
+
+
+def cmd_boot(args) -> int:
+    from .linux import LinuxVM, parse_size
+    from .host.terminal import Terminal
+    from .machine import Stop
+
+    if args.disk:
+        raise UsageError("disk images need virtio-blk or IDE, which this build of pykvm does not "
+                         "have yet; boot with --initrd instead")
+    memory = parse_size(args.memory)
+    vm = LinuxVM(args.kernel, initrd=args.initrd, append=args.append or "", memory=memory,
+                 decompress=not args.no_decompress, pvm_workarounds=not args.no_pvm_workarounds and None,
+                 until=args.until)
+    with vm:
+        if vm.host_kind == "KVM-PVM" and vm.pvm_workarounds:
+            from . import pvm
+            _say(pvm.HOST_NOTE.replace("\n", " "))
+            if vm.added_pvm_args:
+                _say("added kernel arguments for this host: " + " ".join(vm.added_pvm_args))
+        desc = vm.plan.description
+        _say(f"booting {desc.get('format', 'kernel')} {desc.get('version', '')} with "
+             f"{memory >> 20} MiB; command line: {vm.cmdline}")
+        log = None
+        interactive = args.console == "stdio"
+        if interactive:
+            out = sys.stdout.buffer
+            vm.console.tee(lambda data: (out.write(data.replace(b"\n", b"\r\n") if os.isatty(1) else data),
+                                         out.flush()))
+        elif args.console not in ("none", "stdio"):
+            log = open(args.console, "wb")
+            vm.console.tee_file(log)
+        try:
+            if interactive and os.isatty(0):
+                def quit_():
+                    vm.machine.request_stop(Stop("interrupted", message="Ctrl-A x"))
+                with Terminal(vm.send, quit_, on_stats=lambda: str(vm.stats)):
+                    stop = vm.run(args.timeout)
+            else:
+                stop = vm.run(args.timeout)
+        finally:
+            if log:
+                log.close()
+        print(file=sys.stderr)
+        _say(f"stopped: {stop.reason}: {stop.message}")
+        if args.stats:
+            _say(f"stats: {vm.stats}")
+        if stop.reason == "error" and vm.pvm_workarounds:
+            from . import pvm
+            detail = pvm.describe_last_gap(vm.machine)
+            if detail:
+                _say(detail)
+        return STOP_STATUS.get(stop.reason, EXIT_VMM_ERROR)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pykvm", description="A virtual machine monitor in Python on Linux KVM.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="what this host's KVM offers")
+    info.add_argument("--device", default="/dev/kvm", help=argparse.SUPPRESS)
+    info.set_defaults(fn=cmd_info)
+
+    boot = sub.add_parser("boot", help="boot a Linux kernel",
+                          description="Boot a Linux kernel (bzImage or ELF vmlinux). The serial "
+                          "console is on the terminal: Ctrl-A x quits, Ctrl-A h helps.")
+    boot.add_argument("kernel", help="bzImage or vmlinux")
+    boot.add_argument("disk", nargs="?", help="raw disk image")
+    boot.add_argument("--initrd", help="initramfs (cpio, optionally compressed)")
+    boot.add_argument("--append", help="extra kernel command line arguments")
+    boot.add_argument("--memory", "-m", default="256M", help="guest RAM (default 256M)")
+    boot.add_argument("--timeout", type=float, help="stop after this many seconds (exit status 4)")
+    boot.add_argument("--until", metavar="REGEX",
+                      help="stop with status 0 when a console line matches REGEX")
+    boot.add_argument("--console", default="stdio", metavar="stdio|none|FILE",
+                      help="where the guest console goes (default: the terminal)")
+    boot.add_argument("--no-decompress", action="store_true",
+                      help="let the kernel decompress itself (classic bzImage boot)")
+    boot.add_argument("--no-pvm-workarounds", action="store_true",
+                      help="on KVM-PVM hosts, do not add kernel arguments or complete emulation gaps")
+    boot.add_argument("--stats", action="store_true", help="print exit statistics at the end")
+    boot.set_defaults(fn=cmd_boot)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .assets.errors import AssetError
+    from .boot import BootError
+    from .kvm import KvmError, KvmUnavailable
+    from .machine import MachineError
+    try:
+        return args.fn(args)
+    except (UsageError, MachineError, BootError, KvmUnavailable, AssetError) as e:
+        _say(f"error: {e}")
+        return EXIT_BAD_INPUT
+    except KvmError as e:
+        _say(f"error: {e}")
+        return EXIT_VMM_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

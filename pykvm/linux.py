@@ -1,0 +1,168 @@
+"""`LinuxVM`: boot a Linux kernel - what `pykvm boot` does, as a library for test suites.
+
+    from pykvm import LinuxVM
+
+    with LinuxVM("bzImage", initrd="initramfs.cpio.gz", memory="256M") as vm:
+        vm.start()
+        vm.console.expect(r"Run /init as init process", timeout=120)
+
+The stages: build a Machine (VM, RAM, in-kernel irqchip), add the PC devices (pykvm.pc), load the
+kernel with the Linux boot protocol (pykvm.boot.load_linux), set up the vCPU for the 64-bit entry
+(pykvm.x86.cpu), and run. On a KVM-PVM host (pykvm.pvm), the kernel arguments that host needs are
+added and the instructions its emulator lacks are completed by pykvm.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import pvm
+from .boot import BootError, load_linux
+from .boot.cmdline import Cmdline
+from .console import ConsoleLog
+from .machine import Machine, MachineError, Stop
+from .pc import add_pc_devices
+from .x86 import cpu, layout
+
+DEFAULT_MEMORY = 256 * layout.MiB
+
+# What every pykvm guest gets unless the user says otherwise (Cmdline.add_default).
+DEFAULT_ARGS = [
+    ("console", "ttyS0"),
+    ("reboot", "k"),       # reboot through the i8042, which pykvm turns into a "reset" stop
+    ("panic", "-1"),       # a panic reboots at once instead of hanging (a clean stop for tests)
+    ("i8042.noaux", None), # no PS/2 mouse to probe
+]
+
+PANIC_LINE = r"Kernel panic - not syncing"
+
+
+def parse_size(text: str | int) -> int:
+    """'256M', '1G', '65536K', or a byte count."""
+    if isinstance(text, int):
+        return text
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": layout.KiB, "M": layout.MiB, "G": layout.GiB}
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise MachineError(f"cannot read memory size {text!r}: use e.g. 256M or 1G") from None
+
+
+def _read_file(path: str | os.PathLike, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise MachineError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise MachineError(f"{what} {path} is a directory, not a file") from None
+    except PermissionError:
+        raise MachineError(f"{what} {path} is not readable by this user") from None
+
+
+class LinuxVM:
+    """A Linux guest on a one-vCPU PC.
+
+    kernel: bzImage or ELF vmlinux path. initrd: optional initramfs path. append: extra kernel
+    arguments. memory: bytes or "256M". decompress: unpack a bzImage's payload on the host (fast;
+    False keeps the kernel's own decompressor). pvm_workarounds: None = when the host is KVM-PVM."""
+
+    def __init__(self, kernel: str | os.PathLike, *, initrd: str | os.PathLike | None = None,
+                 append: str = "", memory: int | str = DEFAULT_MEMORY, decompress: bool = True,
+                 pvm_workarounds: bool | None = None, until: str | None = None):
+        self.memory = parse_size(memory)
+        if self.memory < layout.MIN_MEMORY:
+            raise MachineError(f"{self.memory >> 20} MiB of memory is too little for Linux: "
+                               f"give at least {layout.MIN_MEMORY >> 20} MiB (--memory)")
+        kernel_bytes = _read_file(kernel, "kernel")
+        initrd_bytes = _read_file(initrd, "initrd") if initrd else None
+
+        self.host_kind = pvm.host_kind()
+        if pvm_workarounds is None:
+            pvm_workarounds = self.host_kind == "KVM-PVM"
+        self.pvm_workarounds = pvm_workarounds
+
+        self.cmdline = Cmdline(append)
+        for key, value in DEFAULT_ARGS:
+            self.cmdline.add_default(key, value)
+        self.added_pvm_args: list[str] = []
+        if pvm_workarounds:
+            for arg in pvm.pvm_kernel_args():
+                key, _, value = arg.partition("=")
+                if not self.cmdline.has(key):
+                    self.cmdline.add(key, value or None)
+                    self.added_pvm_args.append(arg)
+
+        self.console = ConsoleLog()
+        self.machine = Machine(self.memory, irqchip="kernel")
+        try:
+            self.devices = add_pc_devices(self.machine, self.console)
+            self.plan = load_linux(self.machine.mem, kernel_bytes, str(self.cmdline),
+                                   initrd=initrd_bytes, decompress=decompress)
+            self._setup_vcpu()
+        except BaseException:
+            self.machine.close()
+            raise
+        if pvm_workarounds:
+            self.machine.internal_error_handlers.append(pvm.complete_gap)
+        self.console.on_line(PANIC_LINE, lambda m: self.machine.request_stop(
+            Stop("panic", message="the kernel panicked")))
+        if until:
+            self.console.on_line(until, lambda m: self.machine.request_stop(
+                Stop("until", message=f"console matched {until!r}")))
+        self.machine.on_stop.append(lambda stop: self.console.close())
+
+    def _setup_vcpu(self) -> None:
+        vcpu = self.machine.vcpu
+        cpu.setup_cpuid(self.machine.kvm, vcpu)
+        cpu.setup_msrs(vcpu)
+        cpu.setup_long_mode(vcpu, self.machine.mem, entry=self.plan.entry_rip, cr3=self.plan.cr3,
+                            rsi=self.plan.zero_page_gpa, rsp=self.plan.stack)
+
+    # ---- running ----
+    def run(self, timeout: float | None = None) -> Stop:
+        """Run on this thread until the guest stops (or `timeout` seconds pass)."""
+        return self.machine.run(timeout)
+
+    def start(self, timeout: float | None = None) -> None:
+        """Run in a background thread; use console.expect(), then stop() or wait()."""
+        self.machine.start(timeout)
+
+    def wait(self, timeout: float | None = None) -> Stop | None:
+        return self.machine.wait(timeout)
+
+    def stop(self) -> Stop | None:
+        return self.machine.stop()
+
+    def send(self, data: bytes | str) -> None:
+        """Type into the guest's serial console."""
+        self.devices.feed_serial(data.encode() if isinstance(data, str) else data)
+
+    @property
+    def stats(self) -> dict:
+        m = self.machine
+        return {
+            "exits": m.vcpu.exit_counts(),
+            "seconds_in_kvm_run": round(m.vcpu.seconds_in_run, 3),
+            "seconds_in_run_loop": round(m.stats.wall_time, 3),
+            "pvm_gaps_completed": dict(m.stats.pvm_gaps),
+            "guest_errors": dict(m.stats.guest_errors),
+            "unclaimed_ports": m.pio.unclaimed,
+            "serial_bytes_out": getattr(self.devices.serial, "bytes_out", None),
+        }
+
+    def close(self) -> None:
+        self.machine.close()
+        self.console.close()
+
+    def __enter__(self) -> "LinuxVM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+__all__ = ["LinuxVM", "BootError", "MachineError", "parse_size"]

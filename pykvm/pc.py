@@ -1,0 +1,86 @@
+"""The legacy PC devices every x86 guest expects, wired onto a Machine.
+
+    port   device                      irq
+    0x3f8  16550A UART (COM1)          4
+    0x60   i8042 keyboard controller   (1, unused: no keyboard)
+    0x70   MC146818 CMOS/RTC           (8, unused: no periodic interrupts)
+    0x80   POST code
+    0xe9   debug console (Bochs/QEMU)
+    0xf4   exit port (firmware test programs)
+
+With the in-kernel irqchip, KVM itself answers the PIC (0x20, 0xa0, 0x4d0), PIT (0x40) and PC speaker
+(0x61) ports and never exits to us for them.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from .console import ConsoleLog
+from .devices.debugcon import DebugCon, ExitPort, PostCode
+from .devices.i8042 import I8042
+from .devices.rtc import CmosRtc
+from .devices.serial import Serial16550
+from .machine import Machine, Stop
+from .x86 import layout
+
+
+class LockedDevice:
+    """Serializes a device's register accesses with input arriving from another thread.
+
+    The vCPU thread calls read/write; the terminal thread calls `feed`. One lock keeps the device's
+    state consistent between them (uncontended, it costs well under a microsecond)."""
+
+    def __init__(self, device, lock: threading.Lock):
+        self.device = device
+        self.lock = lock
+
+    def read(self, offset: int, size: int) -> int:
+        with self.lock:
+            return self.device.read(offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        with self.lock:
+            self.device.write(offset, size, value)
+
+
+@dataclass
+class PcDevices:
+    serial: Serial16550
+    serial_lock: threading.Lock
+    i8042: I8042
+    rtc: CmosRtc
+    post: PostCode
+    debugcon: DebugCon
+    exit_port: ExitPort
+
+    def feed_serial(self, data: bytes) -> None:
+        """Input from the host (terminal, test) to the guest's COM1, from any thread."""
+        with self.serial_lock:
+            self.serial.feed(data)
+
+
+def add_pc_devices(machine: Machine, console: ConsoleLog,
+                   debug_out: Callable[[bytes], None] | None = None) -> PcDevices:
+    """Create the legacy devices, register them on the machine's port bus, and return them."""
+    lock = threading.Lock()
+    serial = Serial16550(machine.irq_line(layout.IRQ_COM1), console.write)
+    machine.add_pio(layout.PORT_COM1, 8, LockedDevice(serial, lock), "COM1 16550A")
+
+    def reset() -> None:
+        machine.request_stop(Stop("reset", message="the guest reset the machine (i8042 0xfe)"))
+
+    i8042 = I8042(reset=reset)
+    machine.add_pio(layout.PORT_I8042, 5, i8042, "i8042")
+    rtc = CmosRtc(machine.mem.size)
+    machine.add_pio(layout.PORT_RTC, 2, rtc, "CMOS RTC")
+    post = PostCode()
+    machine.add_pio(layout.PORT_POST, 1, post, "POST")
+    debugcon = DebugCon(debug_out or console.write)
+    machine.add_pio(layout.PORT_DEBUG, 1, debugcon, "debugcon")
+    exit_port = ExitPort(lambda status: machine.request_stop(
+        Stop("exit", status, f"the guest wrote {status} to the exit port")))
+    machine.add_pio(layout.PORT_EXIT, 1, exit_port, "exit port")
+    return PcDevices(serial, lock, i8042, rtc, post, debugcon, exit_port)
