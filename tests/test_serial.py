@@ -14,10 +14,10 @@ FCR = IIR
 DLL, DLM = 0, 1
 
 
-def make():
+def make(**kw):
     irq = RecordingIrqLine()
     sent = bytearray()
-    uart = Serial16550(irq, sent.extend)
+    uart = Serial16550(irq, sent.extend, **kw)
     return uart, irq, sent
 
 
@@ -314,7 +314,7 @@ def test_rx_interrupt_on_feed_and_cleared_when_drained():
 
 
 def test_rx_fifo_overrun_sets_oe_and_line_status_interrupt():
-    u, irq, _ = make()
+    u, irq, _ = make(rx_backlog=0)     # the bare chip
     wr(u, FCR, 0x07)
     assert u.rx_room == 16
     u.feed(bytes(range(20)))
@@ -331,11 +331,53 @@ def test_rx_fifo_overrun_sets_oe_and_line_status_interrupt():
 
 
 def test_overrun_without_fifo_overwrites_rbr():
-    u, _, _ = make()
+    u, _, _ = make(rx_backlog=0)
     u.feed(b"ab")
     assert rd(u, LSR) & 0x03 == 0x03
     assert rd(u, RX) == ord("b")
     assert u.overruns == 1
+
+
+def test_paste_longer_than_fifo_waits_in_backlog_in_order():
+    u, irq, _ = make()
+    wr(u, FCR, 0xC7)                   # FIFO on, trigger 14: what Linux programs
+    wr(u, IER, 0x01)
+    text = bytes(range(32, 127)) * 3
+    u.feed(text)
+    assert len(u.rx) == 16 and irq.level
+    assert rd(u, IIR) == 0xC4
+    got = bytearray()
+    while rd(u, LSR) & 0x01:           # serial8250_rx_chars: read while DR
+        got.append(rd(u, RX))
+    assert got == text
+    assert u.overruns == 0 and not rd(u, LSR) & 0x02
+    assert not irq.level
+
+
+def test_backlog_overflow_is_an_overrun():
+    u, _, _ = make(rx_backlog=4)
+    wr(u, FCR, 0x01)
+    assert u.rx_room == 20
+    u.feed(bytes(range(25)))
+    assert u.overruns == 5 and u.rx_room == 0
+    assert rd(u, LSR) & 0x02
+    got = bytes(rd(u, RX) for _ in range(20))
+    assert got == bytes(range(20))
+
+
+def test_backlog_survives_fifo_clear_and_loopback():
+    u, _, _ = make()
+    wr(u, FCR, 0x01)
+    u.feed(bytes(range(20)))
+    wr(u, FCR, 0x07)                   # clears the 16 in the FIFO; the 4 waiting arrive
+    assert [rd(u, RX) for _ in range(4)] == [16, 17, 18, 19]
+    u.feed(bytes(range(40)))           # 16 in the FIFO, 24 waiting
+    wr(u, MCR, 0x10)                   # loopback: the serial input is cut off
+    wr(u, FCR, 0x07)
+    assert not u.rx and len(u.backlog) == 24 and not rd(u, LSR) & 0x01
+    wr(u, MCR, 0x00)                   # reconnected: the waiting input arrives
+    assert [rd(u, RX) for _ in range(24)] == list(range(16, 40))
+    assert not rd(u, LSR) & 0x01
 
 
 def test_fcr_clear_rx():
@@ -392,9 +434,9 @@ ops = st.one_of(
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(ops, max_size=80))
-def test_fuzz_never_crashes_and_irq_matches_state(seq):
-    u, irq, _ = make()
+@given(st.lists(ops, max_size=80), st.sampled_from([0, 5, 4096]))
+def test_fuzz_never_crashes_and_irq_matches_state(seq, backlog):
+    u, irq, _ = make(rx_backlog=backlog)
     for op in seq:
         if op[0] == "r":
             assert 0 <= rd(u, op[1]) <= 255
@@ -412,3 +454,6 @@ def test_fuzz_never_crashes_and_irq_matches_state(seq):
         assert irq.level == expected_level(u)
         assert len(u.rx) <= 16
         assert bool(u.lsr & 0x01) == bool(u.rx)
+        assert len(u.backlog) <= backlog
+        if u.backlog and not u.mcr & 0x10:
+            assert len(u.rx) == (16 if u.fcr & 0x01 else 1)

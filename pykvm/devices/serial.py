@@ -32,6 +32,11 @@ Shortcuts, admitted:
   level; we treat that timeout as already elapsed, so data below the trigger level is reported as a
   timeout at once and data at or above it as "received data available" (IIR 0x04). Guests never stall
   waiting for a timer we do not have.
+- Input is flow-controlled on the host side. `feed` may be handed a whole paste at once; bytes that do
+  not fit the 16-byte FIFO wait in a host-side backlog (`backlog`, up to `rx_backlog` bytes, as if the
+  wire held them back, which is what QEMU's chardev does with serial_can_receive) and move into the
+  FIFO as the guest reads RBR. Only when the backlog is full too is a byte lost as an overrun (LSR.OE).
+  With `rx_backlog=0` the receiver behaves exactly like the chip: the 17th unread byte overruns.
 - Parity, framing and break errors never happen (no wire), so LSR bits 2-4 and 7 stay 0; only overrun
   (OE) can be set.
 - On a PC board the UART's INTR pin reaches the PIC only while MCR.OUT2 is set. We do not gate the line
@@ -124,6 +129,7 @@ MSR_LINES = 0xF0
 DEFAULT_MODEM_LINES = MSR_DCD | MSR_DSR | MSR_CTS
 
 RX_FIFO_SIZE = 16
+DEFAULT_RX_BACKLOG = 4096
 
 
 def _loopback_lines(mcr: int) -> int:
@@ -145,12 +151,14 @@ class Serial16550:
     """A 16550A UART. `out(bytes)` receives what the guest transmits; `feed(bytes)` is what it receives.
 
     Public state (plain attributes, see the module docstring): the registers, `rx` (the receive FIFO,
-    a deque of ints), and the counters `bytes_out`, `bytes_in`, `overruns` (bytes lost because the
-    receiver was full) and `rx_dropped` (bytes fed while in loopback mode, when the serial input pin
-    is disconnected), `bad_accesses` (accesses outside offsets 0-7).
+    a deque of ints), `backlog` (host input waiting for FIFO room), and the counters `bytes_out`,
+    `bytes_in` (bytes fed outside loopback), `overruns` (bytes lost because FIFO and backlog were
+    full), `rx_dropped` (bytes fed while in loopback mode, when the serial input pin is disconnected),
+    `bad_accesses` (accesses outside offsets 0-7).
     """
 
-    def __init__(self, irq: IrqLine, out: Callable[[bytes], None]):
+    def __init__(self, irq: IrqLine, out: Callable[[bytes], None],
+                 rx_backlog: int = DEFAULT_RX_BACKLOG):
         self.irq = irq
         self.out = out
         # Power-on values from the datasheet's reset table (Table V); the divisor is undefined after
@@ -168,6 +176,8 @@ class Serial16550:
         self.thr_ipending = False    # the THRE interrupt is latched (see _write_ier, _read_iir)
         self.rbr = 0                 # last byte taken from the receiver: what reading an empty RBR gives
         self.rx: deque[int] = deque()
+        self.backlog: deque[int] = deque()
+        self.rx_backlog = rx_backlog
         self.bytes_out = 0
         self.bytes_in = 0
         self.overruns = 0
@@ -191,16 +201,18 @@ class Serial16550:
     # --- the host side ---------------------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
-        """Bytes arriving on the serial input. What does not fit the receiver is an overrun (LSR.OE),
-        exactly as on the wire: a host that must not lose input feeds at most `rx_room` bytes and the
-        rest after the guest has read some."""
+        """Bytes arriving on the serial input: into the FIFO, else the backlog, else an overrun."""
         if self.mcr & MCR_LOOP:
             # In loopback the serial input pin is disconnected from the receiver (datasheet 8.7).
             self.rx_dropped += len(data)
             return
+        self.bytes_in += len(data)
         for byte in data:
+            if self.backlog or len(self.rx) >= self._rx_capacity():
+                if len(self.backlog) < self.rx_backlog:
+                    self.backlog.append(byte)
+                    continue
             self._receive(byte)
-            self.bytes_in += 1
         self._update_irq()
 
     @property
@@ -208,7 +220,8 @@ class Serial16550:
         """How many bytes `feed` can take now without an overrun (0 in loopback mode)."""
         if self.mcr & MCR_LOOP:
             return 0
-        return max(self._rx_capacity() - len(self.rx), 0)
+        return (max(self._rx_capacity() - len(self.rx), 0)
+                + max(self.rx_backlog - len(self.backlog), 0))
 
     def set_modem_lines(self, lines: int) -> None:
         """Drive the modem input pins from the host: an MSR-style mask of CTS, DSR, RI, DCD."""
@@ -231,16 +244,28 @@ class Serial16550:
             self.rx.append(byte)
         else:
             # Overrun (LSR bit 1). In FIFO mode the new character is lost and the FIFO keeps its
-            # contents; in 16450 mode the new character overwrites the one in RBR.
+            # contents; in 16450 mode the new character overwrites the one in RBR (unless older
+            # host input is still waiting: then the newest byte is the one lost, to keep order).
             self.lsr |= LSR_OE
             self.overruns += 1
-            if not self._fifo_enabled():
+            if not self._fifo_enabled() and not self.backlog:
                 self.rx[-1] = byte
         self.lsr |= LSR_DR
+
+    def _pull_backlog(self) -> None:
+        """Move waiting host input into the FIFO while it has room (not in loopback: SIN is cut)."""
+        if self.mcr & MCR_LOOP:
+            return
+        capacity = self._rx_capacity()
+        while self.backlog and len(self.rx) < capacity:
+            self.rx.append(self.backlog.popleft())
+        if self.rx:
+            self.lsr |= LSR_DR
 
     def _read_rbr(self) -> int:
         if self.rx:
             self.rbr = self.rx.popleft()
+            self._pull_backlog()
         if not self.rx:
             self.lsr &= ~LSR_DR
         return self.rbr
@@ -298,6 +323,7 @@ class Serial16550:
         elif offset == MCR:
             self.mcr = value & MCR_MASK
             self._update_msr()
+            self._pull_backlog()
         elif offset == SCR:
             self.scr = value
             return
@@ -342,6 +368,8 @@ class Serial16550:
             self.fcr = value & (FCR_ENABLE | FCR_DMA_MODE | FCR_TRIGGER_MASK)
         else:
             self.fcr = 0
+        # Host input still "on the wire" arrives in the emptied FIFO.
+        self._pull_backlog()
 
     def _clear_rx(self) -> None:
         # Clears the FIFO contents, not the shift register or the LSR error bits.
