@@ -27,8 +27,9 @@ the guest sets. Values are BCD or binary and 12- or 24-hour per register B, re-e
 
 Shortcuts, admitted:
 - No interrupts: the periodic (PIE), alarm (AIE) and update-ended (UIE) interrupts are not modelled, so
-  register C always reads 0 and no IRQ 8 line is taken. Linux's rtc-cmos driver copes (it falls back
-  to polling; `hwclock` may wait for an update interrupt that never comes).
+  register C always reads 0 and no IRQ 8 line is taken. Reading the time needs none of them (Linux's
+  mc146818_get_time polls UIP); anything that sleeps until an RTC interrupt (an RTC alarm, `hwclock`
+  waiting for the update-ended interrupt) waits until its own timeout.
 - UIP is set for the last 244 us of every host second (the MC146818's "UIP to update" time at a
   32.768 kHz time base) so code that waits for an update edge sees one; the divider (DV) and rate (RS)
   bits are stored but time never stops or changes speed.
