@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping
+from typing import Callable, Mapping
 
 from pykvm.boot import elf as elf_mod
 from pykvm.boot.bzimage import BzImage, parse_bzimage
@@ -80,14 +80,14 @@ def load_linux(mem: GuestMemory, kernel: bytes, cmdline: str | Cmdline,
         stage = _stage_bzimage(bz, decompress)
 
     text = str(cmdline)
-    data = Cmdline(text).encode(stage.cmdline_max) if text else b"\0"
+    data = Cmdline(text).encode(stage.cmdline_max)
     initrd_at = None
     if initrd:
         initrd_at = place_initrd(len(initrd), kernel_end=stage.kernel_end,
                                  limit=min(stage.initrd_addr_max + 1, low_top))
     elif stage.kernel_end > low_top:
         raise BootError(f"guest RAM too small: the kernel needs {stage.kernel_start:#x}.."
-                        f"{stage.kernel_end:#x} (init_size); give the VM at least "
+                        f"{stage.kernel_end:#x} (its image and init_size); give the VM at least "
                         f"{_mib(stage.kernel_end)} MiB")
 
     stage.load(mem)
@@ -146,7 +146,7 @@ class _Stage:
     cmdline_max: int
     initrd_addr_max: int
     pvh_entry: int | None
-    load: object                  # callable(mem): write the kernel
+    load: Callable[[GuestMemory], object]   # writes the kernel into guest memory
     description: dict
 
 
@@ -177,17 +177,13 @@ def _stage_bzimage(bz: BzImage, decompress: bool) -> _Stage:
         stage.description.update(compression=compression)
     else:
         load = _load_address(bz)
+        # The decompressor unpacks at max(load address, LOAD_PHYSICAL_ADDR = pref_address) and
+        # needs init_size bytes from there (boot.rst "init_size"); load_linux has checked that this
+        # range is RAM before anything is written.
         end = max(load + len(bz.kernel), max(load, hdr.pref_address) + hdr.init_size)
-
-        def write(mem: GuestMemory) -> None:
-            if not mem.contains(load, len(bz.kernel)):
-                raise BootError(f"guest RAM too small for the kernel at {load:#x}; give the VM at "
-                                f"least {_mib(end)} MiB")
-            mem.write(load, bz.kernel)
-
         stage = _Stage(entry=load + ENTRY_64_OFFSET, kernel_start=load, kernel_end=end,
                        header=bz.header_bytes, cmdline_max=0, initrd_addr_max=0, pvh_entry=None,
-                       load=write, description={"boot": "64-bit, bzImage decompressor (load+0x200)",
+                       load=lambda mem: mem.write(load, bz.kernel), description={"boot": "64-bit, bzImage decompressor (load+0x200)",
                                                 "compression": "in guest"})
     stage.cmdline_max = min(hdr.cmdline_size, layout.CMDLINE_MAX - 1)
     stage.initrd_addr_max = hdr.initrd_addr_max or DEFAULT_INITRD_ADDR_MAX
@@ -204,7 +200,11 @@ def _load_address(bz: BzImage) -> int:
     hdr = bz.header
     if hdr.relocatable_kernel:
         return _align_up(max(hdr.pref_address, layout.HIMEM_START), hdr.kernel_alignment)
-    return hdr.code32_start or layout.HIMEM_START
+    load = hdr.code32_start or layout.HIMEM_START
+    if load < layout.HIMEM_START:
+        raise BootError(f"code32_start {load:#x} at 0x214 lies below 1 MiB, where pykvm keeps its boot "
+                        f"structures: the header is corrupt, or use decompress=True")
+    return load
 
 
 def _low_ram_top(mem: GuestMemory) -> int:
