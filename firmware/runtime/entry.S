@@ -322,8 +322,9 @@ fw_isr_table:
 /* ---------------------------------------------------------------- descriptor tables */
     .data
     .balign 16
-    .globl fw_gdt_tss
+    .globl fw_gdt_tss, fw_gdt
 gdt:
+fw_gdt:
     .quad 0                             /* 0x00 null */
     .quad 0x00cf9b000000ffff            /* 0x08 32-bit code, DPL0: base 0, 4 GiB, D=1 */
     .quad 0x00cf93000000ffff            /* 0x10 data, DPL0 */

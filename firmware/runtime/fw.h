@@ -90,6 +90,7 @@ struct fw_boot_record {
 };
 
 extern struct fw_boot_record fw_boot_record;
+extern const uint64_t fw_gdt[8];   /* the runtime's GDT (selectors above) */
 extern const volatile struct fw_args *const fw_args_block;
 
 /* The program's entry point; its return value is the exit status. */
