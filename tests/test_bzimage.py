@@ -224,6 +224,12 @@ def test_load_classic_non_relocatable_at_code32_start(mem):
     assert plan.kernel_end == 0x1000000 + 0x2000000
 
 
+def test_load_classic_rejects_code32_start_below_1mib(mem):
+    img = _patched(image("gzip", relocatable=0), 0x214, "<I", 0x8000)
+    with pytest.raises(BootError, match="code32_start 0x8000"):
+        load_linux(mem, img, "", decompress=False)
+
+
 def test_cmdline_longer_than_kernel_allows(mem):
     img = image("gzip", cmdline_size=32)
     load_linux(mem, img, "a" * 32)
