@@ -1,0 +1,127 @@
+"""Disk images on the host: what a virtual disk (virtio-blk, IDE) reads and writes.
+
+`DiskImage(path, readonly=False, snapshot=False)` is a raw image file:
+
+    read(offset, n) -> bytes     exactly n bytes; a range past the end raises DiskError
+    write(offset, data)          DiskReadOnlyError if readonly
+    flush()                      fsync: the data is on stable storage when it returns
+    discard(offset, n)           the guest no longer needs these bytes (a hint; may do nothing)
+    size                         bytes
+
+With `snapshot=True` the file is opened read-only and every write goes to an in-memory overlay of
+4 KiB chunks instead, so the image stays byte-identical however the guest scribbles on it (QEMU's
+`-snapshot`). Shortcut, admitted: the overlay lives in host RAM and grows with what the guest writes;
+a temporary overlay file would bound that, and nothing here has needed it yet.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+
+class DiskError(OSError):
+    """A disk request the image cannot serve (out of range, read-only, I/O error)."""
+
+
+class DiskReadOnlyError(DiskError):
+    pass
+
+
+CHUNK = 4096
+
+
+class DiskImage:
+    def __init__(self, path: str | os.PathLike, readonly: bool = False, snapshot: bool = False):
+        self.path = os.fspath(path)
+        self.readonly = readonly
+        self.snapshot = snapshot
+        flags = os.O_RDONLY if (readonly or snapshot) else os.O_RDWR
+        self.fd = os.open(self.path, flags | os.O_CLOEXEC)
+        self.size = os.fstat(self.fd).st_size
+        if self.size == 0:
+            # A block device reports 0 in st_size: ask it.
+            self.size = os.lseek(self.fd, 0, os.SEEK_END)
+        self._overlay: dict[int, bytearray] = {}
+        self._lock = threading.Lock()
+
+    def _check(self, offset: int, n: int) -> None:
+        if offset < 0 or n < 0 or offset + n > self.size:
+            raise DiskError(f"{self.path}: {n} bytes at {offset} outside a {self.size}-byte image")
+
+    def _pread(self, offset: int, n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            chunk = os.pread(self.fd, n - len(out), offset + len(out))
+            if not chunk:
+                raise DiskError(f"{self.path}: short read at {offset + len(out)}")
+            out += chunk
+        return bytes(out)
+
+    def read(self, offset: int, n: int) -> bytes:
+        self._check(offset, n)
+        if not self._overlay:
+            return self._pread(offset, n)
+        with self._lock:
+            out = bytearray()
+            pos, end = offset, offset + n
+            while pos < end:
+                idx, within = divmod(pos, CHUNK)
+                take = min(CHUNK - within, end - pos)
+                chunk = self._overlay.get(idx)
+                if chunk is not None:
+                    out += chunk[within:within + take]
+                else:
+                    # Read the run of chunks that are not in the overlay in one go.
+                    run_end = pos + take
+                    while run_end < end and (run_end // CHUNK) not in self._overlay:
+                        run_end = min((run_end // CHUNK + 1) * CHUNK, end)
+                    out += self._pread(pos, run_end - pos)
+                    take = run_end - pos
+                pos += take
+            return bytes(out)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if self.readonly:
+            raise DiskReadOnlyError(f"{self.path} is read-only")
+        data = memoryview(data).cast("B")
+        self._check(offset, len(data))
+        if not self.snapshot:
+            done = 0
+            while done < len(data):
+                done += os.pwrite(self.fd, data[done:], offset + done)
+            return
+        with self._lock:
+            pos, end, src = offset, offset + len(data), 0
+            while pos < end:
+                idx, within = divmod(pos, CHUNK)
+                take = min(CHUNK - within, end - pos)
+                chunk = self._overlay.get(idx)
+                if chunk is None:
+                    start = idx * CHUNK
+                    base = self._pread(start, min(CHUNK, self.size - start))
+                    chunk = self._overlay[idx] = bytearray(base)
+                chunk[within:within + take] = data[src:src + take]
+                pos += take
+                src += take
+
+    def flush(self) -> None:
+        if not (self.readonly or self.snapshot):
+            os.fsync(self.fd)
+
+    def discard(self, offset: int, n: int) -> None:
+        """A hint that the range's contents no longer matter. We keep them (always allowed)."""
+        self._check(offset, n)
+        if self.readonly:
+            raise DiskReadOnlyError(f"{self.path} is read-only")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "DiskImage":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

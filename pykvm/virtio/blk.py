@@ -1,0 +1,240 @@
+"""virtio-blk, the block device (VIRTIO 1.2 section 5.2).
+
+One request queue. Each request is one descriptor chain (5.2.6):
+
+    device-readable:  struct virtio_blk_req header { le32 type; le32 reserved; le64 sector; }
+                      then, for OUT (write) and DISCARD, the data
+    device-writable:  for IN (read) and GET_ID, the data buffer
+                      then one status byte: 0 OK, 1 IOERR, 2 UNSUPP
+
+Sectors are always 512 bytes, whatever `blk_size` says (that is only the guest's preferred I/O
+granularity). The used length is what the device wrote: the data read plus the status byte.
+
+Configuration space (5.2.4), little-endian:
+
+    0  le64 capacity (512-byte sectors)   24 topology (8 bytes)    36 le32 max_discard_sectors
+    8  le32 size_max                      32 u8 writeback          40 le32 max_discard_seg
+    12 le32 seg_max                       33 u8 unused0            44 le32 discard_sector_alignment
+    16 geometry (4 bytes)                 34 le16 num_queues       48..60 write zeroes (unused)
+    20 le32 blk_size
+
+Features offered: SEG_MAX (so Linux never builds a chain longer than the queue), BLK_SIZE, FLUSH
+(the guest then treats the disk as a write-back cache and sends FLUSH, which we turn into fsync),
+RO for a read-only image, DISCARD for a writable one (a hint we accept and, with a raw file, ignore).
+
+The guest's mistakes become statuses, never exceptions: a request past the end of the disk, a data
+length that is not whole sectors, a write to a read-only disk, a buffer outside RAM -> IOERR; an
+unknown type -> UNSUPP; a chain with no writable byte for the status is dropped (length 0) and
+counted. Shortcut, admitted: I/O is synchronous on the thread that delivered the notify (the vCPU),
+which is simple and, for a raw file in the page cache, fast enough; a worker thread would let the
+guest run during long I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from typing import Protocol
+
+from .device import VIRTIO_ID_BLOCK, VirtioDevice
+from .queue import ChainError, DescChain
+
+log = logging.getLogger("pykvm.virtio")
+
+SECTOR = 512
+
+# Feature bits (5.2.3).
+VIRTIO_BLK_F_SIZE_MAX = 1 << 1
+VIRTIO_BLK_F_SEG_MAX = 1 << 2
+VIRTIO_BLK_F_GEOMETRY = 1 << 4
+VIRTIO_BLK_F_RO = 1 << 5
+VIRTIO_BLK_F_BLK_SIZE = 1 << 6
+VIRTIO_BLK_F_FLUSH = 1 << 9
+VIRTIO_BLK_F_TOPOLOGY = 1 << 10
+VIRTIO_BLK_F_CONFIG_WCE = 1 << 11
+VIRTIO_BLK_F_MQ = 1 << 12
+VIRTIO_BLK_F_DISCARD = 1 << 13
+VIRTIO_BLK_F_WRITE_ZEROES = 1 << 14
+
+# Request types (5.2.6).
+VIRTIO_BLK_T_IN = 0
+VIRTIO_BLK_T_OUT = 1
+VIRTIO_BLK_T_FLUSH = 4
+VIRTIO_BLK_T_GET_ID = 8
+VIRTIO_BLK_T_DISCARD = 11
+VIRTIO_BLK_T_WRITE_ZEROES = 13
+
+# Status byte.
+VIRTIO_BLK_S_OK = 0
+VIRTIO_BLK_S_IOERR = 1
+VIRTIO_BLK_S_UNSUPP = 2
+
+VIRTIO_BLK_ID_BYTES = 20
+HEADER = struct.Struct("<IIQ")
+DISCARD_SEGMENT = struct.Struct("<QII")   # sector, num_sectors, flags
+
+QUEUE_SIZE = 256
+MAX_REQUEST_BYTES = 32 << 20     # far above what Linux sends (max_sectors_kb is 1280 by default)
+MAX_DISCARD_SECTORS = 1 << 22
+MAX_DISCARD_SEG = 16
+
+
+class BlockBackend(Protocol):
+    """What VirtioBlk needs from a disk (pykvm.host.disk.DiskImage is one)."""
+
+    size: int
+    readonly: bool
+
+    def read(self, offset: int, n: int) -> bytes: ...
+
+    def write(self, offset: int, data: bytes) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+class _Fail(Exception):
+    """Ends a request with a status."""
+
+    def __init__(self, status: int, why: str):
+        super().__init__(why)
+        self.status = status
+
+
+class VirtioBlk(VirtioDevice):
+    """A virtio block device on `disk`. `serial` is what GET_ID returns (at most 20 bytes;
+    Linux shows it in /sys/block/vda/serial and /dev/disk/by-id)."""
+
+    device_id = VIRTIO_ID_BLOCK
+    name = "virtio-blk"
+
+    def __init__(self, disk: BlockBackend, *, serial: str | bytes | None = None,
+                 readonly: bool | None = None, queue_size: int = QUEUE_SIZE,
+                 blk_size: int = SECTOR):
+        self.disk = disk
+        self.readonly = bool(getattr(disk, "readonly", False)) if readonly is None else readonly
+        features = VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH
+        features |= VIRTIO_BLK_F_RO if self.readonly else VIRTIO_BLK_F_DISCARD
+        super().__init__([queue_size], features)
+        if serial is None:
+            serial = os.path.basename(getattr(disk, "path", "")) or "pykvm"
+        if isinstance(serial, str):
+            serial = serial.encode()
+        self.serial = serial[:VIRTIO_BLK_ID_BYTES]
+        self.blk_size = blk_size
+        self.capacity = disk.size // SECTOR
+        self.requests = 0
+
+    def config_bytes(self) -> bytes:
+        return struct.pack(
+            "<QII HBB I BBHI BBH III III B3x",
+            self.capacity,
+            0,                              # size_max (F_SIZE_MAX not offered)
+            self.queues[0].max_size - 2,    # seg_max: room for the header and status descriptors
+            0, 0, 0,                        # geometry (not offered)
+            self.blk_size,
+            0, 0, 0, 0,                     # topology (not offered)
+            0, 0, 1,                        # writeback, unused0, num_queues
+            MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, 8,   # discard: granularity 8 sectors (4 KiB)
+            0, 0, 0,                        # write zeroes (not offered)
+            0)
+
+    def write_config_bytes(self, offset: int, data: bytes) -> None:
+        # `writeback` (offset 32) is writable only with F_CONFIG_WCE, which we do not offer.
+        self.guest_error("config write", f"{len(data)} bytes at {offset:#x}")
+
+    def process_queue(self, index: int) -> None:
+        self.drain(0, self._serve)
+
+    # ---- one request ----
+    def _serve(self, chain: DescChain) -> int:
+        self.requests += 1
+        if chain.writable_len == 0:
+            self.guest_error("request without a status byte", f"head {chain.head}")
+            return 0
+        data_in = chain.writable_len - 1       # room for data before the status byte
+        written = 0
+        try:
+            try:
+                header = chain.read(0, HEADER.size)
+            except ChainError:
+                raise _Fail(VIRTIO_BLK_S_IOERR, "unreadable request header") from None
+            rtype, _, sector = HEADER.unpack(header)
+            written = self._request(chain, rtype, sector, data_in)
+            status = VIRTIO_BLK_S_OK
+        except _Fail as f:
+            status = f.status
+            self.guest_error("request failed" if status == VIRTIO_BLK_S_IOERR
+                             else "unsupported request", str(f))
+        except OSError as e:  # the host's disk failed: the guest sees an I/O error
+            status = VIRTIO_BLK_S_IOERR
+            self.errors["host I/O error"] += 1
+            log.error("virtio-blk: %s", e)
+        try:
+            chain.write(data_in, bytes([status]))
+        except ChainError:
+            return 0
+        return written + 1
+
+    def _range(self, sector: int, nbytes: int) -> int:
+        if nbytes % SECTOR:
+            raise _Fail(VIRTIO_BLK_S_IOERR, f"{nbytes} bytes is not whole sectors")
+        if nbytes > MAX_REQUEST_BYTES:
+            raise _Fail(VIRTIO_BLK_S_IOERR, f"{nbytes}-byte request is too large")
+        if sector + nbytes // SECTOR > self.capacity:
+            raise _Fail(VIRTIO_BLK_S_IOERR,
+                        f"sectors {sector}+{nbytes // SECTOR} past the end ({self.capacity})")
+        return sector * SECTOR
+
+    def _request(self, chain: DescChain, rtype: int, sector: int, data_in: int) -> int:
+        """Do one request; returns the data bytes written into the chain."""
+        if rtype == VIRTIO_BLK_T_IN:
+            offset = self._range(sector, data_in)
+            data = self.disk.read(offset, data_in)
+            try:
+                chain.write(0, data)
+            except ChainError:
+                raise _Fail(VIRTIO_BLK_S_IOERR, "read buffer outside RAM") from None
+            return data_in
+        if rtype == VIRTIO_BLK_T_OUT:
+            n = chain.readable_len - HEADER.size
+            offset = self._range(sector, n)
+            if self.readonly:
+                raise _Fail(VIRTIO_BLK_S_IOERR, "write to a read-only disk")
+            try:
+                data = chain.read(HEADER.size, n)
+            except ChainError:
+                raise _Fail(VIRTIO_BLK_S_IOERR, "write buffer outside RAM") from None
+            self.disk.write(offset, data)
+            return 0
+        if rtype == VIRTIO_BLK_T_FLUSH:
+            self.disk.flush()
+            return 0
+        if rtype == VIRTIO_BLK_T_GET_ID:
+            n = min(data_in, VIRTIO_BLK_ID_BYTES)
+            try:
+                chain.write(0, self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")[:n])
+            except ChainError:
+                raise _Fail(VIRTIO_BLK_S_IOERR, "id buffer outside RAM") from None
+            return n
+        if rtype == VIRTIO_BLK_T_DISCARD and not self.readonly:
+            n = chain.readable_len - HEADER.size
+            if n == 0 or n % DISCARD_SEGMENT.size or n // DISCARD_SEGMENT.size > MAX_DISCARD_SEG:
+                raise _Fail(VIRTIO_BLK_S_IOERR, f"discard payload of {n} bytes")
+            try:
+                payload = chain.read(HEADER.size, n)
+            except ChainError:
+                raise _Fail(VIRTIO_BLK_S_IOERR, "discard segments outside RAM") from None
+            ranges = []
+            for start, count, flags in DISCARD_SEGMENT.iter_unpack(payload):
+                if flags:
+                    raise _Fail(VIRTIO_BLK_S_UNSUPP, f"discard flags {flags:#x}")
+                if count > MAX_DISCARD_SECTORS or start + count > self.capacity:
+                    raise _Fail(VIRTIO_BLK_S_IOERR, f"discard of sectors {start}+{count}")
+                ranges.append((start * SECTOR, count * SECTOR))
+            discard = getattr(self.disk, "discard", None)
+            if discard is not None:
+                for offset, n in ranges:
+                    discard(offset, n)
+            return 0
+        raise _Fail(VIRTIO_BLK_S_UNSUPP, f"request type {rtype}")

@@ -1,0 +1,237 @@
+"""virtio-blk against a temporary raw image, driven by the mock driver through virtio-mmio."""
+
+import hashlib
+import os
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from pykvm.host.disk import DiskError, DiskImage, DiskReadOnlyError
+from pykvm.irq import RecordingIrqLine
+from pykvm.memory import GuestMemory
+from pykvm.virtio import blk as B
+from pykvm.virtio.mmio import VirtioMmio
+from pykvm.virtio.mock import MmioDriver
+
+SECTORS = 64
+RAM = 1 << 20
+
+
+@pytest.fixture
+def image(tmp_path):
+    p = tmp_path / "disk.img"
+    p.write_bytes(bytes((i * 7 + i // 512) & 0xFF for i in range(SECTORS * 512)))
+    return p
+
+
+def setup(disk, **kw):
+    mem = GuestMemory.for_test(RAM)
+    dev = B.VirtioBlk(disk, **kw)
+    irq = RecordingIrqLine()
+    t = VirtioMmio(dev, mem, irq)
+    drv = MmioDriver(t, mem)
+    feats = drv.init()
+    return dev, drv, drv.queues[0], feats, irq
+
+
+def hdr(rtype, sector=0):
+    return struct.pack("<IIQ", rtype, 0, sector)
+
+
+def submit(drv, q, readable, writable, **kw):
+    head = q.add_chain(readable, writable, **kw)
+    drv.kick(0)
+    used = q.take_used()
+    assert [h for h, _ in used] == [head]
+    return head, used[0][1]
+
+
+def test_config_and_features(image):
+    with DiskImage(image) as disk:
+        dev, drv, q, feats, irq = setup(disk)
+        assert drv.config(0, 4) | drv.config(4, 4) << 32 == SECTORS
+        assert drv.config(12, 4) == 254                 # seg_max
+        assert drv.config(20, 4) == 512                 # blk_size
+        assert feats & B.VIRTIO_BLK_F_FLUSH and feats & B.VIRTIO_BLK_F_SEG_MAX
+        assert not feats & B.VIRTIO_BLK_F_RO
+        assert len(dev.config_bytes()) == 64
+
+
+def test_read_write_flush_round_trip(image):
+    original = image.read_bytes()
+    with DiskImage(image) as disk:
+        dev, drv, q, feats, irq = setup(disk)
+        # Read sectors 3-4 into two 512-byte buffers plus the status byte.
+        head, n = submit(drv, q, [hdr(B.VIRTIO_BLK_T_IN, 3)], [512, 512, 1])
+        assert n == 1025
+        assert q.written(head) == original[3 * 512:5 * 512] + b"\0"
+        assert irq.level
+        drv.ack_interrupt()
+        # Write sector 10 through an indirect table, then flush, then read it back.
+        payload = os.urandom(1024)
+        head, n = submit(drv, q, [hdr(B.VIRTIO_BLK_T_OUT, 10), payload], [1], indirect=True)
+        assert n == 1 and q.written(head) == b"\0"
+        head, n = submit(drv, q, [hdr(B.VIRTIO_BLK_T_FLUSH)], [1])
+        assert n == 1 and q.written(head) == b"\0"
+        head, n = submit(drv, q, [hdr(B.VIRTIO_BLK_T_IN, 10)], [1024, 1])
+        assert q.written(head) == payload + b"\0"
+    data = image.read_bytes()
+    assert data[10 * 512:12 * 512] == payload
+    assert data[:10 * 512] == original[:10 * 512] and data[12 * 512:] == original[12 * 512:]
+
+
+def test_snapshot_leaves_file_byte_identical(image):
+    digest = hashlib.sha256(image.read_bytes()).hexdigest()
+    mtime = image.stat().st_mtime_ns
+    with DiskImage(image, snapshot=True) as disk:
+        dev, drv, q, feats, irq = setup(disk)
+        payload = b"\x5a" * 1536
+        head, n = submit(drv, q, [hdr(B.VIRTIO_BLK_T_OUT, 7), payload], [1])
+        assert q.written(head) == b"\0"
+        # An unaligned read across overlay and base chunks sees the write.
+        head, n = submit(drv, q, [hdr(B.VIRTIO_BLK_T_IN, 6)], [2048, 1])
+        got = q.written(head)
+        assert got[512:2048] == payload and got[-1] == 0
+        assert got[:512] == image.read_bytes()[6 * 512:7 * 512]
+        submit(drv, q, [hdr(B.VIRTIO_BLK_T_FLUSH)], [1])
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == digest
+    assert image.stat().st_mtime_ns == mtime
+
+
+def test_readonly_refuses_writes_with_ioerr(image):
+    original = image.read_bytes()
+    with DiskImage(image, readonly=True) as disk:
+        dev, drv, q, feats, irq = setup(disk)
+        assert feats & B.VIRTIO_BLK_F_RO and not feats & B.VIRTIO_BLK_F_DISCARD
+        head, n = submit(drv, q, [hdr(B.VIRTIO_BLK_T_OUT, 0), b"x" * 512], [1])
+        assert q.written(head) == bytes([B.VIRTIO_BLK_S_IOERR])
+        head, n = submit(drv, q, [hdr(B.VIRTIO_BLK_T_IN, 0)], [512, 1])
+        assert q.written(head) == original[:512] + b"\0"
+        with pytest.raises(DiskReadOnlyError):
+            disk.write(0, b"x")
+    assert image.read_bytes() == original
+
+
+def test_get_id(image):
+    with DiskImage(image) as disk:
+        dev, drv, q, feats, irq = setup(disk, serial="pykvm-serial-0123456789")
+        head, n = submit(drv, q, [hdr(B.VIRTIO_BLK_T_GET_ID)], [20, 1])
+        assert n == 21
+        assert q.written(head) == b"pykvm-serial-0123456" + b"\0"
+        dev, drv, q, feats, irq = setup(disk, serial="vda")
+        head, n = submit(drv, q, [hdr(B.VIRTIO_BLK_T_GET_ID)], [20, 1])
+        assert q.written(head) == b"vda" + b"\0" * 17 + b"\0"
+
+
+def test_guest_mistakes_become_status(image):
+    with DiskImage(image) as disk:
+        dev, drv, q, feats, irq = setup(disk)
+        cases = [
+            ([hdr(B.VIRTIO_BLK_T_IN, SECTORS - 1)], [1024, 1], B.VIRTIO_BLK_S_IOERR),  # past end
+            ([hdr(B.VIRTIO_BLK_T_IN, 0)], [100, 1], B.VIRTIO_BLK_S_IOERR),   # not whole sectors
+            ([hdr(B.VIRTIO_BLK_T_OUT, 2**63), b"y" * 512], [1], B.VIRTIO_BLK_S_IOERR),
+            ([hdr(99)], [1], B.VIRTIO_BLK_S_UNSUPP),
+            ([b"short"], [1], B.VIRTIO_BLK_S_IOERR),                          # header too short
+        ]
+        for readable, writable, status in cases:
+            head, n = submit(drv, q, readable, writable)
+            assert q.written(head)[-1] == status, (readable, writable)
+        # A data buffer outside RAM: IOERR in the status, which is in RAM.
+        status_addr = drv.alloc.alloc(1)
+        hdr_addr = drv.alloc.alloc(16)
+        drv.mem.write(hdr_addr, hdr(B.VIRTIO_BLK_T_IN, 0))
+        head = q.add_segments([(hdr_addr, 16, False), (RAM - 256, 512, True),
+                               (status_addr, 1, True)])
+        drv.kick(0)
+        assert q.take_used() == [(head, 1)]
+        assert drv.mem.read(status_addr, 1) == bytes([B.VIRTIO_BLK_S_IOERR])
+        assert dev.queue_errors >= 1
+        # No writable byte at all: dropped with length 0.
+        head = q.add_chain([hdr(B.VIRTIO_BLK_T_FLUSH)], [])
+        drv.kick(0)
+        assert q.take_used() == [(head, 0)]
+        assert dev.errors["request without a status byte"] == 1
+
+
+def test_discard_is_accepted(image):
+    with DiskImage(image) as disk:
+        dev, drv, q, feats, irq = setup(disk)
+        assert feats & B.VIRTIO_BLK_F_DISCARD
+        seg = struct.pack("<QII", 8, 8, 0)
+        head, n = submit(drv, q, [hdr(B.VIRTIO_BLK_T_DISCARD), seg], [1])
+        assert q.written(head) == b"\0"
+        seg = struct.pack("<QII", SECTORS, 8, 0)
+        head, n = submit(drv, q, [hdr(B.VIRTIO_BLK_T_DISCARD), seg], [1])
+        assert q.written(head) == b"\x01"
+
+
+def test_disk_image_api(tmp_path):
+    p = tmp_path / "x.img"
+    p.write_bytes(b"\1" * 10000)
+    with DiskImage(p, snapshot=True) as d:
+        assert d.size == 10000
+        d.write(4090, b"\2" * 10)
+        d.write(9999, b"\3")
+        assert d.read(4088, 14) == b"\1\1" + b"\2" * 10 + b"\1\1"
+        assert d.read(9998, 2) == b"\1\3"
+        with pytest.raises(DiskError):
+            d.read(9999, 2)
+        with pytest.raises(DiskError):
+            d.write(10000, b"\0")
+    assert p.read_bytes() == b"\1" * 10000
+
+
+class FakeDisk:
+    """A disk in a bytearray that records every access, for fuzzing."""
+
+    def __init__(self, size):
+        self.buf = bytearray(size)
+        self.size = size
+        self.readonly = False
+
+    def read(self, off, n):
+        assert 0 <= off and off + n <= self.size
+        return bytes(self.buf[off:off + n])
+
+    def write(self, off, data):
+        assert 0 <= off and off + len(data) <= self.size
+        self.buf[off:off + len(data)] = data
+
+    def flush(self):
+        pass
+
+
+seg = st.tuples(st.one_of(st.integers(0, RAM), st.integers(0, 2**40)),
+                st.one_of(st.sampled_from([0, 1, 16, 511, 512, 1024]), st.integers(0, 2**32 - 1)),
+                st.booleans())
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rtype=st.sampled_from([0, 1, 4, 8, 11, 13, 77]), sector=st.integers(0, 2**64 - 1),
+       segs=st.lists(seg, max_size=5), header_in_ram=st.booleans())
+def test_fuzz_requests(rtype, sector, segs, header_in_ram):
+    disk = FakeDisk(SECTORS * 512)
+    dev, drv, q, feats, irq = setup(disk)
+    hdr_addr = drv.alloc.alloc(16) if header_in_ram else RAM + 4096
+    if header_in_ram:
+        drv.mem.write(hdr_addr, hdr(rtype, sector))
+    head = q.add_segments([(hdr_addr, 16, False)] + sorted(segs, key=lambda s: s[2]))
+    drv.kick(0)
+    used = q.take_used()
+    assert [h for h, _ in used] == [head]
+    n = used[0][1]
+    writable = [(a, ln) for a, ln, w in sorted(segs, key=lambda s: s[2]) if w]
+    assert n <= sum(ln for _, ln in writable)
+    if n:
+        # The status byte is the last writable byte; it says OK only for a sane request.
+        total = sum(ln for _, ln in writable)
+        pos = total - 1
+        for a, ln in writable:
+            if pos < ln:
+                status = drv.mem.read(a + pos, 1)[0]
+                break
+            pos -= ln
+        assert status in (0, 1, 2)
+        if not header_in_ram:
+            assert status == B.VIRTIO_BLK_S_IOERR
