@@ -328,6 +328,29 @@ struct pykvm_run_stats {
     uint64_t exits[...];
 };
 long pykvm_run(int fd, struct kvm_run *run, struct pykvm_run_stats *st);
+
+/* csrc/fastpath.h: the C run loop and the device registers it shares with the Python models */
+#define PYKVM_FAST_FLUSH ...
+#define PYKVM_FAST_OUT_SIZE ...
+struct pykvm_fast_uart {
+    uint16_t base;
+    uint8_t ier, lcr, mcr, lsr;
+    uint64_t bytes_out;
+};
+struct pykvm_fast {
+    uint8_t enabled;
+    struct pykvm_fast_uart uart;
+    uint16_t post_port;
+    uint8_t post_last;
+    uint64_t post_writes;
+    uint16_t debug_port;
+    uint32_t uart_out_len;
+    uint32_t debug_out_len;
+    uint8_t uart_out[...];
+    uint8_t debug_out[...];
+    uint64_t handled;
+};
+long pykvm_run_fast(int fd, struct kvm_run *run, struct pykvm_run_stats *st, struct pykvm_fast *f);
 void *pykvm_mmap_vcpu(int fd, size_t size);
 int pykvm_munmap(void *addr, size_t size);
 """)

@@ -58,6 +58,8 @@ static long pykvm_run(int fd, struct kvm_run *run, struct pykvm_run_stats *st)
     return (long)run->exit_reason;
 }
 
+#include "fastpath.h"
+
 /* The vCPU's struct kvm_run lives in a page (or a few) that KVM shares with us: mmap the vCPU fd. */
 static void *pykvm_mmap_vcpu(int fd, size_t size)
 {

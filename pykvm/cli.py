@@ -73,8 +73,12 @@ def cmd_boot(args) -> int:
     memory = parse_size(args.memory)
     vm = LinuxVM(args.kernel, initrd=args.initrd, append=args.append or "", memory=memory,
                  decompress=not args.no_decompress, pvm_workarounds=not args.no_pvm_workarounds and None,
-                 until=args.until)
+                 until=args.until, fast_path=not args.no_fast_path)
     with vm:
+        if args.trace:
+            from .trace import ExitTracer
+            trace_out = sys.stderr if args.trace == "-" else open(args.trace, "w")
+            vm.machine.trace = ExitTracer(vm.machine, trace_out)
         if vm.host_kind == "KVM-PVM" and vm.pvm_workarounds:
             from . import pvm
             _say(pvm.HOST_NOTE.replace("\n", " "))
@@ -140,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="let the kernel decompress itself (classic bzImage boot)")
     boot.add_argument("--no-pvm-workarounds", action="store_true",
                       help="on KVM-PVM hosts, do not add kernel arguments or complete emulation gaps")
+    boot.add_argument("--no-fast-path", action="store_true",
+                      help="handle every exit in Python (no C run loop): slower, for teaching")
+    boot.add_argument("--trace", metavar="FILE",
+                      help="write one line per exit that reaches Python to FILE (- for stderr)")
     boot.add_argument("--stats", action="store_true", help="print exit statistics at the end")
     boot.set_defaults(fn=cmd_boot)
     return p

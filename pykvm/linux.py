@@ -68,11 +68,14 @@ class LinuxVM:
 
     kernel: bzImage or ELF vmlinux path. initrd: optional initramfs path. append: extra kernel
     arguments. memory: bytes or "256M". decompress: unpack a bzImage's payload on the host (fast;
-    False keeps the kernel's own decompressor). pvm_workarounds: None = when the host is KVM-PVM."""
+    False keeps the kernel's own decompressor). pvm_workarounds: None = when the host is KVM-PVM.
+    until: stop (reason "until") when a console line matches this regex. fast_path: answer the hot
+    port I/O (serial console polling, POST port) in C; False sends every exit through Python."""
 
     def __init__(self, kernel: str | os.PathLike, *, initrd: str | os.PathLike | None = None,
                  append: str = "", memory: int | str = DEFAULT_MEMORY, decompress: bool = True,
-                 pvm_workarounds: bool | None = None, until: str | None = None):
+                 pvm_workarounds: bool | None = None, until: str | None = None,
+                 fast_path: bool = True):
         self.memory = parse_size(memory)
         if self.memory < layout.MIN_MEMORY:
             raise MachineError(f"{self.memory >> 20} MiB of memory is too little for Linux: "
@@ -97,7 +100,7 @@ class LinuxVM:
                     self.added_pvm_args.append(arg)
 
         self.console = ConsoleLog()
-        self.machine = Machine(self.memory, irqchip="kernel")
+        self.machine = Machine(self.memory, irqchip="kernel", fast_path=fast_path)
         try:
             self.devices = add_pc_devices(self.machine, self.console)
             self.plan = load_linux(self.machine.mem, kernel_bytes, str(self.cmdline),
@@ -151,7 +154,8 @@ class LinuxVM:
             "pvm_gaps_completed": dict(m.stats.pvm_gaps),
             "guest_errors": dict(m.stats.guest_errors),
             "unclaimed_ports": m.pio.unclaimed,
-            "serial_bytes_out": getattr(self.devices.serial, "bytes_out", None),
+            "serial_bytes_out": self.devices.serial.bytes_out,
+            "exits_handled_in_c": m.fast.handled if m.fast else 0,
         }
 
     def close(self) -> None:

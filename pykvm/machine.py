@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .bus import Bus
+from .fastpath import FastPath
 from .irq import IrqLine
 from .kvm import KICK_SIGNAL, Kvm, exits as E
 from .memory import GuestMemory, MmapBackend, Region
@@ -83,10 +84,11 @@ class Machine:
     """A one-vCPU x86 machine. Use as a context manager; `run()` blocks, `start()` runs in a thread.
 
     irqchip: "kernel" puts KVM's PIC/IOAPIC/LAPIC and PIT in the kernel (fast); "none" leaves the
-    vCPU with no interrupt controller at all (firmware tests; pykvm.devices adds Python models)."""
+    vCPU with no interrupt controller at all (firmware tests; pykvm.devices adds Python models).
+    fast_path: run the vCPU loop in C (csrc/fastpath.h), answering hot port I/O without Python."""
 
     def __init__(self, memory: int = 64 * layout.MiB, *, irqchip: str = "kernel",
-                 kvm: Kvm | None = None, hugepages: bool = True):
+                 kvm: Kvm | None = None, hugepages: bool = True, fast_path: bool = False):
         if memory < 1 * layout.MiB or memory % 4096:
             raise MachineError(f"memory size {memory} is not a positive multiple of 4 KiB "
                                "(at least 1 MiB)")
@@ -99,6 +101,10 @@ class Machine:
         self.mmio = Bus("mmio")
         self.internal_error_handlers: list[Callable[["Machine", E.InternalError], bool]] = []
         self.on_stop: list[Callable[[Stop], None]] = []
+        # Called with every exit before it is dispatched (pykvm.trace.ExitTracer, --trace).
+        self.trace: Callable[[E.Exit], None] | None = None
+        # The C run loop (pykvm.fastpath): devices bind to it as they are added (pykvm.pc).
+        self.fast = FastPath() if fast_path else None
         self._stop: Stop | None = None
         self._thread: threading.Thread | None = None
         self._result: Stop | None = None
@@ -158,11 +164,19 @@ class Machine:
                                     (Stop("timeout", message=f"no stop within {timeout:g} s"),))
             timer.daemon = True
             timer.start()
-        run = self.vcpu.run
+        if self.fast is not None:
+            vcpu, fast = self.vcpu, self.fast
+            run = lambda: vcpu.run_fast(fast)  # noqa: E731
+        else:
+            run = self.vcpu.run
+        trace = self.trace
         start = time.perf_counter()
         try:
             while self._stop is None:
-                outcome = handle_exit(self, run())
+                exit = run()
+                if trace is not None:
+                    trace(exit)
+                outcome = handle_exit(self, exit)
                 if outcome is not None:
                     self.request_stop(outcome)
         except KeyboardInterrupt:

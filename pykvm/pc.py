@@ -46,6 +46,20 @@ class LockedDevice:
             self.device.write(offset, size, value)
 
 
+class Window:
+    """A device register reached at another port: accesses land at `offset` within the device."""
+
+    def __init__(self, device, offset: int):
+        self.device = device
+        self.offset = offset
+
+    def read(self, offset: int, size: int) -> int:
+        return self.device.read(self.offset + offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.device.write(self.offset + offset, size, value)
+
+
 @dataclass
 class PcDevices:
     serial: Serial16550
@@ -73,7 +87,10 @@ def add_pc_devices(machine: Machine, console: ConsoleLog,
         machine.request_stop(Stop("reset", message="the guest reset the machine (i8042 0xfe)"))
 
     i8042 = I8042(reset=reset)
-    machine.add_pio(layout.PORT_I8042, 5, i8042, "i8042")
+    # Data at 0x60, status/command at 0x64; the ports between belong to others (0x61: PC speaker
+    # and PIT channel 2 gate), so the two registers are claimed one by one.
+    machine.add_pio(layout.PORT_I8042, 1, i8042, "i8042 data")
+    machine.add_pio(layout.PORT_I8042 + 4, 1, Window(i8042, 4), "i8042 status")
     rtc = CmosRtc(machine.mem.size)
     machine.add_pio(layout.PORT_RTC, 2, rtc, "CMOS RTC")
     post = PostCode()
@@ -83,4 +100,11 @@ def add_pc_devices(machine: Machine, console: ConsoleLog,
     exit_port = ExitPort(lambda status: machine.request_stop(
         Stop("exit", status, f"the guest wrote {status} to the exit port")))
     machine.add_pio(layout.PORT_EXIT, 1, exit_port, "exit port")
+    if machine.fast is not None:
+        # The C loop answers these ports itself while the models' state allows (pykvm.fastpath).
+        # The UART's lock is not needed there: C only reads the registers, and a byte fed by the
+        # terminal meanwhile changes LSR.DR atomically.
+        machine.fast.bind_uart(layout.PORT_COM1, serial)
+        machine.fast.bind_post(layout.PORT_POST, post)
+        machine.fast.bind_debugcon(layout.PORT_DEBUG, debugcon)
     return PcDevices(serial, lock, i8042, rtc, post, debugcon, exit_port)

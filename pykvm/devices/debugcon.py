@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from pykvm.devices.shared import SharedRegister, SharesRegisters
+
 DEBUGCON_READBACK = 0xE9
 
 
@@ -43,10 +45,16 @@ class DebugCon:
         self.bytes_out += size
 
 
-class PostCode:
-    """Port 0x80. `code` is the last POST code written (0 before any); `writes` counts writes."""
+class PostCode(SharesRegisters):
+    """Port 0x80. `code` is the last POST code written (0 before any); `writes` counts writes.
+
+    Both may live in the C fast path's struct (pykvm/fastpath.py), which then answers the port."""
+
+    code = SharedRegister("post_last")
+    writes = SharedRegister("post_writes")
 
     def __init__(self) -> None:
+        self._init_shared()
         self.code = 0
         self.writes = 0
 

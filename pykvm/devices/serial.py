@@ -45,9 +45,10 @@ Shortcuts, admitted:
 Interrupts follow kvmtool's serial8250_update_irq: after every access the line level is recomputed from
 register state ("is any enabled condition pending?"), and IrqLine forwards only changes.
 
-The hot path (THR write, LSR read) may later move to C: the register state lives in plain attributes
-(`ier`, `lcr`, `mcr`, `lsr`, `msr`, `scr`, `dll`, `dlm`, `fcr`, `thr_ipending`, `rbr`, `rx`) so it can
-become one shared struct.
+The hot path (THR write, LSR read while interrupts are off) can be answered by pykvm's C run loop
+(csrc/fastpath.h, pykvm/fastpath.py). The four registers it needs - `ier`, `lcr`, `mcr`, `lsr` - are
+`SharedRegister`s: with the fast path on they live in the C loop's struct, so the model below is still
+the only owner of the UART's state.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable
 
+from pykvm.devices.shared import SharedRegister, SharesRegisters
 from pykvm.irq import IrqLine
 
 # Register offsets (DLAB=0 meaning first).
@@ -147,7 +149,7 @@ def _loopback_lines(mcr: int) -> int:
     return lines
 
 
-class Serial16550:
+class Serial16550(SharesRegisters):
     """A 16550A UART. `out(bytes)` receives what the guest transmits; `feed(bytes)` is what it receives.
 
     Public state (plain attributes, see the module docstring): the registers, `rx` (the receive FIFO,
@@ -157,8 +159,15 @@ class Serial16550:
     `bad_accesses` (accesses outside offsets 0-7).
     """
 
+    # Registers the C fast path reads (pykvm/devices/shared.py).
+    ier = SharedRegister()
+    lcr = SharedRegister()
+    mcr = SharedRegister()
+    lsr = SharedRegister()
+
     def __init__(self, irq: IrqLine, out: Callable[[bytes], None],
                  rx_backlog: int = DEFAULT_RX_BACKLOG):
+        self._init_shared()
         self.irq = irq
         self.out = out
         # Power-on values from the datasheet's reset table (Table V); the divisor is undefined after

@@ -23,6 +23,8 @@ EAGAIN = errno.EAGAIN
 
 # Layout of the hot part of struct kvm_run, with offsets taken from the compiled header.
 _run = lib.pykvm_run
+_run_fast = lib.pykvm_run_fast
+_FAST_FLUSH = lib.PYKVM_FAST_FLUSH
 _EXIT_IO, _EXIT_MMIO, _IO_OUT = lib.KVM_EXIT_IO, lib.KVM_EXIT_MMIO, lib.KVM_EXIT_IO_OUT
 _OFF_UNION = ffi.offsetof("struct kvm_run", "io")
 _OFF_MMIO_DATA = ffi.offsetof("struct kvm_run", "mmio", "data")
@@ -93,6 +95,23 @@ class Vcpu:
                 return E.Interrupted()
             raise KvmError(-reason, "KVM_RUN")
         return self.decode_exit(reason)
+
+    def run_fast(self, fast) -> E.Exit:
+        """Like run(), but the C loop in csrc/fastpath.h answers the hot port-I/O exits it can
+        (see pykvm.fastpath.FastPath) and only the others come back as typed exits."""
+        regs = fast.regs
+        while True:
+            reason = _run_fast(self.fd, self.kvm_run, self.run_stats, regs)
+            if regs.uart_out_len or regs.debug_out_len:
+                fast.drain()       # before any other exit is handled: output stays in order
+            if reason >= 0:
+                return self.decode_exit(reason)
+            if reason == _FAST_FLUSH:
+                continue
+            if reason == -EINTR or reason == -EAGAIN:
+                self.kvm_run.immediate_exit = 0
+                return E.Interrupted()
+            raise KvmError(-reason, "KVM_RUN")
 
     def decode_exit(self, reason: int) -> E.Exit:
         # The hot exits (port I/O, MMIO) are decoded with one struct.unpack_from each: every cffi

@@ -1,0 +1,69 @@
+"""The C fast path's shared state, bound to pykvm's Python device models.
+
+`csrc/fastpath.h` runs the KVM_RUN loop in C and answers, without entering the interpreter, the port
+accesses that have no side effect beyond what it can do itself: the 16550A's polled transmit (LSR
+read, THR write, with interrupts off), POST codes on port 0x80, debug-console bytes on 0xe9. Anything
+else comes back to Python as a typed exit, exactly as without the fast path.
+
+The device models stay the owners of their state. A model that takes part keeps the registers the C
+loop reads in a `struct pykvm_fast` block (its `shared` attribute points there instead of at a
+Python namespace), so there is one copy of each register and the C side sees every change the model
+makes. Console bytes the C side accepts collect in buffers that `drain()` hands to the same sinks the
+models use, before any other exit is handled.
+
+Switch it off (`Machine(..., fast_path=False)`, `pykvm boot --no-fast-path`) to watch every exit go
+through Python, for teaching and for comparison.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .kvm._lib import ffi
+
+
+class FastPath:
+    def __init__(self) -> None:
+        self.regs = ffi.new("struct pykvm_fast *")
+        self.regs.enabled = 1
+        self._uart_sink: Callable[[bytes], None] | None = None
+        self._uart_device = None
+        self._debug_sink: Callable[[bytes], None] | None = None
+        self._debug_device = None
+
+    # ---- binding devices ----
+    def bind_uart(self, base: int, serial) -> None:
+        """COM port at `base`: the Serial16550 moves ier/lcr/mcr/lsr into the shared block."""
+        serial.share_registers(self.regs.uart)
+        self.regs.uart.base = base
+        self._uart_device = serial
+
+    def bind_post(self, port: int, post) -> None:
+        post.share_registers(self.regs)
+        self.regs.post_port = port
+
+    def bind_debugcon(self, port: int, debugcon) -> None:
+        self.regs.debug_port = port
+        self._debug_device = debugcon
+
+    # ---- output ----
+    def drain(self) -> None:
+        """Hand the bytes the C loop accepted to the devices' own sinks."""
+        regs = self.regs
+        n = regs.uart_out_len
+        if n:
+            data = ffi.buffer(regs.uart_out, n)[:]
+            regs.uart_out_len = 0
+            self._uart_device.out(data)
+            self._uart_device.bytes_out += n
+        n = regs.debug_out_len
+        if n:
+            data = ffi.buffer(regs.debug_out, n)[:]
+            regs.debug_out_len = 0
+            self._debug_device.out(data)
+            self._debug_device.bytes_out += n
+
+    @property
+    def handled(self) -> int:
+        """Exits answered in C."""
+        return self.regs.handled
