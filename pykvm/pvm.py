@@ -29,6 +29,9 @@ The work is split in two: pure functions over bytes and a register dict (`decode
 (`complete_gap`, `describe_gap`, `StuckVmcall`), which only reads the vCPU's state into such a dict
 and writes the resulting `Completion` back.
 
+Other things measured here: `fxsave` at CPL0 is not a gap but raises #UD in the guest; KVM_GET_FPU
+does not report MXCSR (see _get_xsave); each completed gap costs ~130 us.
+
 Shortcuts, admitted: segment limits and page permissions (a store to a read-only page) are not
 checked; a pending unmasked x87 exception does not turn `fwait` into #MF; RFLAGS.TF single-stepping over
 a completed instruction does not raise #DB; the VEX forms do not check XCR0. None of these matter to
@@ -130,10 +133,12 @@ def host_notice(kind: str | None = None) -> str:
 # Each entry: (feature number, name, why).
 _CLEARED_FEATURES: list[tuple[int, str, str]] = [
     # Proven necessary (HOST-KVM.md): without these a 6.1 kernel stops at the first use.
-    (308, "smap", "clac/stac around every user access: not emulated; completing each in the VMM "
-                  "would cost an exit per copy_from_user"),
-    (151, "popcnt", "hweight*() is patched to popcnt: not emulated; the software fallback is "
-                    "emulated at about the same cost as an exit to complete_gap"),
+    # complete_gap handles both, but each completion costs ~130 us here (measured: a CPL0 loop of
+    # 2000 popcnts, 129 us per iteration against 3.7 us with a mov in its place), the price of
+    # some 30 emulated instructions: the kernel's own fallbacks are cheaper.
+    (308, "smap", "clac/stac around every user access: not emulated; an exit per copy_from_user"),
+    (151, "popcnt", "hweight*() is patched to popcnt: not emulated; __sw_hweight64 is ~20 "
+                    "emulated instructions"),
     # Gaps seen here that the VMM does not complete.
     (141, "cx16", "SLUB's this_cpu_cmpxchg_double uses cmpxchg16b: not emulated"),
     # Pre-emptive: instructions KVM's emulator has no entry for, used by a kernel when present.
@@ -496,9 +501,15 @@ def _read_gap(machine, exit) -> _Gap:
     return _Gap(regs, bitness, code, decode(code, regs["rip"], bitness) if code else None, kregs, sregs)
 
 
+_EMULATION_SUBERROR: int | None = None
+
+
 def _is_emulation_failure(exit) -> bool:
-    from .kvm._lib import lib
-    return exit.suberror == lib.KVM_INTERNAL_ERROR_EMULATION
+    global _EMULATION_SUBERROR
+    if _EMULATION_SUBERROR is None:   # imported late: the pure half of this module needs no binding
+        from .kvm._lib import lib
+        _EMULATION_SUBERROR = lib.KVM_INTERNAL_ERROR_EMULATION
+    return exit.suberror == _EMULATION_SUBERROR
 
 
 def complete_gap(machine, exit) -> bool:
@@ -625,13 +636,17 @@ KVM_ENOSYS = 1000
 class StuckVmcall:
     """Unsticks a guest spinning on `vmcall`.
 
-    On KVM-PVM a `vmcall` at CPL0 (Linux's ptp_kvm driver makes KVM_HC_CLOCK_PAIRING, 9) neither
-    completes nor exits: KVM_RUN stays in the kernel, RIP stays on the vmcall, RAX is unchanged (seen
-    here: kicked out after 1 s and again after 2 s, RIP and RAX were the same each time). The run
-    loop only sees it if something kicks the vCPU (Vcpu.kick) periodically; on each resulting
-    Interrupted exit call `check(machine)`. If RIP is on a vmcall/vmmcall twice in a row, the call
-    is completed as an unknown hypercall: RAX = -KVM_ENOSYS, RIP past the instruction. ptp_kvm
-    then gives up and Linux goes on. Test kernels simply leave CONFIG_PTP_1588_CLOCK_KVM out."""
+    On KVM-PVM a `vmcall` at CPL0 neither completes nor exits, whatever the hypercall number (seen
+    here with 9 = KVM_HC_CLOCK_PAIRING, which Linux's ptp_kvm driver makes at boot, 5 =
+    KVM_HC_KICK_CPU and 0x1234): KVM_RUN stays in the kernel, and a kick after 1 s and again after
+    2 s finds RIP still on the vmcall and RAX unchanged. The run loop only sees it if something
+    kicks the vCPU (Vcpu.kick) periodically; on each resulting Interrupted exit call
+    `check(machine)`. If RIP is on a vmcall/vmmcall at two checks in a row, the call is completed
+    as an unknown hypercall: RAX = -KVM_ENOSYS, RIP past the instruction (what KVM answers for a
+    hypercall it doesn't know; ptp_kvm then gives up and Linux goes on). The heuristic can only
+    misfire on a guest that issues the same vmcall again just as each of two kicks lands, and a
+    vmcall never returns on this host anyway. pykvm.machine has no hook for Interrupted exits yet;
+    until it has, test kernels leave CONFIG_PTP_1588_CLOCK_KVM out (ours does)."""
 
     def __init__(self):
         self._last_rip: int | None = None

@@ -491,3 +491,45 @@ def test_unsupported_gap_is_described_on_kvm():
         assert line == (f"KVM could not emulate the instruction at RIP {CODE + 7:#x} (64-bit, CPL0): "
                         "0f ae 2b = xrstor [rbx]"), line
         assert not m.stats.pvm_gaps
+
+
+@pytest.mark.parametrize("nr", [9, 0x1234])   # KVM_HC_CLOCK_PAIRING, and a number KVM doesn't know
+def test_stuck_vmcall_completed_after_kicks_on_kvm(nr):
+    """On KVM-PVM a CPL0 vmcall neither completes nor exits (any hypercall number): only a kick
+    gets KVM_RUN back, with RIP still on the vmcall. StuckVmcall completes it on the second look."""
+    import threading
+    from pykvm.kvm import exits as E
+    from pykvm.machine import handle_exit
+    kind = _kvm_or_skip()
+    if kind != pvm.KVM_PVM:
+        pytest.skip(f"host is {kind}: vmcall exits to KVM's hypercall handler there")
+    # mov eax, nr; vmcall; out 0xe9, al; out 0xf4, al
+    m, log = _machine(_asm("b8", struct.pack("<I", nr).hex(), "0f01c1 e6e9 e6f4"))
+    watch = pvm.StuckVmcall()
+    m.vcpu.thread_id = threading.get_ident()
+    done = threading.Event()
+
+    def kicker():
+        while not done.wait(0.1):
+            m.vcpu.kick()
+
+    threading.Thread(target=kicker, daemon=True).start()
+    interrupted = 0
+    try:
+        with m:
+            while True:
+                e = m.vcpu.run()
+                if isinstance(e, E.Interrupted):
+                    interrupted += 1
+                    assert interrupted < 50, "the vmcall was never completed"
+                    watch.check(m)
+                    continue
+                if isinstance(e, E.IoOut) and e.port == 0xf4:
+                    break
+                assert handle_exit(m, e) is None, e
+            assert bytes(log.data) == bytes([-pvm.KVM_ENOSYS & 0xff])   # al after the vmcall
+            assert m.vcpu.get_regs().rax == 2**64 - pvm.KVM_ENOSYS
+            assert dict(m.stats.pvm_gaps) == {"vmcall": 1}
+            assert interrupted >= 2
+    finally:
+        done.set()
