@@ -58,7 +58,7 @@ def cmd_info(args) -> int:
             print(f"  {name.lower():24} {shown}")
     if kind == "KVM-PVM":
         print()
-        print(pvm.HOST_NOTE)
+        print(pvm.host_notice(kind))
     return EXIT_OK
 
 
@@ -81,11 +81,11 @@ def cmd_boot(args) -> int:
             vm.machine.trace = ExitTracer(vm.machine, trace_out)
         if vm.host_kind == "KVM-PVM" and vm.pvm_workarounds:
             from . import pvm
-            _say(pvm.HOST_NOTE.replace("\n", " "))
+            _say(pvm.host_notice(vm.host_kind))
             if vm.added_pvm_args:
                 _say("added kernel arguments for this host: " + " ".join(vm.added_pvm_args))
         desc = vm.plan.description
-        _say(f"booting {desc.get('format', 'kernel')} {desc.get('version', '')} with "
+        _say(f"booting {desc.get('format', 'kernel')} {desc.get('kernel_version', '').split(' ')[0]} with "
              f"{memory >> 20} MiB; command line: {vm.cmdline}")
         log = None
         interactive = args.console == "stdio"
@@ -111,11 +111,10 @@ def cmd_boot(args) -> int:
         _say(f"stopped: {stop.reason}: {stop.message}")
         if args.stats:
             _say(f"stats: {vm.stats}")
-        if stop.reason == "error" and vm.pvm_workarounds:
+        gap = vm.machine.last_internal_error
+        if stop.reason == "error" and gap is not None:
             from . import pvm
-            detail = pvm.describe_last_gap(vm.machine)
-            if detail:
-                _say(detail)
+            _say(pvm.describe_gap(vm.machine, gap))
         return STOP_STATUS.get(stop.reason, EXIT_VMM_ERROR)
 
 

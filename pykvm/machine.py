@@ -100,6 +100,7 @@ class Machine:
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")
         self.internal_error_handlers: list[Callable[["Machine", E.InternalError], bool]] = []
+        self.last_internal_error: E.InternalError | None = None
         self.on_stop: list[Callable[[Stop], None]] = []
         # Called with every exit before it is dispatched (pykvm.trace.ExitTracer, --trace).
         self.trace: Callable[[E.Exit], None] | None = None
@@ -287,6 +288,7 @@ def _system_event(m: Machine, e: E.SystemEvent) -> Stop | None:
 
 
 def _internal_error(m: Machine, e: E.InternalError) -> Stop | None:
+    m.last_internal_error = e
     for handler in m.internal_error_handlers:
         if handler(m, e):
             return None
