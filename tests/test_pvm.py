@@ -300,6 +300,76 @@ def test_pages_split_at_boundaries():
     assert list(pvm._pages(0x1000, 4)) == [(0x1000, 4)]
 
 
+REX_REGS = list(range(16))
+
+
+@settings(max_examples=300)
+@given(st.sampled_from(REX_REGS), st.sampled_from([i for i in REX_REGS if i != 4]),
+       st.sampled_from([1, 2, 4, 8]), st.integers(-2**31, 2**31 - 1),
+       st.lists(st.integers(0, 2**64 - 1), min_size=16, max_size=16))
+def test_sib_addressing_matches_the_formula(base, index, scale, disp, values):
+    """stmxcsr [base + index*scale + disp32] with every base/index register (REX.B/REX.X)."""
+    rex = 0x40 | (2 if index >= 8 else 0) | (1 if base >= 8 else 0)
+    sib = {1: 0, 2: 1, 4: 2, 8: 3}[scale] << 6 | (index & 7) << 3 | (base & 7)
+    code = (bytes([rex]) if rex != 0x40 else b"") + bytes([0x0f, 0xae, 0x9c, sib]) \
+        + struct.pack("<i", disp)
+    i = decode(code, 0x1000, 64)
+    regs = regs_with(**dict(zip(REG64, values)))
+    expect = (values[base] + values[index] * scale + disp) % 2**64
+    assert effective_address(i, regs) == expect
+    assert linear_address(i, regs, 64) == expect
+
+
+class FakeVcpu:
+    """translate() over a page map {linear page: physical page}, like KVM_TRANSLATE."""
+
+    def __init__(self, pages):
+        self.pages = pages
+
+    def translate(self, linear):
+        phys = self.pages.get(linear & ~0xfff)
+        return None if phys is None else phys | (linear & 0xfff)
+
+
+def test_fetch_and_access_across_a_page_boundary():
+    """Consecutive linear pages need not be consecutive in guest-physical memory: each page is
+    translated on its own."""
+    from pykvm.memory import GuestMemory
+    mem = GuestMemory.for_test(0x10000)
+    vcpu = FakeVcpu({0x7000_0000: 0x5000, 0x7000_1000: 0x2000})
+    code = bytes.fromhex("f3480fb80d 00100000")         # popcnt rcx, [rip+0x1000], 9 bytes
+    mem.write(0x5ffc, code[:4])
+    mem.write(0x2000, code[4:])
+    regs = regs_with(rip=0x7000_0ffc)
+    got = pvm._fetch(vcpu, mem, regs, 64, None)
+    assert got[:9] == code and len(got) == pvm.MAX_INSN
+    # a data access that straddles the same boundary
+    mem.write(0x5ffe, b"\x11\x22")
+    mem.write(0x2000, b"\x33\x44")
+    assert pvm.read_linear(vcpu, mem, 0x7000_0ffe, 4) == b"\x11\x22\x33\x44"
+    pvm.write_linear(vcpu, mem, 0x7000_0ffe, b"abcd")
+    assert mem.read(0x5ffe, 2) == b"ab" and mem.read(0x2000, 2) == b"cd"
+    # the second page unmapped: the access faults before anything is written
+    vcpu.pages.pop(0x7000_1000)
+    with pytest.raises(PageFault) as e:
+        pvm.write_linear(vcpu, mem, 0x7000_0ffe, b"wxyz")
+    assert e.value.linear == 0x7000_1000 and e.value.write
+    assert mem.read(0x5ffe, 2) == b"ab"
+    # fetch stops at the unmapped page; with nothing readable it falls back to the exit's bytes
+    assert pvm._fetch(vcpu, mem, regs, 64, None) == b"\xf3\x48ab"   # (the data test's bytes)
+    exit = type("X", (), {"data": (1, 0x90c3 << 8 | 2, 0)})
+    assert pvm._fetch(FakeVcpu({}), mem, regs, 64, exit) == b"\xc3\x90"
+
+
+def test_describe_other_internal_errors():
+    from pykvm.kvm import exits as E
+    from pykvm.kvm._lib import lib
+    e = E.InternalError(lib.KVM_INTERNAL_ERROR_DELIVERY_EV, (0x80000b0e, 0x1))
+    assert pvm.describe_gap(None, e) == (f"KVM internal error, suberror "
+                                         f"{lib.KVM_INTERNAL_ERROR_DELIVERY_EV}, data 0x80000b0e 0x1")
+    assert pvm.complete_gap(None, e) is False
+
+
 # ---------------------------------------------------------------------------------------------
 # On /dev/kvm: tiny 64-bit CPL0 guests
 # ---------------------------------------------------------------------------------------------
