@@ -2,7 +2,8 @@
  *
  * args: arg[0] which one: 0 #UD (ud2, vector 6, the default), 1 #PF (a read beyond the identity
  * map, vector 14), 2 #GP (a read at a non-canonical address, vector 13), 3 #DE (divide by zero,
- * vector 0). The runtime's handler prints "fw: exception <vector> ..." and exits with status
+ * vector 0), 4 #BP (int3, vector 3: at CPL0 a KVM-PVM host cannot emulate it, so run with
+ * run_firmware(..., complete_pvm_gaps=True) there). The runtime's handler prints "fw: exception <vector> ..." and exits with status
  * 0x1000 | vector; reaching the end of main is a failure (status 1). */
 #include "fw.h"
 
@@ -27,6 +28,9 @@ int main(void)
         (void)q, (void)r;
         break;
     }
+    case 4:
+        __asm__ volatile("int3");
+        break;
     default:
         fw_printf("fault: unknown kind %lu\n", which);
         return 2;

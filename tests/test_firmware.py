@@ -190,3 +190,13 @@ def test_without_the_mode_switch_assist_a_refusing_host_fails_at_paging():
     if stop.status == 0:
         pytest.skip("this host lets the guest enter long mode itself (no KVM-PVM)")
     assert stop.reason == "exit" and stop.status == F.STATUS_BOOT | 3, stop
+
+
+@needs_kvm
+@pytest.mark.parametrize("cpl", [3, 0])
+def test_int3_is_reported_as_a_breakpoint(cpl):
+    """int3 at CPL3 runs natively; at CPL0 a KVM-PVM host cannot emulate it and pykvm.pvm
+    completes it (RIP+1, inject #BP), so the runtime's handler sees vector 3 either way."""
+    r = F.run_firmware("fault", cpl=cpl, args=[4], timeout=20, complete_pvm_gaps=True)
+    assert r.status == F.STATUS_EXCEPTION | 3, (r.stop, r.text)
+    assert "fw: exception 3 (#BP breakpoint)" in r.text

@@ -26,6 +26,7 @@ little-endian (the same layout is `struct fw_args` in firmware/runtime/fw.h):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -104,6 +105,7 @@ def _sources(name: str) -> list[Path]:
     return runtime + found
 
 
+@functools.lru_cache(maxsize=None)
 def _tool_version(tool: str) -> str:
     try:
         out = subprocess.run([tool, "--version"], capture_output=True, text=True, check=True).stdout
@@ -326,11 +328,15 @@ def prepare(machine, elf: str | os.PathLike, *, cpl: int = 3, args: Iterable[int
 
 def run_firmware(name: str, *, cpl: int = 3, args: Iterable[int] = (), timeout: float = 30,
                  memory: int = 16 << 20, setup: Callable | None = None,
-                 echo: Callable[[bytes], None] | None = None) -> FirmwareResult:
+                 echo: Callable[[bytes], None] | None = None,
+                 complete_pvm_gaps: bool = False) -> FirmwareResult:
     """Build `name`, boot it on a fresh Machine, run it to its exit, and report.
 
     setup(machine) is called before the first instruction, to add devices (e.g. a counter on the
-    port exit_storm writes to); echo(bytes) also receives console output as it comes."""
+    port exit_storm writes to); echo(bytes) also receives console output as it comes.
+    complete_pvm_gaps registers pykvm.pvm.complete_gap, so CPL0 instructions KVM-PVM's emulator
+    lacks (int3, popcnt, ...) are completed by the VMM; off by default, so a program meets the
+    host as it is (the runtime itself avoids them)."""
     from ..devices.debugcon import DebugCon, ExitPort
     from ..machine import Stop
     from ..x86 import layout
@@ -348,6 +354,9 @@ def run_firmware(name: str, *, cpl: int = 3, args: Iterable[int] = (), timeout: 
         m.add_pio(layout.PORT_EXIT, 4, ExitPort(lambda s: m.request_stop(Stop("exit", s))),
                   "exit")
         prepare(m, elf, cpl=cpl, args=args)
+        if complete_pvm_gaps:
+            from ..pvm import complete_gap
+            m.internal_error_handlers.append(complete_gap)
         if setup is not None:
             setup(m)
         stop = m.run(timeout=timeout)
