@@ -207,3 +207,101 @@ def test_fuzz_register_writes(ops, init_first):
     head = drv.queues[0].add_chain([], [4])
     drv.kick(0)
     assert drv.queues[0].take_used() == [(head, 4)]
+
+
+# ---- attach_mmio: a machine-like object, no KVM ----
+
+import os
+import time
+
+from pykvm.bus import Bus
+from pykvm.virtio.attach import VIRTIO_IRQS, IoEventNotifier, attach_mmio, virtio_mmio_irq
+from pykvm.x86 import layout
+
+
+class FakeVm:
+    def __init__(self):
+        self.ioeventfds = {}
+
+    def ioeventfd(self, fd, addr, length, pio=False, datamatch=None, deassign=False):
+        if deassign:
+            del self.ioeventfds[(addr, datamatch)]
+        else:
+            self.ioeventfds[(addr, datamatch)] = fd
+
+
+class FakeMachine:
+    def __init__(self, vm=None):
+        self.mem = GuestMemory.for_test(RAM)
+        self.mmio = Bus("mmio")
+        self.lines = {}
+        self.vm = vm
+
+    def irq_line(self, gsi):
+        return self.lines.setdefault(gsi, RecordingIrqLine())
+
+
+class BusPort:
+    """The transport as the guest reaches it: through the machine's MMIO bus at an address."""
+
+    def __init__(self, bus, base):
+        self.bus, self.base = bus, base
+
+    def read(self, off, size):
+        return self.bus.read(self.base + off, size)
+
+    def write(self, off, size, value):
+        self.bus.write(self.base + off, size, value)
+
+
+def test_attach_mmio_registers_and_announces():
+    m = FakeMachine()
+    args = [attach_mmio(m, VirtioRng(), i) for i in range(3)]
+    assert args[0] == "virtio_mmio.device=4K@0xd0000000:5"
+    assert args[2] == "virtio_mmio.device=4K@0xd0002000:7"
+    assert virtio_mmio_irq(3) == 9 and layout.IRQ_RTC not in VIRTIO_IRQS
+    with pytest.raises(ValueError):
+        virtio_mmio_irq(len(VIRTIO_IRQS))
+    base = layout.VIRTIO_MMIO_BASE + layout.VIRTIO_MMIO_SIZE
+    drv = MmioDriver(BusPort(m.mmio, base), m.mem)
+    drv.init()
+    h = drv.queues[0].add_chain([], [16])
+    drv.kick(0)
+    assert drv.queues[0].take_used() == [(h, 16)]
+    assert m.lines[6].level and not m.lines[5].level
+
+
+def test_ioeventfd_notifier():
+    vm = FakeVm()
+    m = FakeMachine(vm)
+    dev = VirtioRng()
+    attach_mmio(m, dev, 0, ioeventfd=True)
+    t = m.mmio.find(layout.VIRTIO_MMIO_BASE).device
+    assert set(vm.ioeventfds) == {(layout.VIRTIO_MMIO_BASE + R.QUEUE_NOTIFY, 0)}
+    drv = MmioDriver(t, m.mem)
+    drv.init()
+    q = drv.queues[0]
+    with dev.lock:
+        h = q.add_chain([], [8])
+    # What KVM does for a matching guest write: signal the eventfd, no exit.
+    os.eventfd_write(vm.ioeventfds[(layout.VIRTIO_MMIO_BASE + R.QUEUE_NOTIFY, 0)], 1)
+    deadline = time.time() + 5
+    used = []
+    while not used and time.time() < deadline:
+        with dev.lock:
+            used = q.take_used()
+        time.sleep(0.01)
+    assert used == [(h, 8)] and t.notifier.kicks == 1
+    t.notifier.close()
+    assert vm.ioeventfds == {}
+
+
+def test_attach_on_a_real_machine_with_ioeventfd(kvm):
+    from pykvm.machine import Machine
+    with Machine(32 * layout.MiB, kvm=kvm) as m:
+        dev = VirtioRng()
+        assert attach_mmio(m, dev, 0, ioeventfd=True) == "virtio_mmio.device=4K@0xd0000000:5"
+        t = m.mmio.find(layout.VIRTIO_MMIO_BASE).device
+        assert m.mmio.read(layout.VIRTIO_MMIO_BASE, 4) == R.MMIO_MAGIC
+        assert len(t.notifier.fds) == 1      # KVM_IOEVENTFD accepted the registration
+        t.notifier.close()

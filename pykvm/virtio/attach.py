@@ -1,0 +1,117 @@
+"""Putting a virtio device on a machine.
+
+    cmdline_args.append(attach_mmio(machine, VirtioBlk(DiskImage("disk.img")), 0))
+
+`attach_mmio` wraps the device in a virtio-mmio transport, registers it on `machine.mmio` at
+`layout.VIRTIO_MMIO_BASE + index * VIRTIO_MMIO_SIZE` with the interrupt line `machine.irq_line(irq)`,
+and returns the kernel argument that tells Linux it is there (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES):
+`virtio_mmio.device=4K@0xd0000000:5`. Linux has no other way to find a virtio-mmio device on x86
+(there is no bus to enumerate; ARM machines describe them in the device tree instead).
+
+Interrupts: with no MP table or ACPI, Linux drives the two 8259 PICs and only ISA IRQs 0-15 exist.
+Device `index` gets the index-th IRQ from `layout.IRQ_VIRTIO_FIRST` up that no legacy PC device
+uses: 5, 6, 7, 9, 10, 11. The line is edge-triggered at the PIC (ELCR is 0); that works because
+virtio-mmio drops the line when the driver acknowledges InterruptStatus and Linux's handler looks
+at the used rings only after acknowledging, so every new batch of used buffers is a new edge.
+
+With `ioeventfd=True` and a machine that has a KVM `vm`, guest writes to QueueNotify are caught by
+KVM itself (KVM_IOEVENTFD with the queue index as datamatch): the vCPU does not exit, an eventfd is
+signalled, and a thread (`IoEventNotifier`) calls the device's notify under the device lock. Without
+it, a kick is an MMIO exit handled on the vCPU thread, which is simpler and always works.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+
+from pykvm.x86 import layout
+
+from .device import STATUS_DRIVER_OK, VirtioDevice
+from .mmio import QUEUE_NOTIFY, VirtioMmio
+
+# ISA IRQs that the PC's own devices use (or the PIC cascade, the FPU, the PS/2 mouse).
+_LEGACY_IRQS = frozenset({layout.IRQ_PIT, layout.IRQ_KEYBOARD, 2, layout.IRQ_COM2,
+                          layout.IRQ_COM1, layout.IRQ_RTC, 12, 13, layout.IRQ_ATA0,
+                          layout.IRQ_ATA1})
+VIRTIO_IRQS = tuple(i for i in range(layout.IRQ_VIRTIO_FIRST, 16) if i not in _LEGACY_IRQS)
+
+
+def virtio_mmio_irq(index: int) -> int:
+    if not 0 <= index < len(VIRTIO_IRQS):
+        raise ValueError(f"virtio-mmio device index {index}: only {len(VIRTIO_IRQS)} free ISA "
+                         f"IRQs ({', '.join(map(str, VIRTIO_IRQS))})")
+    return VIRTIO_IRQS[index]
+
+
+def attach_mmio(machine, device: VirtioDevice, index: int, *, ioeventfd: bool = False) -> str:
+    """Put `device` on `machine` as virtio-mmio device number `index`; returns the kernel
+    argument announcing it. The transport is `machine.mmio.find(base).device`."""
+    base = layout.VIRTIO_MMIO_BASE + index * layout.VIRTIO_MMIO_SIZE
+    irq = virtio_mmio_irq(index)
+    transport = VirtioMmio(device, machine.mem, machine.irq_line(irq))
+    machine.mmio.register(base, layout.VIRTIO_MMIO_SIZE, transport, f"{device.name}#{index}")
+    if ioeventfd and getattr(machine, "vm", None) is not None:
+        transport.notifier = IoEventNotifier(machine.vm, transport, base)
+    return f"virtio_mmio.device=4K@{base:#x}:{irq}"
+
+
+class IoEventNotifier:
+    """One eventfd per queue, registered with KVM for writes of that queue's index to QueueNotify,
+    and a thread that turns their signals into `device.notify(i)`."""
+
+    def __init__(self, vm, transport: VirtioMmio, base: int):
+        self.vm = vm
+        self.transport = transport
+        self.addr = base + QUEUE_NOTIFY
+        self.fds: list[int] = []
+        try:
+            for i in range(len(transport.device.queues)):
+                fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                self.fds.append(fd)
+                vm.ioeventfd(fd, self.addr, 4, datamatch=i)
+        except BaseException:
+            self._release()
+            raise
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        self.kicks = 0
+        self._thread = threading.Thread(target=self._loop, name="pykvm-virtio-ioeventfd",
+                                        daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        index = {fd: i for i, fd in enumerate(self.fds)}
+        watch = self.fds + [self._stop_r]
+        while True:
+            ready, _, _ = select.select(watch, [], [])
+            if self._stop_r in ready:
+                return
+            for fd in ready:
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    continue
+                self.kicks += 1
+                t = self.transport
+                with t.device.lock:
+                    if t.status & STATUS_DRIVER_OK:
+                        t.device.notify(index[fd])
+
+    def _release(self) -> None:
+        for i, fd in enumerate(self.fds):
+            try:
+                self.vm.ioeventfd(fd, self.addr, 4, datamatch=i, deassign=True)
+            except OSError:
+                pass  # the VM is already gone
+            os.close(fd)
+        self.fds = []
+
+    def close(self) -> None:
+        if self._thread is not None:
+            os.write(self._stop_w, b"x")
+            self._thread.join()
+            self._thread = None
+            os.close(self._stop_r)
+            os.close(self._stop_w)
+        self._release()
