@@ -38,11 +38,11 @@ def _say(msg: str) -> None:
 def cmd_info(args) -> int:
     from . import pvm
     from .kvm import Kvm
-    from .kvm.system import CAPABILITIES
+    from .kvm.system import CAPABILITIES, DEV_KVM
     kind = pvm.host_kind()
     with Kvm(args.device) as kvm:
         caps = kvm.capabilities()
-        print(f"KVM device:       {args.device}")
+        print(f"KVM device:       {args.device or DEV_KVM}")
         print(f"API version:      {kvm.api_version}")
         print(f"host kind:        {kind}")
         print(f"max vCPUs:        {kvm.max_vcpus} (recommended {caps['NR_VCPUS']})")
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="what this host's KVM offers")
-    info.add_argument("--device", default="/dev/kvm", help=argparse.SUPPRESS)
+    info.add_argument("--device", default=None, help="the KVM device (default /dev/kvm, or $PYKVM_KVM_DEVICE)")
     info.set_defaults(fn=cmd_info)
 
     boot = sub.add_parser("boot", help="boot a Linux kernel",

@@ -13,7 +13,8 @@ import os
 from ._lib import ffi, ioctl, ioctl_int, lib
 from .errors import KvmError, KvmUnavailable
 
-DEV_KVM = "/dev/kvm"
+# The KVM device node; PYKVM_KVM_DEVICE overrides it (a differently named node, or tests).
+DEV_KVM = os.environ.get("PYKVM_KVM_DEVICE", "/dev/kvm")
 
 # Capabilities shown by `pykvm info` and used by pykvm: name -> KVM_CAP_* number (from the header).
 CAPABILITIES = {
@@ -28,7 +29,8 @@ CAPABILITIES = {
 class Kvm:
     """The KVM subsystem (/dev/kvm)."""
 
-    def __init__(self, path: str = DEV_KVM):
+    def __init__(self, path: str | None = None):
+        path = path or DEV_KVM
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -41,7 +43,11 @@ class Kvm:
                 f"(sudo usermod -aG kvm $USER, then log in again) or run as root") from None
         except OSError as e:
             raise KvmUnavailable(f"cannot open {path}: {e.strerror}") from None
-        version = ioctl_int(self.fd, lib.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
+        try:
+            version = ioctl_int(self.fd, lib.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
+        except KvmError as e:
+            os.close(self.fd)
+            raise KvmUnavailable(f"{path} is not a KVM device ({e}): check the path") from None
         if version != lib.KVM_API_VERSION:
             os.close(self.fd)
             raise KvmUnavailable(f"{path} speaks KVM API version {version}; pykvm needs "

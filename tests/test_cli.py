@@ -1,0 +1,89 @@
+"""The `pykvm` command as a user meets it: exit codes and one-line errors, never a traceback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import needs_kvm
+
+
+def pykvm(*args, env=None, timeout=120):
+    e = dict(os.environ)
+    e.update(env or {})
+    p = subprocess.run([sys.executable, "-m", "pykvm.cli", *args], capture_output=True, text=True,
+                       env=e, timeout=timeout, stdin=subprocess.DEVNULL)
+    assert "Traceback" not in p.stderr, p.stderr
+    return p
+
+
+def one_line_error(p) -> str:
+    lines = [l for l in p.stderr.splitlines() if l.startswith("pykvm: error:")]
+    assert len(lines) == 1, p.stderr
+    return lines[0]
+
+
+@needs_kvm
+def test_info_reports_the_host():
+    from pykvm import pvm
+    p = pykvm("info")
+    assert p.returncode == 0, p.stderr
+    assert "API version:      12" in p.stdout
+    assert f"host kind:        {pvm.host_kind()}" in p.stdout
+    assert "irqchip" in p.stdout
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/module/kvm_pvm"), reason="this host is not KVM-PVM")
+def test_info_says_kvm_pvm_here():
+    p = pykvm("info")
+    assert "host kind:        KVM-PVM" in p.stdout and "emulated" in p.stdout
+
+
+def test_missing_dev_kvm(tmp_path):
+    p = pykvm("info", env={"PYKVM_KVM_DEVICE": str(tmp_path / "nope")})
+    assert p.returncode == 2
+    assert "does not exist" in one_line_error(p)
+
+
+def test_unreadable_dev_kvm(tmp_path):
+    node = tmp_path / "kvm"
+    node.write_text("")
+    node.chmod(0)
+    if os.access(node, os.R_OK):   # root reads anything: then it is "not a KVM device"
+        expected = "not a KVM device"
+    else:
+        expected = "not accessible"
+    p = pykvm("info", env={"PYKVM_KVM_DEVICE": str(node)})
+    assert p.returncode == 2 and expected in one_line_error(p)
+
+
+def test_missing_kernel(tmp_path):
+    p = pykvm("boot", str(tmp_path / "bzImage"), "--console", "none")
+    assert p.returncode == 2 and "does not exist" in one_line_error(p)
+
+
+@needs_kvm
+def test_not_a_bzimage(tmp_path):
+    k = tmp_path / "kernel"
+    k.write_bytes(os.urandom(8192))
+    p = pykvm("boot", str(k), "--console", "none")
+    assert p.returncode == 2
+    one_line_error(p)
+
+
+@needs_kvm
+@pytest.mark.parametrize("size", ["1M", "12K", "lots"])
+def test_too_little_or_bad_memory(tmp_path, size):
+    k = tmp_path / "kernel"
+    k.write_bytes(b"\0" * 4096)
+    p = pykvm("boot", str(k), "--memory", size, "--console", "none")
+    assert p.returncode == 2
+    assert "memory" in one_line_error(p)
+
+
+def test_missing_initrd(tmp_path):
+    k = tmp_path / "kernel"
+    k.write_bytes(b"\0" * 4096)
+    p = pykvm("boot", str(k), "--initrd", str(tmp_path / "rd"), "--console", "none")
+    assert p.returncode == 2 and "initrd" in one_line_error(p)
