@@ -235,3 +235,16 @@ def test_fuzz_requests(rtype, sector, segs, header_in_ram):
         assert status in (0, 1, 2)
         if not header_in_ram:
             assert status == B.VIRTIO_BLK_S_IOERR
+
+
+def test_device_checks_ranges_itself():
+    """The device must refuse out-of-range requests before the backend sees them."""
+    disk = FakeDisk(SECTORS * 512)
+    dev, drv, q, feats, irq = setup(disk)
+    for sector, n in ((SECTORS - 1, 1024), (SECTORS, 512), (2**64 - 1, 512)):
+        head, used = submit(drv, q, [hdr(B.VIRTIO_BLK_T_IN, sector)], [n, 1])
+        assert q.written(head)[-1] == B.VIRTIO_BLK_S_IOERR
+        head, used = submit(drv, q, [hdr(B.VIRTIO_BLK_T_OUT, sector), b"z" * n], [1])
+        assert q.written(head) == bytes([B.VIRTIO_BLK_S_IOERR])
+    head, used = submit(drv, q, [hdr(B.VIRTIO_BLK_T_IN, SECTORS - 2)], [1024, 1])
+    assert q.written(head)[-1] == B.VIRTIO_BLK_S_OK
