@@ -55,6 +55,8 @@ ffibuilder.cdef(r"""
 #define KVM_SET_LAPIC ...
 #define KVM_SET_GSI_ROUTING ...
 #define KVM_SET_GUEST_DEBUG ...
+#define KVM_GET_XSAVE ...
+#define KVM_SET_XSAVE ...
 
 /* ---- capabilities pykvm asks about ---- */
 #define KVM_CAP_IRQCHIP ...
@@ -285,6 +287,11 @@ struct kvm_vcpu_events {
     } nmi;
     uint32_t sipi_vector;
     uint32_t flags;
+    ...;
+};
+
+struct kvm_xsave {
+    uint32_t region[1024];
     ...;
 };
 

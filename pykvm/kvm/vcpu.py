@@ -190,6 +190,17 @@ class Vcpu:
     def set_fpu(self, fpu) -> None:
         ioctl(self.fd, lib.KVM_SET_FPU, fpu, "KVM_SET_FPU")
 
+    def get_xsave(self) -> bytes:
+        """KVM_GET_XSAVE: the vCPU's FPU/SSE/AVX state in the XSAVE layout (SDM Vol. 1, 13.4)."""
+        xs = ffi.new("struct kvm_xsave *")
+        ioctl(self.fd, lib.KVM_GET_XSAVE, xs, "KVM_GET_XSAVE")
+        return ffi.buffer(xs.region)[:]
+
+    def set_xsave(self, image: bytes) -> None:
+        xs = ffi.new("struct kvm_xsave *")
+        ffi.memmove(xs.region, image, min(len(image), ffi.sizeof(xs.region)))
+        ioctl(self.fd, lib.KVM_SET_XSAVE, xs, "KVM_SET_XSAVE")
+
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
         msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": len(indices)})
         for i, idx in enumerate(indices):

@@ -1,0 +1,135 @@
+"""Full Linux boots through the public API and the CLI, checked against the kernel's own console.
+
+On a KVM-PVM host no guest userland can run (../shared/HOST-KVM.md), so these boots stop at the
+kernel's "Run /init"; on a VT-x/AMD-V host the userland tests go on to the busybox init and skip here,
+naming the host. Each boot prints the command line it used (visible with pytest -s or on failure).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pykvm import pvm
+from pykvm.assets import USERLAND_MARKER, REBOOT_ARG, cloud_kernel, initramfs, test_kernel
+from pykvm.linux import LinuxVM
+
+from conftest import needs_kvm
+
+pytestmark = [needs_kvm, pytest.mark.linux]
+
+RUN_INIT = r"Run /init as init process"
+# Generous: a loaded 2-core CI machine emulating every kernel instruction. Typical is ~1 minute.
+BOOT_TIMEOUT = 900
+ON_PVM = pvm.host_kind() == pvm.KVM_PVM
+NO_USERLAND = pytest.mark.skipif(
+    ON_PVM, reason="this host's /dev/kvm is KVM-PVM: guest user mode cannot run here "
+                   "(a syscall from guest CPL3 faults), so boots stop at 'Run /init'")
+
+
+def boot_lines_in_order(vm, patterns, timeout=BOOT_TIMEOUT):
+    for pattern in patterns:
+        vm.console.expect(pattern, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    return test_kernel()
+
+
+@pytest.fixture(scope="module")
+def rootfs():
+    return initramfs()
+
+
+def test_test_kernel_reaches_init_through_the_library(kernel, rootfs):
+    with LinuxVM(kernel.bzimage, initrd=rootfs, memory="256M") as vm:
+        print("command line:", vm.cmdline)
+        vm.start(timeout=BOOT_TIMEOUT)
+        boot_lines_in_order(vm, [
+            r"Linux version 6\.1\.",
+            r"Command line: .*console=ttyS0",
+            # Linux's 8250 driver probed our UART and found a 16550A with its interrupt.
+            r"ttyS0 at I/O 0x3f8 \(irq = 4, base_baud = 115200\) is a 16550A",
+            r"Unpacking initramfs|Trying to unpack rootfs",
+            r"Freeing unused kernel image",
+            RUN_INIT,
+        ])
+        stats = vm.stats
+        vm.stop()
+    print("stats:", stats)
+    assert stats["exits"]["IO"] > 0
+    if ON_PVM:
+        assert vm.added_pvm_args, "PVM host: pykvm must add the kernel arguments it needs"
+
+
+def test_vmlinux_elf_boots_too(kernel, rootfs):
+    """The ELF vmlinux (with its PVH note) through the same 64-bit entry."""
+    with LinuxVM(kernel.vmlinux, initrd=rootfs, memory="256M", until=RUN_INIT) as vm:
+        stop = vm.run(timeout=BOOT_TIMEOUT)
+        assert stop.reason == "until", (stop, vm.console.tail())
+        assert vm.plan.description["format"] == "ELF vmlinux"
+
+
+def test_cli_boot_until_init_exits_zero(kernel, rootfs, tmp_path):
+    log = tmp_path / "console.log"
+    p = subprocess.run(
+        [sys.executable, "-m", "pykvm.cli", "boot", str(kernel.bzimage), "--initrd", str(rootfs),
+         "--until", RUN_INIT, "--timeout", str(BOOT_TIMEOUT), "--console", str(log), "--stats"],
+        capture_output=True, text=True, timeout=BOOT_TIMEOUT + 60, stdin=subprocess.DEVNULL)
+    print(p.stderr)
+    assert p.returncode == 0, p.stderr
+    text = log.read_text(errors="replace")
+    assert "Linux version 6.1" in text and "Run /init as init process" in text
+    assert "stopped: until" in p.stderr
+    if ON_PVM:
+        assert "added kernel arguments for this host" in p.stderr
+
+
+def test_kernel_panic_gives_exit_status_3(kernel, tmp_path):
+    """No initramfs and a root device that does not exist: the kernel panics; pykvm says so."""
+    p = subprocess.run(
+        [sys.executable, "-m", "pykvm.cli", "boot", str(kernel.bzimage), "--append",
+         "root=/dev/nonexistent", "--timeout", str(BOOT_TIMEOUT), "--console", "none"],
+        capture_output=True, text=True, timeout=BOOT_TIMEOUT + 60, stdin=subprocess.DEVNULL)
+    assert p.returncode == 3, p.stderr
+    assert "stopped: panic" in p.stderr
+
+
+@NO_USERLAND
+def test_userland_runs_and_reboots(kernel, rootfs):
+    with LinuxVM(kernel.bzimage, initrd=rootfs, append=REBOOT_ARG) as vm:
+        vm.start(timeout=BOOT_TIMEOUT)
+        vm.console.expect(USERLAND_MARKER, timeout=BOOT_TIMEOUT)
+        stop = vm.wait(BOOT_TIMEOUT)
+        assert stop is not None and stop.reason == "reset"   # reboot=k: through the i8042
+
+
+# Debian's stock cloud kernel: big, and every instruction of its init is emulated here. These
+# arguments skip pure busywork; the test prints them.
+STOCK_KERNEL_SPEEDUPS = [
+    "cryptomgr.notests",     # crypto self-tests at boot
+    "init_on_alloc=0",       # Debian zeroes every page allocation by default
+    "audit=0",
+    "mitigations=off",       # no retpoline/IBRS alternatives patching work
+    "nowatchdog",
+    "tsc=reliable",          # no clocksource watchdog
+    "lpj=1000000",           # skip the delay-loop calibration
+]
+
+
+def test_debian_cloud_kernel_reaches_init_through_the_cli(rootfs, tmp_path):
+    log = tmp_path / "console.log"
+    append = " ".join(STOCK_KERNEL_SPEEDUPS)
+    print("stock kernel extra arguments:", append)
+    p = subprocess.run(
+        [sys.executable, "-m", "pykvm.cli", "boot", str(cloud_kernel()), "--initrd", str(rootfs),
+         "--append", append, "--until", RUN_INIT, "--timeout", "1440", "--console", str(log),
+         "--stats"],
+        capture_output=True, text=True, timeout=1500, stdin=subprocess.DEVNULL)
+    print(p.stderr)
+    text = log.read_text(errors="replace")
+    print("console tail:\n" + "\n".join(text.splitlines()[-15:]))
+    assert p.returncode == 0, p.stderr
+    assert "Debian" in text and "Run /init as init process" in text
