@@ -215,7 +215,7 @@ import os
 import time
 
 from pykvm.bus import Bus
-from pykvm.virtio.attach import VIRTIO_IRQS, IoEventNotifier, attach_mmio, virtio_mmio_irq
+from pykvm.virtio.attach import VIRTIO_IRQS, attach_mmio, virtio_mmio_irq
 from pykvm.x86 import layout
 
 

@@ -1,14 +1,11 @@
 """The split virtqueue against malformed and well-formed descriptor chains, with no guest."""
 
-import struct
-
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from pykvm.memory import GuestMemory, GuestMemoryError
 from pykvm.virtio.mock import GuestAllocator, MockQueue
-from pykvm.virtio.queue import (VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
-                                ChainError, VirtQueue)
+from pykvm.virtio.queue import VIRTQ_DESC_F_NEXT, ChainError, VirtQueue
 
 RAM = 64 * 1024
 
