@@ -305,3 +305,18 @@ def test_attach_on_a_real_machine_with_ioeventfd(kvm):
         assert m.mmio.read(layout.VIRTIO_MMIO_BASE, 4) == R.MMIO_MAGIC
         assert len(t.notifier.fds) == 1      # KVM_IOEVENTFD accepted the registration
         t.notifier.close()
+
+
+def test_corrupt_avail_index_sets_needs_reset():
+    mem, irq, dev, t, drv = setup()
+    drv.init()
+    drv.queues[0].set_avail_idx(1000)          # more new buffers than the ring holds
+    drv.kick(0)
+    assert t.read(R.STATUS, 4) & STATUS_DEVICE_NEEDS_RESET
+    assert drv.ack_interrupt() & 2 and dev.queue_errors == 1
+    drv.kick(0)                                # ignored until the driver resets the device
+    drv.queues.clear()
+    drv.init()
+    h = drv.queues[0].add_chain([], [4])
+    drv.kick(0)
+    assert drv.queues[0].take_used() == [(h, 4)]
