@@ -371,7 +371,12 @@ ffibuilder.set_source(
 
 if __name__ == "__main__":
     # In-place build for development: compile under build/ and drop the extension into pykvm/.
+    # Replace it by renaming, never by writing over it: processes still running the old one have it
+    # mapped, and rewriting a mapped library in place crashes them.
+    import os
     import shutil
     root = HERE.parent
-    built = ffibuilder.compile(tmpdir=str(root / "build" / "cffi"), verbose=False)
-    shutil.copy(built, root / "pykvm")
+    built = pathlib.Path(ffibuilder.compile(tmpdir=str(root / "build" / "cffi"), verbose=False))
+    target = root / "pykvm" / built.name
+    shutil.copy(built, target.with_suffix(".tmp"))
+    os.replace(target.with_suffix(".tmp"), target)
