@@ -19,6 +19,9 @@ import bz2
 import lzma
 import zlib
 
+import lz4.block
+import zstandard
+
 from pykvm.boot.errors import BootError
 
 # Magic numbers, as the kernel's own lib/decompress.c table recognizes them.
@@ -65,27 +68,10 @@ def decompress_payload(payload: bytes) -> tuple[str, bytes]:
     return kind, out
 
 
-def _gzip(data: bytes) -> bytes:
-    d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)   # gzip container; unused_data keeps the tail
-    out = d.decompress(data)
-    if not d.eof:
-        raise BootError("gzip payload ends before its stream does: the image is truncated")
-    return out
-
-
-def _bzip2(data: bytes) -> bytes:
-    d = bz2.BZ2Decompressor()
-    out = d.decompress(data)
-    if not d.eof:
-        raise BootError("bzip2 payload ends before its stream does: the image is truncated")
-    return out
-
-
-def _lzma_like(fmt: int, name: str):
+def _stream(name: str, make):
+    """A decoder for a format with an end-of-stream marker: decode up to it, ignore what follows."""
     def decode(data: bytes) -> bytes:
-        # The kernel's xz stream uses the x86 BCJ filter and CRC32 check; liblzma reads both from the
-        # stream header. FORMAT_ALONE (.lzma) has an unknown-size end marker or a stored size.
-        d = lzma.LZMADecompressor(format=fmt)
+        d = make()
         out = d.decompress(data)
         if not d.eof:
             raise BootError(f"{name} payload ends before its stream does: the image is truncated")
@@ -100,8 +86,6 @@ def _lz4_legacy(data: bytes) -> bytes:
     which for a bzImage is followed by the 4-byte size_append trailer. A block size equal to the magic
     starts a further concatenated frame.
     """
-    import lz4.block
-
     out = []
     pos, end = 4, len(data)
     while pos < end:
@@ -123,23 +107,17 @@ def _lz4_legacy(data: bytes) -> bytes:
     return b"".join(out)
 
 
-def _zstd(data: bytes) -> bytes:
-    import zstandard
-
-    # `zstd -22 --ultra` (the kernel's choice) uses windows up to 128 MiB and may omit the content
-    # size; a streaming decompressor handles both and leaves the size_append trailer unused.
-    d = zstandard.ZstdDecompressor(max_window_size=1 << 31).decompressobj()
-    out = d.decompress(data)
-    if not d.eof:
-        raise BootError("zstd payload ends before its frame does: the image is truncated")
-    return out
-
-
 _DECODERS = {
-    "gzip": _gzip,
-    "bzip2": _bzip2,
-    "xz": _lzma_like(lzma.FORMAT_XZ, "xz"),
-    "lzma": _lzma_like(lzma.FORMAT_ALONE, "lzma"),
+    # gzip container (wbits 16+); unused_data keeps any tail
+    "gzip": _stream("gzip", lambda: zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)),
+    "bzip2": _stream("bzip2", bz2.BZ2Decompressor),
+    # The kernel's xz stream uses the x86 BCJ filter and a CRC32 check; liblzma reads both from the
+    # stream header. FORMAT_ALONE (.lzma) has an end marker or a stored size.
+    "xz": _stream("xz", lambda: lzma.LZMADecompressor(format=lzma.FORMAT_XZ)),
+    "lzma": _stream("lzma", lambda: lzma.LZMADecompressor(format=lzma.FORMAT_ALONE)),
+    # `zstd -22 --ultra` (the kernel's choice) uses windows up to 128 MiB and may omit the content
+    # size; a streaming decompressor handles both.
+    "zstd": _stream("zstd", lambda: zstandard.ZstdDecompressor(max_window_size=1 << 31)
+                    .decompressobj()),
     "lz4": _lz4_legacy,
-    "zstd": _zstd,
 }
