@@ -67,13 +67,22 @@ def cmd_boot(args) -> int:
     from .host.terminal import Terminal
     from .machine import Stop
 
-    if args.disk:
-        raise UsageError("disk images need virtio-blk or IDE, which this build of pykvm does not "
-                         "have yet; boot with --initrd instead")
+    if args.readonly and args.snapshot:
+        raise UsageError("--readonly and --snapshot exclude each other: pick one")
+    if (args.readonly or args.snapshot) and not args.disk:
+        raise UsageError("--readonly and --snapshot apply to a DISK image; none was given")
+    net_tap = None
+    if args.net:
+        kind, _, name = args.net.partition(":")
+        if kind != "tap":
+            raise UsageError(f"--net {args.net}: only tap[:NAME] is supported")
+        net_tap = name or "pykvm%d"
     memory = parse_size(args.memory)
     vm = LinuxVM(args.kernel, initrd=args.initrd, append=args.append or "", memory=memory,
                  decompress=not args.no_decompress, pvm_workarounds=not args.no_pvm_workarounds and None,
-                 until=args.until, fast_path=not args.no_fast_path)
+                 until=args.until, fast_path=not args.no_fast_path, disk=args.disk,
+                 readonly=args.readonly, snapshot=args.snapshot, rng=args.rng, net_tap=net_tap,
+                 console="hvc0" if args.hvc else "ttyS0")
     with vm:
         if args.trace:
             from .trace import ExitTracer
@@ -130,7 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Boot a Linux kernel (bzImage or ELF vmlinux). The serial "
                           "console is on the terminal: Ctrl-A x quits, Ctrl-A h helps.")
     boot.add_argument("kernel", help="bzImage or vmlinux")
-    boot.add_argument("disk", nargs="?", help="raw disk image")
+    boot.add_argument("disk", nargs="?", help="raw disk image: the guest's /dev/vda (virtio-blk), "
+                      "root=/dev/vda unless --append gives a root=")
+    boot.add_argument("--readonly", action="store_true", help="the guest cannot write the disk")
+    boot.add_argument("--snapshot", action="store_true",
+                      help="guest writes go to a temporary overlay; the disk image stays unchanged")
+    boot.add_argument("--rng", action="store_true", help="add a virtio-rng fed from the host's random source")
+    boot.add_argument("--net", metavar="tap[:NAME]", help="virtio-net on a host tap device")
+    boot.add_argument("--hvc", action="store_true",
+                      help="kernel console on a virtio-console (console=hvc0) instead of COM1")
     boot.add_argument("--initrd", help="initramfs (cpio, optionally compressed)")
     boot.add_argument("--append", help="extra kernel command line arguments")
     boot.add_argument("--memory", "-m", default="256M", help="guest RAM (default 256M)")

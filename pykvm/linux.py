@@ -70,12 +70,19 @@ class LinuxVM:
     arguments. memory: bytes or "256M". decompress: unpack a bzImage's payload on the host (fast;
     False keeps the kernel's own decompressor). pvm_workarounds: None = when the host is KVM-PVM.
     until: stop (reason "until") when a console line matches this regex. fast_path: answer the hot
-    port I/O (serial console polling, POST port) in C; False sends every exit through Python."""
+    port I/O (serial console polling, POST port) in C; False sends every exit through Python.
+
+    Virtio devices (over virtio-mmio): disk (a raw image; `readonly`, or `snapshot` to leave it
+    untouched) becomes /dev/vda and `root=/dev/vda` unless `append` names a root; rng adds a
+    virtio-rng; net_tap connects a virtio-net to that host tap device; console="hvc0" puts the
+    kernel console on a virtio-console instead of COM1."""
 
     def __init__(self, kernel: str | os.PathLike, *, initrd: str | os.PathLike | None = None,
                  append: str = "", memory: int | str = DEFAULT_MEMORY, decompress: bool = True,
                  pvm_workarounds: bool | None = None, until: str | None = None,
-                 fast_path: bool = True):
+                 fast_path: bool = True, disk: str | os.PathLike | None = None,
+                 readonly: bool = False, snapshot: bool = False, rng: bool = False,
+                 net_tap: str | None = None, console: str = "ttyS0", ioeventfd: bool = True):
         self.memory = parse_size(memory)
         if self.memory < layout.MIN_MEMORY:
             raise MachineError(f"{self.memory >> 20} MiB of memory is too little for Linux: "
@@ -89,6 +96,8 @@ class LinuxVM:
         self.pvm_workarounds = pvm_workarounds
 
         self.cmdline = Cmdline(append)
+        if console == "hvc0":
+            self.cmdline.add_default("console", "hvc0")
         for key, value in DEFAULT_ARGS:
             self.cmdline.add_default(key, value)
         self.added_pvm_args: list[str] = []
@@ -99,15 +108,20 @@ class LinuxVM:
                     self.cmdline.add(key, value or None)
                     self.added_pvm_args.append(arg)
 
+        if console not in ("ttyS0", "hvc0"):
+            raise MachineError(f"unknown console {console!r}: ttyS0 (COM1) or hvc0 (virtio)")
         self.console = ConsoleLog()
+        self.virtio: list = []          # the virtio devices, in attach order
+        self.disk = None
         self.machine = Machine(self.memory, irqchip="kernel", fast_path=fast_path)
         try:
             self.devices = add_pc_devices(self.machine, self.console)
+            self._add_virtio(disk, readonly, snapshot, rng, net_tap, console, ioeventfd)
             self.plan = load_linux(self.machine.mem, kernel_bytes, str(self.cmdline),
                                    initrd=initrd_bytes, decompress=decompress)
             self._setup_vcpu()
         except BaseException:
-            self.machine.close()
+            self.close()
             raise
         if pvm_workarounds:
             self.machine.internal_error_handlers.append(pvm.complete_gap)
@@ -117,6 +131,32 @@ class LinuxVM:
             self.console.on_line(until, lambda m: self.machine.request_stop(
                 Stop("until", message=f"console matched {until!r}")))
         self.machine.on_stop.append(lambda stop: self.console.close())
+
+    def _add_virtio(self, disk, readonly, snapshot, rng, net_tap, console, ioeventfd) -> None:
+        from .host.disk import DiskImage
+        from .virtio import attach_mmio, VirtioBlk, VirtioConsole, VirtioNet, VirtioRng
+        devices = []
+        if disk is not None:
+            path = Path(disk)
+            if not path.is_file():
+                raise MachineError(f"disk image {disk} does not exist (or is not a file)")
+            if not os.access(path, os.R_OK | (0 if readonly or snapshot else os.W_OK)):
+                raise MachineError(f"disk image {disk} is not {'readable' if readonly or snapshot else 'writable'}"
+                                   " by this user (--readonly or --snapshot to boot it without writing)")
+            self.disk = DiskImage(path, readonly=readonly, snapshot=snapshot)
+            devices.append(VirtioBlk(self.disk, readonly=readonly))
+            self.cmdline.add_default("root", "/dev/vda")
+        if console == "hvc0":
+            self.hvc = VirtioConsole(self.console.write)
+            devices.append(self.hvc)
+        if rng:
+            devices.append(VirtioRng())
+        if net_tap is not None:
+            from .host.tap import Tap
+            devices.append(VirtioNet(Tap(net_tap)))
+        for index, device in enumerate(devices):
+            self.cmdline.add(*attach_mmio(self.machine, device, index, ioeventfd=ioeventfd).split("=", 1))
+            self.virtio.append(device)
 
     def _setup_vcpu(self) -> None:
         vcpu = self.machine.vcpu
@@ -128,11 +168,18 @@ class LinuxVM:
     # ---- running ----
     def run(self, timeout: float | None = None) -> Stop:
         """Run on this thread until the guest stops (or `timeout` seconds pass)."""
+        self._start_backends()
         return self.machine.run(timeout)
 
     def start(self, timeout: float | None = None) -> None:
         """Run in a background thread; use console.expect(), then stop() or wait()."""
+        self._start_backends()
         self.machine.start(timeout)
+
+    def _start_backends(self) -> None:
+        for device in self.virtio:
+            if hasattr(device, "start"):      # virtio-net: a thread moving frames from the tap
+                device.start()
 
     def wait(self, timeout: float | None = None) -> Stop | None:
         return self.machine.wait(timeout)
@@ -141,8 +188,12 @@ class LinuxVM:
         return self.machine.stop()
 
     def send(self, data: bytes | str) -> None:
-        """Type into the guest's serial console."""
-        self.devices.feed_serial(data.encode() if isinstance(data, str) else data)
+        """Type into the guest's console (COM1, or the virtio console with console="hvc0")."""
+        data = data.encode() if isinstance(data, str) else data
+        if getattr(self, "hvc", None) is not None:
+            self.hvc.feed(data)
+        else:
+            self.devices.feed_serial(data)
 
     @property
     def stats(self) -> dict:
@@ -159,8 +210,26 @@ class LinuxVM:
         }
 
     def close(self) -> None:
-        self.machine.close()
+        """Stop the guest and release everything. Disk writes are flushed to the image first."""
+        machine = getattr(self, "machine", None)
+        if machine is not None and machine.running:
+            machine.stop()
+        for device in getattr(self, "virtio", []):
+            transport = machine.mmio.find(self._mmio_base(device)) if machine else None
+            notifier = getattr(transport.device, "notifier", None) if transport else None
+            if notifier is not None:
+                notifier.close()
+            if hasattr(device, "close"):
+                device.close()
+        if self.disk is not None:
+            self.disk.flush()
+            self.disk.close()
+        if machine is not None:
+            machine.close()
         self.console.close()
+
+    def _mmio_base(self, device) -> int:
+        return layout.VIRTIO_MMIO_BASE + self.virtio.index(device) * layout.VIRTIO_MMIO_SIZE
 
     def __enter__(self) -> "LinuxVM":
         return self

@@ -87,3 +87,19 @@ def test_missing_initrd(tmp_path):
     k.write_bytes(b"\0" * 4096)
     p = pykvm("boot", str(k), "--initrd", str(tmp_path / "rd"), "--console", "none")
     assert p.returncode == 2 and "initrd" in one_line_error(p)
+
+
+@needs_kvm
+def test_missing_disk(tmp_path):
+    from pykvm.assets import cache_root  # noqa: F401  (the kernel below need not be real)
+    k = tmp_path / "kernel"
+    k.write_bytes(b"\0" * 4096)
+    p = pykvm("boot", str(k), str(tmp_path / "disk.img"), "--console", "none")
+    assert p.returncode == 2 and "disk image" in one_line_error(p)
+
+
+def test_snapshot_without_disk_is_a_usage_error(tmp_path):
+    k = tmp_path / "kernel"
+    k.write_bytes(b"\0" * 4096)
+    p = pykvm("boot", str(k), "--snapshot", "--console", "none")
+    assert p.returncode == 2 and "--snapshot" in one_line_error(p)
