@@ -28,7 +28,7 @@ Entry, in every case, is the 64-bit boot protocol (boot.rst "64-bit BOOT PROTOCO
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Callable, Mapping
 
@@ -135,7 +135,7 @@ def place_initrd(size: int, *, kernel_end: int, limit: int) -> int:
     return addr
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Stage:
     """What parsing produced: where the kernel goes and how to write it."""
 
@@ -165,6 +165,9 @@ def _stage_elf(vmlinux: elf_mod.ElfKernel, init_size: int | None) -> _Stage:
 
 def _stage_bzimage(bz: BzImage, decompress: bool) -> _Stage:
     hdr = bz.header
+    from_header = dict(header=bz.header_bytes,
+                       cmdline_max=min(hdr.cmdline_size, layout.CMDLINE_MAX - 1),
+                       initrd_addr_max=hdr.initrd_addr_max or DEFAULT_INITRD_ADDR_MAX)
     if decompress:
         compression, vmlinux = decompress_payload(bz.payload)
         try:
@@ -172,9 +175,8 @@ def _stage_bzimage(bz: BzImage, decompress: bool) -> _Stage:
         except BootError as e:
             raise BootError(f"the bzImage's {compression} payload did not decompress to a usable "
                             f"vmlinux ({e}); try decompress=False") from None
-        stage = _stage_elf(parsed, hdr.init_size)
-        stage.header = bz.header_bytes
-        stage.description.update(compression=compression)
+        stage = replace(_stage_elf(parsed, hdr.init_size), **from_header)
+        stage.description["compression"] = compression
     else:
         load = _load_address(bz)
         # The decompressor unpacks at max(load address, LOAD_PHYSICAL_ADDR = pref_address) and
@@ -182,14 +184,13 @@ def _stage_bzimage(bz: BzImage, decompress: bool) -> _Stage:
         # range is RAM before anything is written.
         end = max(load + len(bz.kernel), max(load, hdr.pref_address) + hdr.init_size)
         stage = _Stage(entry=load + ENTRY_64_OFFSET, kernel_start=load, kernel_end=end,
-                       header=bz.header_bytes, cmdline_max=0, initrd_addr_max=0, pvh_entry=None,
-                       load=lambda mem: mem.write(load, bz.kernel), description={"boot": "64-bit, bzImage decompressor (load+0x200)",
-                                                "compression": "in guest"})
-    stage.cmdline_max = min(hdr.cmdline_size, layout.CMDLINE_MAX - 1)
-    stage.initrd_addr_max = hdr.initrd_addr_max or DEFAULT_INITRD_ADDR_MAX
+                       pvh_entry=None, load=lambda mem: mem.write(load, bz.kernel),
+                       description={"boot": "64-bit, bzImage decompressor (load+0x200)",
+                                    "compression": "in guest"},
+                       **from_header)
     stage.description.update(format="bzImage", protocol=bz.protocol,
-                             kernel_version=bz.version_string or stage.description.get(
-                                 "kernel_version"))
+                             kernel_version=bz.version_string
+                             or stage.description.get("kernel_version"))
     return stage
 
 
