@@ -82,7 +82,7 @@ def cmd_boot(args) -> int:
                  decompress=not args.no_decompress, pvm_workarounds=not args.no_pvm_workarounds and None,
                  until=args.until, fast_path=not args.no_fast_path, disk=args.disk,
                  readonly=args.readonly, snapshot=args.snapshot, rng=args.rng, net_tap=net_tap,
-                 console="hvc0" if args.hvc else "ttyS0")
+                 console="hvc0" if args.hvc else "ttyS0", irqchip=args.irqchip)
     with vm:
         if args.trace:
             from .trace import ExitTracer
@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="let the kernel decompress itself (classic bzImage boot)")
     boot.add_argument("--no-pvm-workarounds", action="store_true",
                       help="on KVM-PVM hosts, do not add kernel arguments or complete emulation gaps")
+    boot.add_argument("--irqchip", choices=("kernel", "user"), default="kernel",
+                      help="interrupt controllers and PIT in KVM (default) or in pykvm's Python models")
     boot.add_argument("--no-fast-path", action="store_true",
                       help="handle every exit in Python (no C run loop): slower, for teaching")
     boot.add_argument("--trace", metavar="FILE",

@@ -37,6 +37,9 @@ DEFAULT_ARGS = [
 
 PANIC_LINE = r"Kernel panic - not syncing"
 
+# With irqchip="user" there is no local APIC or IOAPIC: the kernel must use the 8259s directly.
+USER_IRQCHIP_ARGS = ["nolapic", "noapic"]
+
 
 def parse_size(text: str | int) -> int:
     """'256M', '1G', '65536K', or a byte count."""
@@ -75,14 +78,19 @@ class LinuxVM:
     Virtio devices (over virtio-mmio): disk (a raw image; `readonly`, or `snapshot` to leave it
     untouched) becomes /dev/vda and `root=/dev/vda` unless `append` names a root; rng adds a
     virtio-rng; net_tap connects a virtio-net to that host tap device; console="hvc0" puts the
-    kernel console on a virtio-console instead of COM1."""
+    kernel console on a virtio-console instead of COM1.
+
+    irqchip: "kernel" (KVM's in-kernel PIC/IOAPIC/LAPIC/PIT, the fast default) or "user" (pykvm's
+    Python i8259 pair and i8254; the kernel gets `nolapic noapic`: with no in-kernel irqchip KVM
+    emulates no local APIC, so the guest must take the 8259's interrupts directly)."""
 
     def __init__(self, kernel: str | os.PathLike, *, initrd: str | os.PathLike | None = None,
                  append: str = "", memory: int | str = DEFAULT_MEMORY, decompress: bool = True,
                  pvm_workarounds: bool | None = None, until: str | None = None,
                  fast_path: bool = True, disk: str | os.PathLike | None = None,
                  readonly: bool = False, snapshot: bool = False, rng: bool = False,
-                 net_tap: str | None = None, console: str = "ttyS0", ioeventfd: bool = True):
+                 net_tap: str | None = None, console: str = "ttyS0", ioeventfd: bool = True,
+                 irqchip: str = "kernel"):
         self.memory = parse_size(memory)
         if self.memory < layout.MIN_MEMORY:
             raise MachineError(f"{self.memory >> 20} MiB of memory is too little for Linux: "
@@ -98,6 +106,9 @@ class LinuxVM:
         self.cmdline = Cmdline(append)
         if console == "hvc0":
             self.cmdline.add_default("console", "hvc0")
+        if irqchip == "user":
+            for arg in USER_IRQCHIP_ARGS:
+                self.cmdline.add_default(arg)
         for key, value in DEFAULT_ARGS:
             self.cmdline.add_default(key, value)
         self.added_pvm_args: list[str] = []
@@ -113,7 +124,7 @@ class LinuxVM:
         self.console = ConsoleLog()
         self.virtio: list = []          # the virtio devices, in attach order
         self.disk = None
-        self.machine = Machine(self.memory, irqchip="kernel", fast_path=fast_path)
+        self.machine = Machine(self.memory, irqchip=irqchip, fast_path=fast_path)
         try:
             self.devices = add_pc_devices(self.machine, self.console)
             self._add_virtio(disk, readonly, snapshot, rng, net_tap, console, ioeventfd)
@@ -204,6 +215,7 @@ class LinuxVM:
             "seconds_in_run_loop": round(m.stats.wall_time, 3),
             "pvm_gaps_completed": dict(m.stats.pvm_gaps),
             "guest_errors": dict(m.stats.guest_errors),
+            "interrupts_injected": dict(m.stats.interrupts),
             "unclaimed_ports": m.pio.unclaimed,
             "serial_bytes_out": self.devices.serial.bytes_out,
             "exits_handled_in_c": m.fast.handled if m.fast else 0,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .bus import Bus
+from .devices.userirq import UserIrqChip
 from .fastpath import FastPath
 from .irq import IrqLine
 from .kvm import KICK_SIGNAL, Kvm, exits as E
@@ -64,6 +65,8 @@ class Stats:
 
     guest_errors: collections.Counter = field(default_factory=collections.Counter)
     pvm_gaps: collections.Counter = field(default_factory=collections.Counter)
+    interrupts: collections.Counter = field(default_factory=collections.Counter)  # vector -> count
+                                                        # injected by the VMM (irqchip="user")
     wall_time: float = 0.0     # wall seconds in the run loop
 
 
@@ -83,8 +86,9 @@ def _install_kick_handler() -> bool:
 class Machine:
     """A one-vCPU x86 machine. Use as a context manager; `run()` blocks, `start()` runs in a thread.
 
-    irqchip: "kernel" puts KVM's PIC/IOAPIC/LAPIC and PIT in the kernel (fast); "none" leaves the
-    vCPU with no interrupt controller at all (firmware tests; pykvm.devices adds Python models).
+    irqchip: "kernel" puts KVM's PIC/IOAPIC/LAPIC and PIT in the kernel (fast); "user" uses pykvm's
+    Python i8259 pair and i8254 and injects their interrupts itself (slower, every step visible);
+    "none" leaves the vCPU with no interrupt controller at all (firmware tests).
     fast_path: run the vCPU loop in C (csrc/fastpath.h), answering hot port I/O without Python."""
 
     def __init__(self, memory: int = 64 * layout.MiB, *, irqchip: str = "kernel",
@@ -122,12 +126,17 @@ class Machine:
             regions.append(Region(gpa, size, backend))
         self.mem = GuestMemory(regions)
 
+        self.userirq = None
         if irqchip == "kernel":
             self.vm.create_irqchip()
             self.vm.create_pit2()
-        elif irqchip != "none":
-            raise MachineError(f"unknown irqchip mode {irqchip!r} (kernel or none)")
+        elif irqchip not in ("none", "user"):
+            raise MachineError(f"unknown irqchip mode {irqchip!r} (kernel, user or none)")
         self.vcpu = self.vm.create_vcpu()
+        if irqchip == "user":
+            # The 8259 pair and the 8254 in Python (pykvm/devices/userirq.py explains the choice).
+            self.userirq = UserIrqChip(kick=self.vcpu.kick)
+            self.userirq.register_on(self.pio)
         _install_kick_handler()
 
     # ---- assembly ----
@@ -135,6 +144,8 @@ class Machine:
         """The interrupt line a device on GSI `gsi` should drive."""
         if self.irqchip == "kernel":
             return KvmIrqLine(self.vm, gsi)
+        if self.userirq is not None:
+            return self.userirq.irq_line(gsi)
         raise MachineError("this machine has no interrupt controller (irqchip='none')")
 
     def add_pio(self, base: int, length: int, device, name: str | None = None) -> None:
@@ -149,6 +160,8 @@ class Machine:
         if self._stop is None:
             self._stop = stop
         self.vcpu.kick()
+        if self.userirq is not None:
+            self.userirq.wake()      # a vCPU waiting in hlt
 
     def stop(self) -> Stop | None:
         """Stop a machine started with start(), and wait for its thread."""
@@ -170,6 +183,8 @@ class Machine:
             run = lambda: vcpu.run_fast(fast)  # noqa: E731
         else:
             run = self.vcpu.run
+        if self.userirq is not None:
+            run = self._with_user_irqchip(run)
         trace = self.trace
         start = time.perf_counter()
         try:
@@ -192,6 +207,26 @@ class Machine:
         for fn in self.on_stop:
             fn(result)
         return result
+
+    def _with_user_irqchip(self, run: Callable[[], E.Exit]) -> Callable[[], E.Exit]:
+        """Wrap KVM_RUN with interrupt delivery from the Python PIC (contract: pykvm/devices/userirq.py).
+
+        Before entering the guest: if the PIC has a request and the vCPU can take it now (IF set,
+        not in an interrupt shadow), acknowledge it and inject the vector with KVM_INTERRUPT;
+        otherwise ask KVM to exit as soon as the guest can (request_interrupt_window)."""
+        chip, vcpu, kvm_run, clock = self.userirq, self.vcpu, self.vcpu.kvm_run, time.monotonic
+        injected = self.stats.interrupts
+
+        def run_with_interrupts() -> E.Exit:
+            plan = chip.before_run(clock(), can_inject=bool(
+                kvm_run.ready_for_interrupt_injection and kvm_run.if_flag))
+            if plan.vector is not None:
+                vcpu.interrupt(plan.vector)
+                injected[plan.vector] += 1
+            kvm_run.request_interrupt_window = 1 if plan.want_window else 0
+            return run()
+
+        return run_with_interrupts
 
     def start(self, timeout: float | None = None) -> None:
         """Run the vCPU in a background thread; `wait()` or `stop()` to finish."""
@@ -228,6 +263,8 @@ class Machine:
     def close(self) -> None:
         if self.running:
             self.stop()
+        if self.userirq is not None:
+            self.userirq.close()
         self.vm.close()
         self.mem.close()
         if self._own_kvm:
@@ -270,7 +307,13 @@ def _mmio_read(m: Machine, e: E.MmioRead) -> Stop | None:
 
 
 def _hlt(m: Machine, e: E.Hlt) -> Stop | None:
-    # Without an interrupt controller nothing can wake the CPU: the guest is done.
+    # With the Python PIC, `hlt` with interrupts enabled means "wait for the next interrupt":
+    # KVM leaves the waiting to us. With interrupts off, or no interrupt controller at all,
+    # nothing can wake the CPU: the guest is done.
+    chip = getattr(m, "userirq", None)
+    if chip is not None and m.vcpu.kvm_run.if_flag:
+        chip.wait_for_interrupt()
+        return None
     return Stop("halt", message="the guest executed hlt with no interrupt to wait for")
 
 
