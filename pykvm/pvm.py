@@ -345,8 +345,8 @@ def complete_instruction(insn: iced.Instruction, regs: dict, bitness: int,
     """Work out what the CPU would do for `insn`, or None for an instruction we don't complete.
 
     regs: "rax".."r15", "rip", "rflags", "cr0", "cr4", "cpl", segment bases "cs_base".."gs_base",
-    and "mxcsr" (and optionally "mxcsr_mask") for ldmxcsr/stmxcsr. read_linear(linear, size) reads guest memory or raises
-    PageFault."""
+    and "mxcsr" (and optionally "mxcsr_mask") for ldmxcsr/stmxcsr. read_linear(linear, size)
+    reads guest memory or raises PageFault."""
     m = insn.mnemonic
     name = mnemonic(insn)
     rip = regs["rip"]
@@ -371,7 +371,8 @@ def complete_instruction(insn: iced.Instruction, regs: dict, bitness: int,
             return fault(name, rip, NM)
         addr = linear_address(insn, regs, bitness)
         if m in _STMXCSR:
-            return Completion(name, next_rip, store=(addr, (regs["mxcsr"] & 0xffffffff).to_bytes(4, "little")))
+            stored = (regs["mxcsr"] & 0xffffffff).to_bytes(4, "little")
+            return Completion(name, next_rip, store=(addr, stored))
         try:
             value = int.from_bytes(read_linear(addr, 4), "little")
         except PageFault as pf:

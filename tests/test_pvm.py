@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from pykvm import pvm
-from pykvm.pvm import (AC, AF, CF, OF, PF, SF, ZF, Completion, PageFault, complete_instruction,
+from pykvm.pvm import (AC, AF, CF, OF, PF, SF, ZF, PageFault, complete_instruction,
                        decode, effective_address, host_kind, linear_address, popcnt)
 
 from conftest import kvm_unusable_reason
@@ -439,7 +439,8 @@ def _asm(*parts: str) -> bytes:
 
 def _to_cpl3(entry: int) -> str:
     """iretq to `entry` at CPL3 with IOPL=3 (so `out` works there): push SS, RSP, RFLAGS, CS, RIP."""
-    return f"6a23 68{struct.pack('<I', USER_STACK).hex()} 6802300000 6a2b 68{struct.pack('<I', entry).hex()} 48cf"
+    return (f"6a23 68{struct.pack('<I', USER_STACK).hex()} 6802300000 6a2b "
+            f"68{struct.pack('<I', entry).hex()} 48cf")
 
 
 def _gap_program() -> bytes:
