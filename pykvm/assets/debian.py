@@ -185,6 +185,16 @@ def installed_version(name: str) -> str | None:
     return version if status.endswith(" installed") else None
 
 
+def missing_packages(names: list[str]) -> list[str]:
+    """Those of ``names`` that are not installed (one dpkg-query for all)."""
+    if not names:
+        return []
+    proc = _run(["dpkg-query", "-W", "-f", "${Package}|${Status}\n", *names], check=False)
+    installed = {pkg for pkg, _, status in (line.partition("|") for line in proc.stdout.splitlines())
+                 if status.endswith(" installed")}
+    return [n for n in names if n.split(":")[0] not in installed]
+
+
 def download(name: str, version: str, dest: Path, progress: Progress | None = None) -> Path:
     """``apt-get download NAME=VERSION`` into ``dest``; returns the ``.deb``."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -225,7 +235,7 @@ def ensure_host_packages(names: list[str], why: str, progress: Progress | None =
 
     ``why`` completes "needed to ...", for the messages.
     """
-    missing = [n for n in names if installed_version(n) is None]
+    missing = missing_packages(names)
     if not missing:
         return
     command = "apt-get install -y --no-install-recommends " + " ".join(missing)
