@@ -122,6 +122,18 @@ def test_level_triggered_via_elcr_and_spurious_irq7():
     assert pic.acknowledge() == 0x35
 
 
+def test_host_sets_pci_irqs_level_triggered():
+    pic, bus, _ = make(master_mask=0, slave_mask=0)
+    pic.set_level_triggered(11)
+    pic.set_level_triggered(0)                # IRQ 0 cannot be level on a PIIX
+    assert bus.read(0x4D0, 2) == 0x0800
+    line = pic.pin(11)
+    line.set_level(True)
+    assert pic.acknowledge() == 0x3B
+    mask_and_ack(bus, 11)
+    assert pic.acknowledge() == 0x3B          # still asserted: delivered again, no new edge
+
+
 def test_slave_request_masked_before_inta_is_spurious():
     pic, bus, _ = make(master_mask=0, slave_mask=0)
     bus.write(0x4D1, 1, 0x08)                # IRQ 11 level

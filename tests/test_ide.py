@@ -1,6 +1,5 @@
 """IDE/ATA: IDENTIFY words, PIO reads and writes, errors, reset signature, absent drives, fuzzing."""
 
-import os
 
 from hypothesis import given, settings, strategies as st
 

@@ -312,6 +312,16 @@ class I8259Pair:
             raise ValueError(f"the PIC pair has IRQ 0-15, not {n}")
         return self._pins[n]
 
+    def set_level_triggered(self, n: int, level: bool = True) -> None:
+        """Program the ELCR bit for IRQ n from the host, as firmware does for the IRQs it routes PCI
+        INTx# to (PCI interrupts are level-triggered and shareable [PCI 2.2.6]). Linux without a
+        PIRQ routing table never writes the ELCR itself. IRQ 0, 1, 2, 8 and 13 stay edge."""
+        with self._lock:
+            c = self.chips[n >> 3]
+            bit = 1 << (n & 7)
+            value = (c.elcr | bit) if level else (c.elcr & ~bit)
+        self._write_elcr(n >> 3, value)
+
     # --- CPU side ---
     def pending(self) -> bool:
         with self._lock:
