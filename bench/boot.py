@@ -1,6 +1,7 @@
 """Row 3 of the table: the test kernel's boot to "Run /init", and the VMM's share of it.
 
     python -m bench.boot [--quick] [--build] [--irqchip kernel|user|all] [--timeout S]
+                         [--kernel BZIMAGE [--initrd CPIO]]
 
 Boots pykvm.assets.test_kernel() with initramfs() through pykvm.linux.LinuxVM(until=r"Run /init")
 and reports the wall time of the run, the exits by kind (`vm.stats`) and the share of the wall
@@ -94,10 +95,13 @@ def _exit_summary(stats: dict) -> str:
 
 
 def boot_rows(quick: bool = False, build: bool = False, irqchips=("kernel",),
-              timeout: float = DEFAULT_TIMEOUT) -> Section:
-    sec = Section('3. Linux boot to "Run /init" (test kernel + initramfs): wall time against time '
+              timeout: float = DEFAULT_TIMEOUT, kernel: Path | None = None,
+              initrd: Path | None = None) -> Section:
+    what = f"{kernel.name} + {initrd.name if initrd else 'no initrd'}" if kernel else \
+        "test kernel + initramfs"
+    sec = Section(f'3. Linux boot to "Run /init" ({what}): wall time against time '
                   "in KVM_RUN; goal on the VMM's share, 1 - in KVM_RUN / wall")
-    found = find_kernel(build)
+    found = (kernel, initrd) if kernel else find_kernel(build)
     configs = [(True, "fast path on")] + ([] if quick else [(False, "fast path off")])
     if isinstance(found, str):
         for irqchip in irqchips:
@@ -139,11 +143,14 @@ def main(argv=None) -> int:
     ap.add_argument("--build", action="store_true", help="build the test kernel if missing")
     ap.add_argument("--irqchip", choices=(*IRQCHIPS, "all"), default="kernel")
     ap.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
+    ap.add_argument("--kernel", type=Path, help="boot this kernel instead of the test kernel")
+    ap.add_argument("--initrd", type=Path, help="with --kernel: this initramfs")
     opts = ap.parse_args(argv)
     from bench import header_lines
     irqchips = IRQCHIPS if opts.irqchip == "all" else (opts.irqchip,)
     print(format_table("pykvm Linux boot", header_lines(),
-                       [boot_rows(opts.quick, opts.build, irqchips, opts.timeout)]))
+                       [boot_rows(opts.quick, opts.build, irqchips, opts.timeout, opts.kernel,
+                                  opts.initrd)]))
     return 0
 
 
