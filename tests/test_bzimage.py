@@ -300,8 +300,10 @@ def test_initrd_stays_below_pci_hole_with_memory_above_4g():
 # --- a real kernel, if one is on this host ------------------------------------------------------
 
 def _real_kernels():
+    """Host kernels, pykvm's cached ones, and $PYKVM_TEST_BZIMAGE (a path) if set."""
     paths = glob.glob("/boot/vmlinuz-*") + glob.glob(
         os.path.expanduser("~/.cache/pykvm/**/vmlinuz*"), recursive=True)
+    paths += [os.environ["PYKVM_TEST_BZIMAGE"]] if os.environ.get("PYKVM_TEST_BZIMAGE") else []
     return [p for p in paths if os.path.isfile(p) and os.access(p, os.R_OK)]
 
 
