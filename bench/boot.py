@@ -127,7 +127,8 @@ def boot_rows(quick: bool = False, build: bool = False, irqchips=("kernel",),
                                                 f"{r.wall:.0f} s", details=[_exit_summary(r.stats)]))
                 continue
             row = Row(name, r.wall, "s", r.in_kvm_run or None, "in KVM_RUN", GOAL)
-            row.note = f"VMM share {row.share:.1f}%" if row.share is not None else ""
+            row.note = (f"VMM share {row.share:.2f}% ({r.wall - r.in_kvm_run:.2f} s outside KVM_RUN)"
+                        if row.share is not None else "")
             row.details = [_exit_summary(r.stats),
                            f"set-up before the first instruction {r.setup:.2f} s; "
                            f"KVM-PVM gaps completed: {sum(r.stats.get('pvm_gaps_completed', {}).values())}"]
