@@ -144,3 +144,24 @@ def test_pvh_without_initrd():
     blobs = build_pvh_start_info(cmdline_gpa=layout.CMDLINE, e820=e820_table(64 * MiB))
     assert layout.PVH_MODLIST not in blobs
     assert struct.unpack_from("<IQ", blobs[layout.PVH_START_INFO], 0x0c) == (0, 0)
+
+
+def test_rng_seed_reaches_the_kernel_through_setup_data():
+    """load_linux links a SETUP_RNG_SEED node from hdr.setup_data (boot.rst, protocol 2.09)."""
+    import struct
+    from pykvm.boot import load_linux
+    from pykvm.boot.setup_data import SETUP_RNG_SEED
+    from pykvm.boot.synthetic import compress, make_bzimage, make_elf
+    from pykvm.memory import GuestMemory
+    from pykvm.x86 import layout
+    image = make_bzimage(compress(make_elf([(0x1000000, b"\x90" * 64, 0x1000)], 0x1000000), "gzip"))
+    mem = GuestMemory.for_test(64 << 20)
+    load_linux(mem, image, "console=ttyS0")
+    ptr = mem.read_int(layout.ZERO_PAGE + 0x250, 8)
+    assert ptr == layout.SETUP_DATA
+    nxt, typ, length = struct.unpack("<QII", mem.read(ptr, 16))
+    assert (nxt, typ, length) == (0, SETUP_RNG_SEED, 32)
+    assert mem.read(ptr + 16, 32) != bytes(32)
+    mem2 = GuestMemory.for_test(64 << 20)
+    load_linux(mem2, image, "console=ttyS0", rng_seed=False)
+    assert mem2.read_int(layout.ZERO_PAGE + 0x250, 8) == 0

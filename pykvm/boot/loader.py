@@ -28,6 +28,7 @@ Entry, in every case, is the 64-bit boot protocol (boot.rst "64-bit BOOT PROTOCO
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Callable, Mapping
@@ -37,6 +38,7 @@ from pykvm.boot.bzimage import BzImage, parse_bzimage
 from pykvm.boot.cmdline import Cmdline
 from pykvm.boot.decompress import decompress_payload
 from pykvm.boot.errors import BootError
+from pykvm.boot.setup_data import RNG_SEED_BYTES, rng_seed_node
 from pykvm.boot.zeropage import build_pvh_start_info, build_zero_page, e820_table
 from pykvm.memory import GuestMemory
 from pykvm.x86 import layout, paging
@@ -65,7 +67,8 @@ class BootPlan:
 
 
 def load_linux(mem: GuestMemory, kernel: bytes, cmdline: str | Cmdline,
-               initrd: bytes | None = None, decompress: bool = True) -> BootPlan:
+               initrd: bytes | None = None, decompress: bool = True,
+               rng_seed: bool = True) -> BootPlan:
     """Load a bzImage or ELF vmlinux, its initrd and command line; return how to enter it.
 
     Raises BootError (one line: the problem and the fix) for an unusable image or too little RAM.
@@ -96,9 +99,14 @@ def load_linux(mem: GuestMemory, kernel: bytes, cmdline: str | Cmdline,
     mem.write(layout.CMDLINE, data)
     e820 = e820_table(mem.size)
     initrd_range = (initrd_at, len(initrd)) if initrd else None
+    setup_data = 0
+    if rng_seed:
+        # Entropy for the guest's RNG, fresh from the host (setup_data.py explains why it matters).
+        mem.write(layout.SETUP_DATA, rng_seed_node(os.urandom(RNG_SEED_BYTES)))
+        setup_data = layout.SETUP_DATA
     mem.write(layout.ZERO_PAGE, build_zero_page(
         stage.header, cmdline_gpa=layout.CMDLINE, cmdline_size=stage.cmdline_max, e820=e820,
-        initrd=initrd_range))
+        initrd=initrd_range, setup_data=setup_data))
     start_info = None
     if stage.pvh_entry is not None:
         for gpa, blob in build_pvh_start_info(cmdline_gpa=layout.CMDLINE, e820=e820,

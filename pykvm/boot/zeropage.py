@@ -142,7 +142,7 @@ def e820_table(ram_size: int) -> list[E820Entry]:
 
 def build_zero_page(header: bytes | None, *, cmdline_gpa: int, cmdline_size: int,
                     e820: list[E820Entry], initrd: tuple[int, int] | None = None,
-                    acpi_rsdp: int = 0) -> bytes:
+                    acpi_rsdp: int = 0, setup_data: int = 0) -> bytes:
     """Build the 4 KiB struct boot_params.
 
     `header` is the bzImage's raw setup header (BzImage.header_bytes), copied to 0x1f1 as boot.rst
@@ -178,6 +178,7 @@ def build_zero_page(header: bytes | None, *, cmdline_gpa: int, cmdline_size: int
     hdr.ramdisk_image, bp.ext_ramdisk_image = gpa & 0xffffffff, gpa >> 32
     hdr.ramdisk_size, bp.ext_ramdisk_size = size & 0xffffffff, size >> 32
     bp.acpi_rsdp_addr = acpi_rsdp
+    hdr.setup_data = setup_data      # first struct setup_data node (pykvm/boot/setup_data.py), 0: none
 
     bp.e820_entries = len(e820)
     bp.e820_table = ([dict(addr=e.addr, size=e.size, type=e.type) for e in e820]

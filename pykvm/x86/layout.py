@@ -16,6 +16,7 @@ GiB = 1 << 30
 # --- Low memory: boot structures written by pykvm before the first instruction. ---
 BOOT_GDT = 0x500          # GDT for protected/long mode entry (pykvm/x86/cpu.py)
 BOOT_IDT = 0x520          # an empty IDT: any exception before the kernel sets its own is a triple fault
+SETUP_DATA = 0x3000       # struct setup_data list (boot.rst; pykvm/boot/setup_data.py), to 0x4000
 PVH_START_INFO = 0x6000   # struct hvm_start_info for a PVH entry (EBX), pykvm/boot/zeropage.py
 PVH_MODLIST = 0x6040      # hvm_modlist_entry array: the initrd
 PVH_MEMMAP = 0x6080       # hvm_memmap_table_entry array (24 bytes each), up to PVH_MEMMAP_END
