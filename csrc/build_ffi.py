@@ -56,6 +56,11 @@ ffibuilder.cdef(r"""
 #define KVM_SET_GSI_ROUTING ...
 #define KVM_SET_GUEST_DEBUG ...
 #define KVM_GET_XSAVE ...
+#define KVM_GET_TSC_KHZ ...
+#define KVM_GET_IRQCHIP ...
+#define KVM_SET_IRQCHIP ...
+#define KVM_IRQCHIP_PIC_MASTER ...
+#define KVM_IRQCHIP_PIC_SLAVE ...
 #define KVM_SET_XSAVE ...
 
 /* ---- capabilities pykvm asks about ---- */
@@ -293,6 +298,22 @@ struct kvm_vcpu_events {
 struct kvm_xsave {
     uint32_t region[1024];
     ...;
+};
+
+struct kvm_pic_state {
+    uint8_t last_irr, irr, imr, isr, priority_add, irq_base, read_reg_select, poll;
+    uint8_t special_mask, init_state, auto_eoi, rotate_on_auto_eoi, special_fully_nested_mode;
+    uint8_t init4, elcr, elcr_mask;
+};
+
+struct kvm_irqchip {
+    uint32_t chip_id;
+    uint32_t pad;
+    union {
+        char dummy[512];
+        struct kvm_pic_state pic;
+        uint64_t align;        /* the header's union also holds kvm_ioapic_state (u64 fields) */
+    } chip;
 };
 
 struct kvm_guest_debug {

@@ -14,7 +14,7 @@ import threading
 import errno
 import struct
 
-from ._lib import ffi, ioctl, lib
+from ._lib import ffi, ioctl, ioctl_int, lib
 from .errors import KvmError
 from . import exits as E
 
@@ -200,6 +200,10 @@ class Vcpu:
         xs = ffi.new("struct kvm_xsave *")
         ffi.memmove(xs.region, image, min(len(image), ffi.sizeof(xs.region)))
         ioctl(self.fd, lib.KVM_SET_XSAVE, xs, "KVM_SET_XSAVE")
+
+    def tsc_khz(self) -> int:
+        """KVM_GET_TSC_KHZ: the frequency of this vCPU's time-stamp counter, in kHz."""
+        return ioctl_int(self.fd, lib.KVM_GET_TSC_KHZ, 0, "KVM_GET_TSC_KHZ")
 
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
         msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": len(indices)})

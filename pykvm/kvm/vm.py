@@ -63,6 +63,24 @@ class Vm:
         cfg = ffi.new("struct kvm_pit_config *", {"flags": lib.KVM_PIT_SPEAKER_DUMMY})
         ioctl(self.fd, lib.KVM_CREATE_PIT2, cfg, "KVM_CREATE_PIT2")
 
+    def get_irqchip(self, chip_id: int):
+        """KVM_GET_IRQCHIP: the state of an in-kernel interrupt controller (a `struct kvm_irqchip *`)."""
+        chip = ffi.new("struct kvm_irqchip *", {"chip_id": chip_id})
+        ioctl(self.fd, lib.KVM_GET_IRQCHIP, chip, "KVM_GET_IRQCHIP")
+        return chip
+
+    def set_irqchip(self, chip) -> None:
+        ioctl(self.fd, lib.KVM_SET_IRQCHIP, chip, "KVM_SET_IRQCHIP")
+
+    def set_level_triggered(self, irq: int) -> None:
+        """Mark ISA IRQ `irq` level-triggered in the in-kernel 8259's ELCR (ports 0x4d0/0x4d1), as a
+        PC BIOS does for the IRQs it routes PCI INTx to: PCI interrupts are levels, shared, active
+        until the device is serviced."""
+        chip_id = lib.KVM_IRQCHIP_PIC_MASTER if irq < 8 else lib.KVM_IRQCHIP_PIC_SLAVE
+        chip = self.get_irqchip(chip_id)
+        chip.chip.pic.elcr |= 1 << (irq & 7)
+        self.set_irqchip(chip)
+
     def irq_line(self, irq: int, level: bool) -> None:
         """Drive an input pin (GSI) of the in-kernel interrupt controllers."""
         lvl = ffi.new("struct kvm_irq_level *", {"irq": irq, "level": 1 if level else 0})
