@@ -82,7 +82,8 @@ def cmd_boot(args) -> int:
                  decompress=not args.no_decompress, pvm_workarounds=not args.no_pvm_workarounds and None,
                  until=args.until, fast_path=not args.no_fast_path, disk=args.disk,
                  readonly=args.readonly, snapshot=args.snapshot, rng=args.rng, net_tap=net_tap,
-                 console="hvc0" if args.hvc else "ttyS0", irqchip=args.irqchip)
+                 console="hvc0" if args.hvc else "ttyS0", irqchip=args.irqchip,
+                 disk_bus=args.disk_bus)
     with vm:
         if args.trace:
             from .trace import ExitTracer
@@ -141,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("kernel", help="bzImage or vmlinux")
     boot.add_argument("disk", nargs="?", help="raw disk image: the guest's /dev/vda (virtio-blk), "
                       "root=/dev/vda unless --append gives a root=")
+    boot.add_argument("--disk-bus", choices=("virtio-mmio", "ide"), default="virtio-mmio",
+                      help="how the disk is attached: virtio-blk over virtio-mmio (/dev/vda, the "
+                      "default) or IDE (/dev/sda)")
     boot.add_argument("--readonly", action="store_true", help="the guest cannot write the disk")
     boot.add_argument("--snapshot", action="store_true",
                       help="guest writes go to a temporary overlay; the disk image stays unchanged")

@@ -37,6 +37,8 @@ DEFAULT_ARGS = [
 
 PANIC_LINE = r"Kernel panic - not syncing"
 
+DISK_BUSES = ("virtio-mmio", "ide")
+
 # With irqchip="user" there is no local APIC or IOAPIC: the kernel must use the 8259s directly.
 USER_IRQCHIP_ARGS = ["nolapic", "noapic"]
 
@@ -80,6 +82,9 @@ class LinuxVM:
     virtio-rng; net_tap connects a virtio-net to that host tap device; console="hvc0" puts the
     kernel console on a virtio-console instead of COM1.
 
+    disk_bus: "virtio-mmio" (/dev/vda) or "ide" (the PIIX IDE controller's primary master,
+    /dev/sda, with `root=/dev/sda`).
+
     irqchip: "kernel" (KVM's in-kernel PIC/IOAPIC/LAPIC/PIT, the fast default) or "user" (pykvm's
     Python i8259 pair and i8254; the kernel gets `nolapic noapic`: with no in-kernel irqchip KVM
     emulates no local APIC, so the guest must take the 8259's interrupts directly)."""
@@ -90,7 +95,7 @@ class LinuxVM:
                  fast_path: bool = True, disk: str | os.PathLike | None = None,
                  readonly: bool = False, snapshot: bool = False, rng: bool = False,
                  net_tap: str | None = None, console: str = "ttyS0", ioeventfd: bool = True,
-                 irqchip: str = "kernel"):
+                 irqchip: str = "kernel", disk_bus: str = "virtio-mmio"):
         self.memory = parse_size(memory)
         if self.memory < layout.MIN_MEMORY:
             raise MachineError(f"{self.memory >> 20} MiB of memory is too little for Linux: "
@@ -119,6 +124,8 @@ class LinuxVM:
                     self.cmdline.add(key, value or None)
                     self.added_pvm_args.append(arg)
 
+        if disk_bus not in DISK_BUSES:
+            raise MachineError(f"unknown disk bus {disk_bus!r}: one of {', '.join(DISK_BUSES)}")
         if console not in ("ttyS0", "hvc0"):
             raise MachineError(f"unknown console {console!r}: ttyS0 (COM1) or hvc0 (virtio)")
         self.console = ConsoleLog()
@@ -127,7 +134,14 @@ class LinuxVM:
         self.machine = Machine(self.memory, irqchip=irqchip, fast_path=fast_path)
         try:
             self.devices = add_pc_devices(self.machine, self.console)
-            self._add_virtio(disk, readonly, snapshot, rng, net_tap, console, ioeventfd)
+            self.pci = self._add_pci()
+            if disk is not None:
+                self.disk = self._open_disk(disk, readonly, snapshot)
+            if disk_bus == "ide":
+                self._add_ide()
+            self._add_virtio(self.disk if disk_bus == "virtio-mmio" else None, readonly, rng,
+                             net_tap, console, ioeventfd)
+            self._add_clock_args()
             self.plan = load_linux(self.machine.mem, kernel_bytes, str(self.cmdline),
                                    initrd=initrd_bytes, decompress=decompress)
             self._setup_vcpu()
@@ -143,19 +157,54 @@ class LinuxVM:
                 Stop("until", message=f"console matched {until!r}")))
         self.machine.on_stop.append(lambda stop: self.console.close())
 
-    def _add_virtio(self, disk, readonly, snapshot, rng, net_tap, console, ioeventfd) -> None:
+    def _open_disk(self, disk, readonly: bool, snapshot: bool):
         from .host.disk import DiskImage
+        path = Path(disk)
+        if not path.is_file():
+            raise MachineError(f"disk image {disk} does not exist (or is not a file)")
+        writing = not (readonly or snapshot)
+        if not os.access(path, os.R_OK | (os.W_OK if writing else 0)):
+            raise MachineError(f"disk image {disk} is not {'writable' if writing else 'readable'} "
+                               "by this user (--readonly or --snapshot boot it without writing)")
+        return DiskImage(path, readonly=readonly, snapshot=snapshot)
+
+    def _add_pci(self):
+        """A PCI host bridge on configuration mechanism #1 (0xcf8/0xcfc): Linux finds the bus there,
+        and the IDE controller (and virtio-pci devices) live on it."""
+        from .devices.pci import PciBus
+        pci = PciBus(mmio=self.machine.mmio, pio=self.machine.pio, on_reset=lambda: self.machine.request_stop(
+            Stop("reset", message="the guest reset the machine (port 0xcf9)")))
+        pci.register_on(self.machine.pio)
+        return pci
+
+    def _add_ide(self) -> None:
+        """The PIIX IDE function: the disk as primary master (/dev/sda), IRQ 14/15 at the legacy ports."""
+        from .devices.ide import AtaDrive, IdeChannel, PiixIde
+        primary = IdeChannel(self.machine.irq_line(layout.IRQ_ATA0),
+                             AtaDrive(self.disk) if self.disk is not None else None)
+        self.ide = PiixIde(primary, IdeChannel(self.machine.irq_line(layout.IRQ_ATA1)))
+        self.ide.register_on(self.machine.pio)
+        self.pci.add(self.ide)
+        if self.disk is not None:
+            self.cmdline.add_default("root", "/dev/sda")
+
+    def _add_clock_args(self) -> None:
+        """Tell the kernel its TSC frequency. Linux measures it against the PIT otherwise, in a
+        10 ms busy loop that needs a thousand PIT reads; at emulated speed (KVM-PVM) or with the
+        PIT in Python that loop fails, the TSC is marked unstable and timekeeping falls back to
+        jiffies. KVM knows the vCPU's TSC frequency exactly (KVM_GET_TSC_KHZ)."""
+        try:
+            khz = self.machine.vcpu.tsc_khz()
+        except OSError:
+            return
+        if khz:
+            self.cmdline.add_default("tsc_early_khz", khz)
+
+    def _add_virtio(self, disk, readonly, rng, net_tap, console, ioeventfd) -> None:
         from .virtio import attach_mmio, VirtioBlk, VirtioConsole, VirtioNet, VirtioRng
         devices = []
         if disk is not None:
-            path = Path(disk)
-            if not path.is_file():
-                raise MachineError(f"disk image {disk} does not exist (or is not a file)")
-            if not os.access(path, os.R_OK | (0 if readonly or snapshot else os.W_OK)):
-                raise MachineError(f"disk image {disk} is not {'readable' if readonly or snapshot else 'writable'}"
-                                   " by this user (--readonly or --snapshot to boot it without writing)")
-            self.disk = DiskImage(path, readonly=readonly, snapshot=snapshot)
-            devices.append(VirtioBlk(self.disk, readonly=readonly))
+            devices.append(VirtioBlk(disk, readonly=readonly))
             self.cmdline.add_default("root", "/dev/vda")
         if console == "hvc0":
             self.hvc = VirtioConsole(self.console.write)
