@@ -5,7 +5,7 @@
     from pykvm.assets import test_kernel, cloud_kernel, initramfs, disk_image
     k = test_kernel()          # TestKernel(bzimage=Path, vmlinux=Path, config=Path, release=str)
     cloud_kernel()             # Path: Debian's linux-image-cloud-amd64 vmlinuz (bzImage)
-    initramfs()                # Path: busybox initramfs.cpio.gz
+    initramfs()                # Path: busybox initramfs.cpio (compress=True: .cpio.gz)
     disk_image()               # Path: 64 MiB raw ext4 with the same busybox root
 
 Everything is built or fetched on first use and cached outside the repo

@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pykvm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `... --print-path | head -1`
+        sys.stdout = None  # type: ignore[assignment]  # nothing more can be written
+        return 0
     if not args.print_path:
         print(f"(cache: {cache_root()})", file=sys.stderr)
     return 0
