@@ -351,7 +351,7 @@ idt32_ptr:
 /* ---------------------------------------------------------------- page tables
  * Identity map of the first 1 GiB with 2 MiB pages, user-accessible and writable (flags 0x87:
  * P, RW, US, PS) so CPL3 code can touch any of it, plus the alias: virtual 1 GiB + x -> x for
- * x < 2 MiB. The 4-level tables (PML4 -> PDPT) and the PAE table (4-entry PDPT; its entries may
+ * x < 2 MiB, plus the MMIO hole (3-4 GiB, uncached) so CPL3 programs can drive MMIO devices. The 4-level tables (PML4 -> PDPT) and the PAE table (4-entry PDPT; its entries may
  * only have P set, SDM 4.4.1) share the page directories. */
     .section .data.pagetables, "aw"
     .balign 4096
@@ -361,7 +361,9 @@ pml4:
 pdpt:
     .quad pd_identity + 0x7
     .quad pd_alias + 0x7
-    .fill 510, 8, 0
+    .quad 0
+    .quad pd_mmio + 0x7
+    .fill 508, 8, 0
 pd_identity:
     .set i, 0
     .rept 512
@@ -371,10 +373,19 @@ pd_identity:
 pd_alias:
     .quad 0x87
     .fill 511, 8, 0
+/* The MMIO hole, 3-4 GiB (pykvm.x86.layout.MMIO_HOLE_START: virtio-mmio at 0xd0000000, PCI BARs),
+ * identity-mapped for CPL3 drivers with caching off (flags 0x9f: P, RW, US, PWT, PCD, PS). */
+pd_mmio:
+    .set i, 0
+    .rept 512
+    .quad (0xc0000000 + (i << 21)) | 0x9f
+    .set i, i + 1
+    .endr
 pae_pdpt:
     .quad pd_identity + 0x1
     .quad pd_alias + 0x1
-    .quad 0, 0
+    .quad 0
+    .quad pd_mmio + 0x1
 
 /* ---------------------------------------------------------------- stacks */
     .bss

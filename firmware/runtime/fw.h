@@ -117,6 +117,10 @@ __attribute__((noreturn)) void fw_exit(uint32_t status);
 
 /* Arguments from the VMM: the i-th integer parameter, or `dflt` if the VMM gave fewer. */
 uint64_t fw_arg(unsigned i, uint64_t dflt);
+/* Point IDT entry `vector` at `handler` (a 64-bit interrupt gate, DPL0: the handler runs at CPL0,
+ * emulated on KVM-PVM hosts, and must end in iretq; see firmware/timer.c). The IDT is ordinary
+ * user-accessible memory here, so CPL3 programs may call this too. */
+void fw_set_interrupt_gate(unsigned vector, void (*handler)(void));
 /* The current privilege level (CS's low two bits). */
 static inline unsigned fw_cpl(void)
 {

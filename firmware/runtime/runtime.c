@@ -135,7 +135,9 @@ struct idt_gate {
     uint32_t offset_high, reserved;
 };
 
-static struct idt_gate idt[32] __attribute__((aligned(16)));
+/* All 256 vectors: 0-31 are the exception stubs, the rest stay not-present (#NP if raised) until a
+ * program installs a handler with fw_set_interrupt_gate. */
+static struct idt_gate idt[256] __attribute__((aligned(16)));
 static struct { /* 64-bit TSS (SDM 8.7): only RSP0 matters here, the stack for CPL3 -> CPL0 */
     uint32_t reserved0;
     uint64_t rsp[3];
@@ -151,19 +153,23 @@ struct __attribute__((packed)) table_ptr {
     uint64_t base;
 };
 
+void fw_set_interrupt_gate(unsigned vector, void (*handler)(void))
+{
+    uint64_t h = (uint64_t)handler;
+    idt[vector & 0xff] = (struct idt_gate){
+        .offset_low = (uint16_t)h,
+        .selector = FW_SEL_CODE64,
+        .ist = 0,
+        .type_attr = 0x8e, /* present, DPL0, 64-bit interrupt gate */
+        .offset_mid = (uint16_t)(h >> 16),
+        .offset_high = (uint32_t)(h >> 32),
+    };
+}
+
 static void setup_tables(void)
 {
-    for (int v = 0; v < 32; v++) {
-        uint64_t h = fw_isr_table[v];
-        idt[v] = (struct idt_gate){
-            .offset_low = (uint16_t)h,
-            .selector = FW_SEL_CODE64,
-            .ist = 0,
-            .type_attr = 0x8e, /* present, DPL0, 64-bit interrupt gate */
-            .offset_mid = (uint16_t)(h >> 16),
-            .offset_high = (uint32_t)(h >> 32),
-        };
-    }
+    for (int v = 0; v < 32; v++)
+        fw_set_interrupt_gate((unsigned)v, (void (*)(void))fw_isr_table[v]);
     struct table_ptr idtr = {sizeof(idt) - 1, (uint64_t)idt};
     __asm__ volatile("lidt %0" ::"m"(idtr));
 

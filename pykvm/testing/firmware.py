@@ -329,14 +329,17 @@ def prepare(machine, elf: str | os.PathLike, *, cpl: int = 3, args: Iterable[int
 def run_firmware(name: str, *, cpl: int = 3, args: Iterable[int] = (), timeout: float = 30,
                  memory: int = 16 << 20, setup: Callable | None = None,
                  echo: Callable[[bytes], None] | None = None,
-                 complete_pvm_gaps: bool = False) -> FirmwareResult:
+                 complete_pvm_gaps: bool = False, irqchip: str = "none") -> FirmwareResult:
     """Build `name`, boot it on a fresh Machine, run it to its exit, and report.
 
     setup(machine) is called before the first instruction, to add devices (e.g. a counter on the
     port exit_storm writes to); echo(bytes) also receives console output as it comes.
     complete_pvm_gaps registers pykvm.pvm.complete_gap, so CPL0 instructions KVM-PVM's emulator
     lacks (int3, popcnt, ...) are completed by the VMM; off by default, so a program meets the
-    host as it is (the runtime itself avoids them)."""
+    host as it is (the runtime itself avoids them). irqchip: the Machine's interrupt controller,
+    "none" (the default: firmware that needs none), "user" (pykvm's Python 8259 pair and 8254,
+    injected with KVM_INTERRUPT: firmware/timer.c) or "kernel" (needed by devices that drive an
+    interrupt line, e.g. a virtio-mmio device from attach_mmio, even when the guest polls)."""
     from ..devices.debugcon import DebugCon, ExitPort
     from ..machine import Stop
     from ..x86 import layout
@@ -349,7 +352,7 @@ def run_firmware(name: str, *, cpl: int = 3, args: Iterable[int] = (), timeout: 
         if echo is not None:
             echo(data)
 
-    with firmware_machine(memory) as m:
+    with firmware_machine(memory, irqchip=irqchip) as m:
         m.add_pio(layout.PORT_DEBUG, 1, DebugCon(out), "debugcon")
         m.add_pio(layout.PORT_EXIT, 4, ExitPort(lambda s: m.request_stop(Stop("exit", s))),
                   "exit")
