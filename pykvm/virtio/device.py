@@ -16,6 +16,9 @@ registers (virtio-mmio), PCI capabilities (virtio-pci) - is the transport's busi
 and the device calls back `interrupt(VIRTIO_INT_*)` when it has used buffers or a config change,
 and `needs_reset()` when the guest broke a queue (DEVICE_NEEDS_RESET).
 
+`VirtioTransport` (below) is the part both transports share: the status state machine, feature
+negotiation and queue enabling, so virtio-mmio and virtio-pci differ only in their registers.
+
 Locking: the vCPU thread drives the transport; a backend thread (network receive, console input)
 may also touch the queues. Both go through `self.lock` (re-entrant), which the transports take
 around every register access and the devices take in their own threads.
@@ -195,3 +198,163 @@ class VirtioDevice:
     @property
     def queue_errors(self) -> int:
         return sum(q.errors for q in self.queues)
+
+
+class VirtioTransport:
+    """What every transport shares, whatever its registers look like: the device status state
+    machine (2.1, 3.1.1), feature negotiation (2.2), the selected queue's set-up and the interrupt
+    status bits. virtio-mmio (mmio.py) and virtio-pci (pci.py) map their registers onto these.
+
+    A subclass calls `_init_transport(device, mem)` and implements `_update_interrupt()` (drive its
+    interrupt line from `interrupt_status`); `transport_name` names it in log lines.
+
+    State: `status` (the device status byte), `interrupt_status` (VIRTIO_INT_* bits: mmio's
+    InterruptStatus, pci's ISR), `device_features_sel`, `driver_features_sel`, `queue_sel`, and the
+    driver's features staged until FEATURES_OK. Guest mistakes are counted in `errors`.
+    """
+
+    transport_name = "virtio"
+
+    def _init_transport(self, device: VirtioDevice, mem: GuestMemory) -> None:
+        self.device = device
+        self.mem = mem
+        self.errors: collections.Counter = collections.Counter()
+        self._reset_transport()
+        device.connect(mem, self._interrupt, self._needs_reset)
+
+    def _reset_transport(self) -> None:
+        self.status = 0
+        self.interrupt_status = 0
+        self.device_features_sel = 0
+        self.driver_features_sel = 0
+        self.queue_sel = 0
+        self._driver_features = 0  # staged until FEATURES_OK
+
+    # ---- interrupts ----
+    def _update_interrupt(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _interrupt(self, cause: int) -> None:
+        with self.device.lock:
+            self.interrupt_status |= cause
+            self._update_interrupt()
+
+    def _needs_reset(self) -> None:
+        with self.device.lock:
+            if not self.status & STATUS_DEVICE_NEEDS_RESET:
+                self.status |= STATUS_DEVICE_NEEDS_RESET
+                self._interrupt(VIRTIO_INT_CONFIG)
+
+    def _guest_error(self, kind: str, detail: str = "") -> None:
+        self.errors[kind] += 1
+        level = logging.WARNING if self.errors[kind] == 1 else logging.DEBUG
+        log.log(level, "%s %s: %s %s", self.transport_name, self.device.name, kind, detail)
+
+    # ---- features ----
+    def _device_features_word(self) -> int:
+        """The 32 feature bits that device_features_sel selects (0 beyond bit 63)."""
+        if self.device_features_sel > 1:
+            return 0
+        return (self.device.device_features >> (32 * self.device_features_sel)) & 0xFFFFFFFF
+
+    def _write_driver_features(self, value: int) -> None:
+        if self.status & STATUS_FEATURES_OK or not self.status & STATUS_DRIVER:
+            self._guest_error("driver features written outside negotiation")
+        elif self.driver_features_sel > 1:
+            if value:
+                self._guest_error("driver features beyond bit 63", f"{value:#x}")
+        else:
+            shift = 32 * self.driver_features_sel
+            self._driver_features = ((self._driver_features & ~(0xFFFFFFFF << shift))
+                                     | (value << shift))
+
+    def _features_acceptable(self) -> bool:
+        f = self._driver_features
+        extra = f & ~self.device.device_features
+        if extra:
+            self._guest_error("features not offered", f"{extra:#x}")
+            return False
+        if not f & VIRTIO_F_VERSION_1:
+            self._guest_error("legacy driver", "VIRTIO_F_VERSION_1 not accepted")
+            return False
+        if not self.device.accept_features(f):
+            self._guest_error("features refused by the device", f"{f:#x}")
+            return False
+        return True
+
+    # ---- queues ----
+    def _queue(self) -> VirtQueue | None:
+        qs = self.device.queues
+        return qs[self.queue_sel] if self.queue_sel < len(qs) else None
+
+    def _write_queue_size(self, value: int) -> None:
+        q = self._queue()
+        if q is None or q.ready:
+            self._guest_error("queue size of a missing or live queue", f"queue {self.queue_sel}")
+        else:
+            q.size = value      # checked against max_size when the queue is enabled (q.check)
+
+    def _write_queue_addr(self, attr: str, shift: int, value: int) -> None:
+        """32 bits (at bit `shift`) of the selected queue's `attr`: desc_addr, avail_addr or
+        used_addr. The driver writes them in halves; a live queue's addresses are fixed."""
+        q = self._queue()
+        if q is None or q.ready:
+            self._guest_error("address of a missing or live queue", f"queue {self.queue_sel}")
+        else:
+            old = getattr(q, attr)
+            setattr(q, attr, (old & ~(0xFFFFFFFF << shift)) | ((value & 0xFFFFFFFF) << shift))
+
+    def _write_queue_ready(self, value: int) -> None:
+        q = self._queue()
+        if q is None:
+            self._guest_error("QueueReady of a missing queue", f"queue {self.queue_sel}")
+            return
+        if not value:
+            q.ready = False
+            return
+        if q.ready:
+            return
+        why = q.check(self.mem)
+        if why:
+            self._guest_error("bad queue", f"queue {self.queue_sel}: {why}")
+            self._needs_reset()
+            return
+        q.ready = True
+        if self.status & STATUS_DRIVER_OK and self.device.active:
+            self.device.notify(self.queue_sel)
+
+    # ---- device status ----
+    def _write_status(self, value: int) -> None:
+        if value == 0:
+            self.device.reset()
+            self._reset_transport()
+            self._update_interrupt()
+            return
+        old = self.status & ~STATUS_DEVICE_NEEDS_RESET
+        new = value & ~STATUS_DEVICE_NEEDS_RESET
+        if old & ~new:
+            self._guest_error("status bit cleared", f"{self.status:#x} -> {value:#x}")
+            self._needs_reset()
+            return
+        added = new & ~old
+        if added & STATUS_FAILED:
+            log.info("%s %s: the driver gave up (FAILED)", self.transport_name, self.device.name)
+        if added & (STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK) \
+                and not new & STATUS_ACKNOWLEDGE:
+            self._guest_error("status out of order", f"{value:#x} without ACKNOWLEDGE")
+        if added & STATUS_FEATURES_OK:
+            if not self._features_acceptable():
+                new &= ~STATUS_FEATURES_OK   # the bit does not stick: the driver reads it back
+        if added & STATUS_DRIVER_OK:
+            if not new & STATUS_FEATURES_OK:
+                self._guest_error("DRIVER_OK before FEATURES_OK")
+                self._needs_reset()
+                return
+            if self.status & STATUS_DEVICE_NEEDS_RESET:
+                self._guest_error("DRIVER_OK on a device that needs a reset")
+                return
+        self.status = new | (self.status & STATUS_DEVICE_NEEDS_RESET)
+        if added & STATUS_FEATURES_OK and new & STATUS_FEATURES_OK:
+            self.device.driver_features = self._driver_features
+        if added & STATUS_DRIVER_OK:
+            self.device.activate()

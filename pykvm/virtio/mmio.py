@@ -31,17 +31,10 @@ configuration-change interrupt, as 2.1.2 asks. Writes the spec says a driver mus
 
 from __future__ import annotations
 
-import collections
-import logging
-
 from pykvm.irq import IrqLine
 from pykvm.memory import GuestMemory
 
-from .device import (STATUS_ACKNOWLEDGE, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER,
-                     STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK, VIRTIO_F_VERSION_1,
-                     VIRTIO_INT_CONFIG, VirtioDevice)
-
-log = logging.getLogger("pykvm.virtio")
+from .device import STATUS_DRIVER_OK, VirtioDevice, VirtioTransport
 
 MAGIC_VALUE = 0x000
 VERSION = 0x004
@@ -86,46 +79,23 @@ _QUEUE_ADDR = {
 }
 
 
-class VirtioMmio:
+class VirtioMmio(VirtioTransport):
     """The virtio-mmio v2 transport for one device: a bus device (read/write at offsets) that owns
-    the registers and the status state machine, and drives `irq` from InterruptStatus."""
+    the registers, and drives `irq` from InterruptStatus. The status state machine and feature
+    negotiation are `VirtioTransport`'s (device.py), shared with virtio-pci."""
+
+    transport_name = "virtio-mmio"
 
     def __init__(self, device: VirtioDevice, mem: GuestMemory, irq: IrqLine):
-        self.device = device
-        self.mem = mem
         self.irq = irq
-        self.errors: collections.Counter = collections.Counter()
-        self._reset_transport()
-        device.connect(mem, self._interrupt, self._needs_reset)
+        self._init_transport(device, mem)
 
     def _reset_transport(self) -> None:
-        self.status = 0
-        self.interrupt_status = 0
-        self.device_features_sel = 0
-        self.driver_features_sel = 0
-        self.queue_sel = 0
+        super()._reset_transport()
         self.shm_sel = 0
-        self._driver_features = 0  # staged until FEATURES_OK
 
-    # ---- interrupts ----
-    def _update_irq(self) -> None:
+    def _update_interrupt(self) -> None:
         self.irq.set_level(self.interrupt_status != 0)
-
-    def _interrupt(self, cause: int) -> None:
-        with self.device.lock:
-            self.interrupt_status |= cause
-            self._update_irq()
-
-    def _needs_reset(self) -> None:
-        with self.device.lock:
-            if not self.status & STATUS_DEVICE_NEEDS_RESET:
-                self.status |= STATUS_DEVICE_NEEDS_RESET
-                self._interrupt(VIRTIO_INT_CONFIG)
-
-    def _guest_error(self, kind: str, detail: str = "") -> None:
-        self.errors[kind] += 1
-        level = logging.WARNING if self.errors[kind] == 1 else logging.DEBUG
-        log.log(level, "virtio-mmio %s: %s %s", self.device.name, kind, detail)
 
     # ---- register access ----
     def read(self, offset: int, size: int) -> int:
@@ -147,10 +117,6 @@ class VirtioMmio:
                 return
             self._write_register(offset, value & 0xFFFFFFFF)
 
-    def _queue(self):
-        qs = self.device.queues
-        return qs[self.queue_sel] if self.queue_sel < len(qs) else None
-
     def _read_register(self, offset: int) -> int:
         d = self.device
         if offset == MAGIC_VALUE:
@@ -162,9 +128,7 @@ class VirtioMmio:
         if offset == VENDOR_ID:
             return VENDOR_PYKVM
         if offset == DEVICE_FEATURES:
-            if self.device_features_sel > 1:
-                return 0
-            return (d.device_features >> (32 * self.device_features_sel)) & 0xFFFFFFFF
+            return self._device_features_word()
         if offset == QUEUE_NUM_MAX:
             q = self._queue()
             return q.max_size if q else 0   # 0: "this queue does not exist"
@@ -198,31 +162,13 @@ class VirtioMmio:
         elif offset == DRIVER_FEATURES_SEL:
             self.driver_features_sel = value
         elif offset == DRIVER_FEATURES:
-            if self.status & STATUS_FEATURES_OK or not self.status & STATUS_DRIVER:
-                self._guest_error("driver features written outside negotiation")
-            elif self.driver_features_sel > 1:
-                if value:
-                    self._guest_error("driver features beyond bit 63", f"{value:#x}")
-            else:
-                shift = 32 * self.driver_features_sel
-                self._driver_features = ((self._driver_features & ~(0xFFFFFFFF << shift))
-                                         | (value << shift))
+            self._write_driver_features(value)
         elif offset == QUEUE_SEL:
             self.queue_sel = value
         elif offset == QUEUE_NUM:
-            q = self._queue()
-            if q is None or q.ready:
-                self._guest_error("QueueNum of a missing or live queue", f"queue {self.queue_sel}")
-            else:
-                q.size = value
+            self._write_queue_size(value)
         elif offset in _QUEUE_ADDR:
-            q = self._queue()
-            if q is None or q.ready:
-                self._guest_error("address of a missing or live queue", f"queue {self.queue_sel}")
-            else:
-                attr, shift = _QUEUE_ADDR[offset]
-                old = getattr(q, attr)
-                setattr(q, attr, (old & ~(0xFFFFFFFF << shift)) | (value << shift))
+            self._write_queue_addr(*_QUEUE_ADDR[offset], value)
         elif offset == QUEUE_READY:
             self._write_queue_ready(value)
         elif offset == QUEUE_NOTIFY:
@@ -231,7 +177,7 @@ class VirtioMmio:
                 d.notify(value & 0xFFFF)
         elif offset == INTERRUPT_ACK:
             self.interrupt_status &= ~value
-            self._update_irq()
+            self._update_interrupt()
         elif offset == STATUS:
             self._write_status(value & 0xFF)
         elif offset == SHM_SEL:
@@ -242,71 +188,3 @@ class VirtioMmio:
         else:
             self._guest_error("write to a read-only or reserved register",
                               f"{offset:#x} = {value:#x}")
-
-    def _write_queue_ready(self, value: int) -> None:
-        q = self._queue()
-        if q is None:
-            self._guest_error("QueueReady of a missing queue", f"queue {self.queue_sel}")
-            return
-        if not value:
-            q.ready = False
-            return
-        if q.ready:
-            return
-        why = q.check(self.mem)
-        if why:
-            self._guest_error("bad queue", f"queue {self.queue_sel}: {why}")
-            self._needs_reset()
-            return
-        q.ready = True
-        if self.status & STATUS_DRIVER_OK and self.device.active:
-            self.device.notify(self.queue_sel)
-
-    def _write_status(self, value: int) -> None:
-        if value == 0:
-            self.device.reset()
-            self._reset_transport()
-            self._update_irq()
-            return
-        old = self.status & ~STATUS_DEVICE_NEEDS_RESET
-        new = value & ~STATUS_DEVICE_NEEDS_RESET
-        if old & ~new:
-            self._guest_error("status bit cleared", f"{self.status:#x} -> {value:#x}")
-            self._needs_reset()
-            return
-        added = new & ~old
-        if added & STATUS_FAILED:
-            log.info("virtio-mmio %s: the driver gave up (FAILED)", self.device.name)
-        if added & (STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK) \
-                and not new & STATUS_ACKNOWLEDGE:
-            self._guest_error("status out of order", f"{value:#x} without ACKNOWLEDGE")
-        if added & STATUS_FEATURES_OK:
-            if not self._features_acceptable():
-                new &= ~STATUS_FEATURES_OK   # the bit does not stick: the driver reads it back
-        if added & STATUS_DRIVER_OK:
-            if not new & STATUS_FEATURES_OK:
-                self._guest_error("DRIVER_OK before FEATURES_OK")
-                self._needs_reset()
-                return
-            if self.status & STATUS_DEVICE_NEEDS_RESET:
-                self._guest_error("DRIVER_OK on a device that needs a reset")
-                return
-        self.status = new | (self.status & STATUS_DEVICE_NEEDS_RESET)
-        if added & STATUS_FEATURES_OK and new & STATUS_FEATURES_OK:
-            self.device.driver_features = self._driver_features
-        if added & STATUS_DRIVER_OK:
-            self.device.activate()
-
-    def _features_acceptable(self) -> bool:
-        f = self._driver_features
-        extra = f & ~self.device.device_features
-        if extra:
-            self._guest_error("features not offered", f"{extra:#x}")
-            return False
-        if not f & VIRTIO_F_VERSION_1:
-            self._guest_error("legacy driver", "VIRTIO_F_VERSION_1 not accepted")
-            return False
-        if not self.device.accept_features(f):
-            self._guest_error("features refused by the device", f"{f:#x}")
-            return False
-        return True
