@@ -9,7 +9,7 @@ the same run, and prints one table:
 2. bench.compute   guest CPU and memory work against native: STREAM/RAMspeed loops, LZ77
                    compression (bench/stream.py, bench/compress.py run one each)
 3. bench.boot      Linux boot to "Run /init": wall time, exits, the VMM's share
-4. bench.blk       virtio-blk sequential read/write against host pread/pwrite
+4. bench.blk       virtio-blk sequential read (firmware/virtio_blk) against host pread
 5. bench.startup   VMM start-up to the first guest byte; resident memory beyond guest RAM
 
 Each module runs alone too: `python -m bench.<name> [--quick]` or `python bench/<name>.py`.
