@@ -300,3 +300,54 @@ def test_built_test_kernel():
         notes = [(n["n_name"], n["n_type"]) for seg in elf.iter_segments()
                  if seg["p_type"] == "PT_NOTE" for n in seg.iter_notes()]
     assert ("Xen", 18) in notes, notes  # XEN_ELFNOTE_PHYS32_ENTRY: the PVH entry point
+
+
+# --- the tiny init ------------------------------------------------------------
+
+def test_tiny_initramfs_holds_only_console_and_init():
+    from pykvm.assets.userland import TINY_MESSAGE
+    entries = {e.name: e for e in read_cpio(initramfs(tiny=True).read_bytes())}
+    assert set(entries) == {"dev", "dev/console", "init"}
+    init = entries["init"].data
+    assert init[:4] == b"\x7fELF" and len(init) < 300 and init.endswith(TINY_MESSAGE.encode())
+    assert entries["dev/console"].rdev == (5, 1)
+
+
+def test_tiny_init_is_a_valid_static_elf(tmp_path):
+    from elftools.elf.elffile import ELFFile
+    from pykvm.assets.tinyinit import LOAD_ADDRESS, tiny_init
+
+    path = tmp_path / "init"
+    path.write_bytes(tiny_init("hello\n"))
+    with open(path, "rb") as f:
+        elf = ELFFile(f)
+        assert (elf["e_type"], elf["e_machine"]) == ("ET_EXEC", "EM_X86_64")
+        (seg,) = list(elf.iter_segments())
+        assert seg["p_type"] == "PT_LOAD" and seg["p_vaddr"] == LOAD_ADDRESS
+        assert seg["p_filesz"] == path.stat().st_size
+        assert LOAD_ADDRESS <= elf["e_entry"] < LOAD_ADDRESS + seg["p_filesz"]
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None or __import__("platform").machine() != "x86_64",
+                    reason="needs x86-64 Linux and setpriv (util-linux)")
+def test_tiny_init_prints_then_tries_to_power_off():
+    """Run it on the host with no capabilities at all, so its reboot() fails with EPERM."""
+    import os
+    import tempfile
+
+    from pykvm.assets.tinyinit import tiny_init
+
+    with tempfile.TemporaryDirectory(dir="/tmp") as d:  # reachable by `nobody`
+        os.chmod(d, 0o755)
+        path = Path(d) / "init"
+        path.write_bytes(tiny_init("pykvm: hello from tiny init\n"))
+        path.chmod(0o755)
+        # Never let this reach reboot() with CAP_SYS_BOOT: as root, drop every capability
+        # and become nobody first; a non-root user has no CAP_SYS_BOOT to begin with.
+        argv = [str(path)]
+        if os.geteuid() == 0:
+            argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+                    "--bounding-set=-all", "--no-new-privs", *argv]
+        proc = subprocess.run(argv, capture_output=True, timeout=10)
+    assert proc.stdout == b"pykvm: hello from tiny init\n"
+    assert proc.returncode == 1  # reboot() refused, then exit(1)

@@ -6,6 +6,7 @@
     k = test_kernel()          # TestKernel(bzimage=Path, vmlinux=Path, config=Path, release=str)
     cloud_kernel()             # Path: Debian's linux-image-cloud-amd64 vmlinuz (bzImage)
     initramfs()                # Path: busybox initramfs.cpio (compress=True: .cpio.gz)
+    initramfs(tiny=True)       # Path: just a 200-byte /init that prints the marker and powers off
     disk_image()               # Path: 64 MiB raw ext4 with the same busybox root
 
 Everything is built or fetched on first use and cached outside the repo
@@ -21,6 +22,7 @@ How it is done:
 2. ``cpio``: the cpio "newc" format, with ``construct``.
 3. ``userland``: busybox-static into an initramfs whose /init prints
    :data:`USERLAND_MARKER` and powers off on ``pykvm.poweroff``.
+   ``tinyinit``: that 200-byte /init, an ELF written byte by byte.
 4. ``disk``: the same tree as an ext4 image via ``mke2fs -d``.
 5. ``kernel``: Debian's linux-source-6.1, ``tinyconfig`` + ``pykvm-6.1.config``.
 6. ``cloud``: Debian's cloud kernel as shipped.

@@ -1,4 +1,4 @@
-"""``python -m pykvm.assets [test-kernel|cloud-kernel|initramfs|disk|all] [--print-path]``.
+"""``python -m pykvm.assets [test-kernel|cloud-kernel|initramfs|tiny-initramfs|disk|all] [--print-path]``.
 
 Builds or fetches the named default assets (all of them by default) and
 prints where they are in the cache. Progress goes to stderr; with
@@ -15,7 +15,7 @@ from . import debian
 from .cache import cache_root
 from .errors import AssetError
 
-ASSETS = ["test-kernel", "cloud-kernel", "initramfs", "disk"]
+ASSETS = ["test-kernel", "cloud-kernel", "initramfs", "tiny-initramfs", "disk"]
 ALIASES = {"kernel": "test-kernel"}
 
 
@@ -29,6 +29,8 @@ def _paths(name: str) -> list[tuple[str, str]]:
         return [("cloud-kernel", str(cloud_kernel()))]
     if name == "initramfs":
         return [("initramfs", str(initramfs()))]
+    if name == "tiny-initramfs":
+        return [("tiny-initramfs", str(initramfs(tiny=True)))]
     if name == "disk":
         return [("disk", str(disk_image()))]
     raise AssertionError(name)
