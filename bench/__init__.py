@@ -27,7 +27,8 @@ def host_lines() -> list[str]:
     from pykvm import pvm
     kind = pvm.host_kind()
     what = {
-        "KVM-PVM": "guest CPL0 code is emulated, CPL3 runs natively; exits from CPL3 cost ~3x CPL0's",
+        "KVM-PVM": "guest CPL0 code is emulated, CPL3 runs natively; exits from CPL3 cost ~3x "
+                   "CPL0's",
     }.get(kind, "hardware virtualization: guest code runs natively at every CPL")
     load = os.getloadavg()[0]
     return [f"host:   {kind} ({what})",

@@ -38,7 +38,8 @@ def _runners(opts):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer iterations, one Linux boot (~2 min)")
+    ap.add_argument("--quick", action="store_true",
+                    help="fewer iterations, one Linux boot (~2 min)")
     ap.add_argument("--only", action="append", choices=SECTIONS,
                     help="run only this section (repeatable)")
     ap.add_argument("--skip-qemu", action="store_true", help="leave out the QEMU exit row")

@@ -100,7 +100,8 @@ def guest_read_seconds(path: Path, size: int) -> tuple[float, int]:
         m.add_pio(layout.PORT_EXIT, 4, ExitPort(lambda s: m.request_stop(Stop("exit", s))), "exit")
         m.add_pio(MARKER_PORT, 1, marker, "bench-marker")
         attach_mmio(m, VirtioBlk(DiskImage(path, readonly=True)), 0)
-        F.prepare(m, elf, args=[1, layout.VIRTIO_MMIO_BASE, size, REQUEST, 64 << 10, 4, MARKER_PORT])
+        F.prepare(m, elf, args=[1, layout.VIRTIO_MMIO_BASE, size, REQUEST, 64 << 10, 4,
+                                MARKER_PORT])
         stop = m.run(timeout=300)
     text = out.decode(errors="replace")
     if stop.reason != "exit" or stop.status != 0:

@@ -124,14 +124,17 @@ def boot_rows(quick: bool = False, build: bool = False, irqchips=("kernel",),
                 continue
             if r.reason != "until":
                 sec.rows.append(Row(name, note=f"did not reach {UNTIL!r}: stop {r.reason} after "
-                                                f"{r.wall:.0f} s", details=[_exit_summary(r.stats)]))
+                                               f"{r.wall:.0f} s",
+                                    details=[_exit_summary(r.stats)]))
                 continue
             row = Row(name, r.wall, "s", r.in_kvm_run or None, "in KVM_RUN", GOAL)
-            row.note = (f"VMM share {row.share:.2f}% ({r.wall - r.in_kvm_run:.2f} s outside KVM_RUN)"
+            row.note = (f"VMM share {row.share:.2f}% "
+                        f"({r.wall - r.in_kvm_run:.2f} s outside KVM_RUN)"
                         if row.share is not None else "")
             row.details = [_exit_summary(r.stats),
                            f"set-up before the first instruction {r.setup:.2f} s; "
-                           f"KVM-PVM gaps completed: {sum(r.stats.get('pvm_gaps_completed', {}).values())}"]
+                           "KVM-PVM gaps completed: "
+                           f"{sum(r.stats.get('pvm_gaps_completed', {}).values())}"]
             sec.rows.append(row)
     if quick:
         sec.notes.append("--quick: fast path off not booted")

@@ -9,11 +9,14 @@ source (bench/kernels/*.c) is compiled twice with the same gcc flags - into a fi
 
 - Timing is `rdtsc` inside each program around each loop (best pass of several per run, the first
   a warm-up; the median over runs). KVM runs the guest's TSC at the host's rate, so ticks compare
-  directly; they become seconds with the TSC frequency the native program measures. As a check, the guest also reports
-  the ticks its whole main() took, which must fit inside the host's wall time for the run.
+  directly; they become seconds with the TSC frequency the native program measures. As a check,
+  the guest also reports the ticks its whole main() took, which must fit inside the host's wall
+  time for the run.
 - SSE: the firmware runtime never sets CR4.OSFXSR, and main() runs at CPL3 where CR4 cannot be
-  written, so firmware/stream.c asks for it with one `outb` to port 0xFC; `EnableSse` below does what
-  an OS does at boot. The integer loops and the compressor use general registers only.
+  written, so firmware/stream.c asks for it with one `outb` to port 0xFC; `EnableSse` below does
+  what an OS does at boot. (A KVM-PVM host runs CPL3 guest code under its own CR4, so there SSE
+  works without it; on VT-x/AMD-V it would be #UD.) The integer loops and the compressor use
+  general registers only.
 - Guest RAM backing: pykvm.memory.MmapBackend maps guest RAM MAP_PRIVATE with MADV_HUGEPAGE
   (Machine(hugepages=True), the default), or without the madvise (hugepages=False: 4 KiB pages while
   THP is in "madvise" mode). The native program gets the same kind of mapping for each row, and
@@ -179,7 +182,8 @@ def smaps_of(address: int) -> dict[str, int]:
 
 def run_guest(name: str, args: list[int], memory: int, *, hugepages: bool = True,
               timeout: float = 300) -> GuestRun:
-    """Boot firmware `name` at CPL3 with `args` on a machine of `memory` bytes; run it to its exit."""
+    """Boot firmware `name` at CPL3 with `args` on a machine of `memory` bytes; run it to its
+    exit."""
     from pykvm.devices.debugcon import DebugCon, ExitPort
     from pykvm.machine import Stop
     from pykvm.x86 import layout
@@ -199,8 +203,8 @@ def run_guest(name: str, args: list[int], memory: int, *, hugepages: bool = True
             sm = smaps_of(region.backend.address())
             rss += sm.get("Rss", 0)
             huge += sm.get("AnonHugePages", 0)
-        return GuestRun(stop.status if stop.reason == "exit" else None, out.decode("utf-8", "replace"),
-                        stop, wall, m.vcpu.exit_counts(), rss, huge)
+        return GuestRun(stop.status if stop.reason == "exit" else None,
+                        out.decode("utf-8", "replace"), stop, wall, m.vcpu.exit_counts(), rss, huge)
 
 
 def run_native(name: str, args: list[int]) -> tuple[str, float]:
@@ -209,7 +213,8 @@ def run_native(name: str, args: list[int]) -> tuple[str, float]:
     r = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=600)
     wall = time.perf_counter() - t
     if r.returncode:
-        raise RuntimeError(f"{exe.name} exited {r.returncode}: {(r.stderr or r.stdout).strip()[:200]}")
+        raise RuntimeError(f"{exe.name} exited {r.returncode}: "
+                           f"{(r.stderr or r.stdout).strip()[:200]}")
     return r.stdout, wall
 
 
@@ -323,7 +328,8 @@ def stream_rows(quick: bool = False, backings=("thp", "4k"), sizes: dict | None 
     n, reps = s["stream_n"], s["stream_reps"]
     array_mib = n * 8 / MiB
     sec = Section(f"2a. Memory bandwidth, STREAM/RAMspeed loops, 3 arrays x {array_mib:g} MiB, "
-                  f"median of {s['rounds']} runs' best of {reps - 1} passes (guest CPL3 vs native, same code)")
+                  f"median of {s['rounds']} runs' best of {reps - 1} passes "
+                  "(guest CPL3 vs native, same code)")
     memory = _round_up(GUEST_BASE + 3 * n * 8) + 2 * MiB
     runs: dict[tuple[str, str, str], list[int]] = {}   # (backing, side, loop) -> best ticks per run
     nbytes: dict[str, int] = {}
@@ -358,7 +364,8 @@ def stream_rows(quick: bool = False, backings=("thp", "4k"), sizes: dict | None 
         first = len(sec.rows)
         for loop in ("int copy", "int scale", "int add", "int triad",
                      "fp copy", "fp scale", "fp add", "fp triad"):
-            g, nat = _median(runs, (backing, "guest", loop)), _median(runs, (backing, "native", loop))
+            g = _median(runs, (backing, "guest", loop))
+            nat = _median(runs, (backing, "native", loop))
             sec.rows.append(Row(
                 f"{loop}, {label}",
                 mb_per_s(nbytes[loop], g, tsc_hz) if g else None, "MB/s",
@@ -374,7 +381,8 @@ def stream_rows(quick: bool = False, backings=("thp", "4k"), sizes: dict | None 
             sec.notes.append(f"{label}: {note}")
     sec.notes.append("THP: guest RAM (and the native arrays) MAP_PRIVATE + MADV_HUGEPAGE, pykvm's "
                      "default; 4 KiB pages: the same without the madvise")
-    sec.notes.append(f"TSC {tsc_hz / 1e9:.3f} GHz (measured natively); host THP mode: {thp_mode()}; "
+    sec.notes.append(f"TSC {tsc_hz / 1e9:.3f} GHz (measured natively); "
+                     f"host THP mode: {thp_mode()}; "
                      f"{s['rounds']} runs per cell")
     return sec
 
@@ -424,7 +432,8 @@ def compress_rows(quick: bool = False, backings=("thp",), sizes: dict | None = N
     for backing in backings:
         label = "THP" if BACKINGS[backing] else "4 KiB pages"
         for what in ("compress", "decompress"):
-            g, nat = _median(runs, (backing, "guest", what)), _median(runs, (backing, "native", what))
+            g = _median(runs, (backing, "guest", what))
+            nat = _median(runs, (backing, "native", what))
             sec.rows.append(Row(f"LZ77 {what}, {label}", mb_per_s(n, g, tsc_hz) if g else None,
                                 "MB/s", mb_per_s(n, nat, tsc_hz) if nat else None, "native", GOAL,
                                 note="" if g else "; ".join(notes[:1]) or "no result"))
@@ -437,7 +446,8 @@ def main(argv=None, *, default_only: str | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer passes and rounds")
     ap.add_argument("--only", choices=("stream", "compress"), default=default_only)
     ap.add_argument("--backing", choices=("thp", "4k", "both"), default="both",
-                    help="guest RAM backing(s) to measure (default both for stream, thp for compress)")
+                    help="guest RAM backing(s) to measure "
+                         "(default both for stream, thp for compress)")
     opts = ap.parse_args(argv)
     from bench import header_lines
     sections = []

@@ -1,6 +1,6 @@
-"""The benchmark code (bench/), not the numbers: the shared kernels compute the right things natively
-and in a guest, the guest programs report in the format the host parses, and the table prints and
-marks goals. No timing is asserted anywhere: the hosts these run on are noisy shared VMs."""
+"""The benchmark code (bench/), not the numbers: the shared kernels compute the right things
+natively and in a guest, the guest programs report in the format the host parses, and the table
+prints and marks goals. No timing is asserted anywhere: the hosts these run on are noisy shared VMs."""
 
 import ctypes
 import os
@@ -71,7 +71,8 @@ def _decompress(lz, comp: bytes, cap: int) -> bytes | None:
 @pytest.mark.parametrize("data", [
     b"", b"a", b"abc" * 5, b"\0" * 100_000, bytes(range(256)) * 300,
     random.Random(1).randbytes(50_000),                                   # incompressible
-    b"".join(random.Random(2).choice([b"kvm ", b"qemu ", b"xen ", b"gzip\n"]) for _ in range(20000)),
+    b"".join(random.Random(2).choice([b"kvm ", b"qemu ", b"xen ", b"gzip\n"])
+             for _ in range(20000)),
 ])
 def test_lz_round_trip(lz, data):
     comp = _compress(lz, data)
