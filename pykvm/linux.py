@@ -39,6 +39,14 @@ PANIC_LINE = r"Kernel panic - not syncing"
 
 DISK_BUSES = ("virtio-mmio", "ide")
 
+# On KVM-PVM hosts every kernel instruction is emulated, so pure busywork at boot costs seconds.
+# These arguments skip some without changing what the guest can do (each measured here):
+PVM_SPEED_ARGS = [
+    # No read-only/NX remapping of kernel sections after init: mark_rodata_ro() frees and poisons
+    # (memsets) the 2 MiB-alignment gaps between text, rodata and data, ~6 s of emulated memset.
+    "rodata=off",
+]
+
 # With irqchip="user" there is no local APIC or IOAPIC: the kernel must use the 8259s directly.
 USER_IRQCHIP_ARGS = ["nolapic", "noapic"]
 
@@ -118,7 +126,7 @@ class LinuxVM:
             self.cmdline.add_default(key, value)
         self.added_pvm_args: list[str] = []
         if pvm_workarounds:
-            for arg in pvm.pvm_kernel_args():
+            for arg in pvm.pvm_kernel_args() + PVM_SPEED_ARGS:
                 key, _, value = arg.partition("=")
                 if not self.cmdline.has(key):
                     self.cmdline.add(key, value or None)

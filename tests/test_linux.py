@@ -22,6 +22,9 @@ pytestmark = [needs_kvm, pytest.mark.linux]
 RUN_INIT = r"Run /init as init process"
 # Generous: a loaded 2-core CI machine emulating every kernel instruction. Typical is ~1 minute.
 BOOT_TIMEOUT = 900
+# Boot time grows with guest RAM under emulation (the kernel initialises a struct page per 4 KiB):
+# the tests give the guest what it needs, no more.
+MEMORY = "128M"
 ON_PVM = pvm.host_kind() == pvm.KVM_PVM
 NO_USERLAND = pytest.mark.skipif(
     ON_PVM, reason="this host's /dev/kvm is KVM-PVM: guest user mode cannot run here "
@@ -44,7 +47,7 @@ def rootfs():
 
 
 def test_test_kernel_reaches_init_through_the_library(kernel, rootfs):
-    with LinuxVM(kernel.bzimage, initrd=rootfs, memory="256M") as vm:
+    with LinuxVM(kernel.bzimage, initrd=rootfs, memory=MEMORY) as vm:
         print("command line:", vm.cmdline)
         vm.start(timeout=BOOT_TIMEOUT)
         boot_lines_in_order(vm, [
@@ -66,7 +69,7 @@ def test_test_kernel_reaches_init_through_the_library(kernel, rootfs):
 
 def test_vmlinux_elf_boots_too(kernel, rootfs):
     """The ELF vmlinux (with its PVH note) through the same 64-bit entry."""
-    with LinuxVM(kernel.vmlinux, initrd=rootfs, memory="256M", until=RUN_INIT) as vm:
+    with LinuxVM(kernel.vmlinux, initrd=rootfs, memory=MEMORY, until=RUN_INIT) as vm:
         stop = vm.run(timeout=BOOT_TIMEOUT)
         assert stop.reason == "until", (stop, vm.console.tail())
         assert vm.plan.description["format"] == "ELF vmlinux"
@@ -76,7 +79,8 @@ def test_cli_boot_until_init_exits_zero(kernel, rootfs, tmp_path):
     log = tmp_path / "console.log"
     p = subprocess.run(
         [sys.executable, "-m", "pykvm.cli", "boot", str(kernel.bzimage), "--initrd", str(rootfs),
-         "--until", RUN_INIT, "--timeout", str(BOOT_TIMEOUT), "--console", str(log), "--stats"],
+         "--until", RUN_INIT, "--timeout", str(BOOT_TIMEOUT), "--console", str(log), "--stats",
+         "--memory", MEMORY],
         capture_output=True, text=True, timeout=BOOT_TIMEOUT + 60, stdin=subprocess.DEVNULL)
     print(p.stderr)
     assert p.returncode == 0, p.stderr
@@ -91,7 +95,8 @@ def test_kernel_panic_gives_exit_status_3(kernel, tmp_path):
     """No initramfs and a root device that does not exist: the kernel panics; pykvm says so."""
     p = subprocess.run(
         [sys.executable, "-m", "pykvm.cli", "boot", str(kernel.bzimage), "--append",
-         "root=/dev/nonexistent", "--timeout", str(BOOT_TIMEOUT), "--console", "none"],
+         "root=/dev/nonexistent", "--timeout", str(BOOT_TIMEOUT), "--console", "none",
+         "--memory", MEMORY],
         capture_output=True, text=True, timeout=BOOT_TIMEOUT + 60, stdin=subprocess.DEVNULL)
     assert p.returncode == 3, p.stderr
     assert "stopped: panic" in p.stderr
@@ -99,7 +104,7 @@ def test_kernel_panic_gives_exit_status_3(kernel, tmp_path):
 
 @NO_USERLAND
 def test_userland_runs_and_reboots(kernel, rootfs):
-    with LinuxVM(kernel.bzimage, initrd=rootfs, append=REBOOT_ARG) as vm:
+    with LinuxVM(kernel.bzimage, initrd=rootfs, append=REBOOT_ARG, memory=MEMORY) as vm:
         vm.start(timeout=BOOT_TIMEOUT)
         vm.console.expect(USERLAND_MARKER, timeout=BOOT_TIMEOUT)
         stop = vm.wait(BOOT_TIMEOUT)

@@ -18,6 +18,7 @@ from conftest import needs_kvm
 pytestmark = [needs_kvm, pytest.mark.linux]
 
 BOOT_TIMEOUT = 900
+MEMORY = "128M"     # boot time grows with guest RAM under emulation
 RUN_INIT = r"Run /\S+ as init process"
 
 
@@ -47,7 +48,7 @@ def boot_to_init(vm):
 
 
 def test_ext4_root_on_virtio_blk_read_write(kernel, disk):
-    with LinuxVM(kernel.bzimage, disk=disk, append="rw") as vm:
+    with LinuxVM(kernel.bzimage, disk=disk, append="rw", memory=MEMORY) as vm:
         assert "root=/dev/vda" in str(vm.cmdline)
         vm.start(timeout=BOOT_TIMEOUT)
         vm.console.expect(r"virtio_blk virtio0: \[vda\] \d+ 512-byte logical blocks", timeout=BOOT_TIMEOUT)
@@ -64,7 +65,7 @@ def test_ext4_root_on_virtio_blk_read_write(kernel, disk):
 
 def test_snapshot_leaves_the_image_untouched(kernel, disk):
     before = sha256(disk)
-    with LinuxVM(kernel.bzimage, disk=disk, snapshot=True, append="rw") as vm:
+    with LinuxVM(kernel.bzimage, disk=disk, snapshot=True, append="rw", memory=MEMORY) as vm:
         boot_to_init(vm)
         assert "mounted filesystem" in vm.console.text
     assert sha256(disk) == before
@@ -72,7 +73,7 @@ def test_snapshot_leaves_the_image_untouched(kernel, disk):
 
 def test_readonly_disk_mounts_read_only(kernel, disk):
     before = sha256(disk)
-    with LinuxVM(kernel.bzimage, disk=disk, readonly=True) as vm:
+    with LinuxVM(kernel.bzimage, disk=disk, readonly=True, memory=MEMORY) as vm:
         boot_to_init(vm)
         assert "[vda]" in vm.console.text
     assert sha256(disk) == before
@@ -80,7 +81,7 @@ def test_readonly_disk_mounts_read_only(kernel, disk):
 
 def test_console_on_hvc0_and_virtio_rng(kernel, tmp_path):
     from pykvm.assets import initramfs
-    with LinuxVM(kernel.bzimage, initrd=initramfs(), console="hvc0", rng=True) as vm:
+    with LinuxVM(kernel.bzimage, initrd=initramfs(), console="hvc0", rng=True, memory=MEMORY) as vm:
         assert "console=hvc0" in str(vm.cmdline)
         boot_to_init(vm)
         text = vm.console.text
