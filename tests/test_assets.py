@@ -351,3 +351,27 @@ def test_tiny_init_prints_then_tries_to_power_off():
         proc = subprocess.run(argv, capture_output=True, timeout=10)
     assert proc.stdout == b"pykvm: hello from tiny init\n"
     assert proc.returncode == 1  # reboot() refused, then exit(1)
+
+
+# --- Debian ---------------------------------------------------------------------
+
+def test_missing_host_packages_without_root_name_the_command(monkeypatch):
+    from pykvm.assets import debian
+
+    monkeypatch.setattr(debian, "_is_root", lambda: False)
+    with pytest.raises(AssetError) as e:
+        debian.ensure_host_packages(["coreutils", "pykvm-no-such-package"], "test this")
+    msg = str(e.value)
+    assert "\n" not in msg and "sudo apt-get install -y --no-install-recommends pykvm-no-such-package" in msg
+    assert "coreutils" not in msg.split("`")[1]  # installed packages are not asked for
+    debian.ensure_host_packages(["coreutils"], "test this")  # all present: nothing to do
+
+
+def test_cloud_metapackage_resolves_to_a_versioned_image():
+    import re
+
+    from pykvm.assets import debian
+
+    package, version = _or_skip(lambda: debian.resolve_metapackage("linux-image-cloud-amd64"))
+    assert re.fullmatch(r"linux-image-6\.1\.0-\d+-cloud-amd64", package), package
+    assert version.startswith("6.1.")
