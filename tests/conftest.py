@@ -14,6 +14,11 @@ def kvm_unusable_reason() -> str | None:
     return None
 
 
+# For a whole module: pytestmark = [*KVM_MARKS, ...]
+KVM_MARKS = [pytest.mark.kvm,
+             pytest.mark.skipif(kvm_unusable_reason() is not None, reason=kvm_unusable_reason() or "")]
+
+
 def needs_kvm(test):
     """Mark a test as running a guest on /dev/kvm: `-m "not kvm"` deselects it, and it skips,
     naming the reason, where /dev/kvm is unusable."""

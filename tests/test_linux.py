@@ -15,9 +15,9 @@ from pykvm import pvm
 from pykvm.assets import USERLAND_MARKER, REBOOT_ARG, cloud_kernel, initramfs, test_kernel
 from pykvm.linux import LinuxVM
 
-from conftest import needs_kvm
+from conftest import KVM_MARKS, needs_kvm
 
-pytestmark = [needs_kvm, pytest.mark.linux]
+pytestmark = [*KVM_MARKS, pytest.mark.linux]
 
 RUN_INIT = r"Run /init as init process"
 # Generous: a loaded 2-core CI machine emulating every kernel instruction. Typical is ~1 minute.

@@ -13,9 +13,9 @@ import pytest
 from pykvm.assets import disk_image, test_kernel
 from pykvm.linux import LinuxVM
 
-from conftest import needs_kvm
+from conftest import KVM_MARKS, needs_kvm
 
-pytestmark = [needs_kvm, pytest.mark.linux]
+pytestmark = [*KVM_MARKS, pytest.mark.linux]
 
 BOOT_TIMEOUT = 900
 MEMORY = "128M"     # boot time grows with guest RAM under emulation

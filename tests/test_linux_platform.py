@@ -1,0 +1,62 @@
+"""The test kernel on pykvm's Python PC platform: the i8259/i8254 in Python, and an IDE disk.
+
+Boots stop at the kernel's "Run ... as init process" line (no guest userland on KVM-PVM hosts).
+"""
+
+import shutil
+import subprocess
+
+import pytest
+
+from pykvm.assets import disk_image, initramfs, test_kernel
+from pykvm.linux import LinuxVM
+
+from conftest import KVM_MARKS, needs_kvm
+
+pytestmark = [*KVM_MARKS, pytest.mark.linux]
+
+BOOT_TIMEOUT = 900
+MEMORY = "128M"
+RUN_INIT = r"Run /\S+ as init process"
+IRQ0_VECTOR = 0x30      # Linux programs the master 8259 to vectors 0x30-0x37 (ISA_IRQ_VECTOR)
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    return test_kernel()
+
+
+def test_python_pit_and_pic_drive_the_kernel_timer(kernel):
+    # tsc_early_khz=0: let the kernel measure time against our PIT instead of being told the TSC
+    # frequency, so the timer-dependent calibration really runs on the Python models.
+    with LinuxVM(kernel.bzimage, initrd=initramfs(), memory=MEMORY, irqchip="user",
+                 append="tsc_early_khz=0") as vm:
+        assert "nolapic" in str(vm.cmdline)
+        vm.start(timeout=BOOT_TIMEOUT)
+        # The delay loop is calibrated by counting jiffies, i.e. IRQ 0 from the Python PIT.
+        vm.console.expect(r"Calibrating delay loop\.\.\. \d+\.\d+ BogoMIPS", timeout=BOOT_TIMEOUT)
+        vm.console.expect(r"clocksource: Switched to clocksource", timeout=BOOT_TIMEOUT)
+        vm.console.expect(r"Run /init as init process", timeout=BOOT_TIMEOUT)
+        stats = vm.stats
+        vm.stop()
+    timer_irqs = stats["interrupts_injected"].get(IRQ0_VECTOR, 0)
+    print("interrupts injected by vector:", stats["interrupts_injected"])
+    # HZ=100 in the test kernel: a boot of tens of seconds takes hundreds of ticks at least.
+    assert timer_irqs > 100
+    assert vm.machine.userirq.pic.spurious == 0
+
+
+def test_ext4_root_on_ide(kernel, tmp_path):
+    disk = tmp_path / "root.ext4"
+    shutil.copyfile(disk_image(), disk)
+    with LinuxVM(kernel.bzimage, disk=disk, disk_bus="ide", append="rw", memory=MEMORY) as vm:
+        assert "root=/dev/sda" in str(vm.cmdline)
+        vm.start(timeout=BOOT_TIMEOUT)
+        vm.console.expect(r"ata_piix", timeout=BOOT_TIMEOUT)
+        vm.console.expect(r"ATA-\d+: PYKVM HARDDISK", timeout=BOOT_TIMEOUT)
+        vm.console.expect(r"EXT4-fs \(sda\): mounted filesystem", timeout=BOOT_TIMEOUT)
+        vm.console.expect(RUN_INIT, timeout=BOOT_TIMEOUT)
+        vm.stop()
+    e2fsck = shutil.which("e2fsck") or "/sbin/e2fsck"
+    p = subprocess.run([e2fsck, "-fn", str(disk)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
