@@ -18,6 +18,19 @@ With `ioeventfd=True` and a machine that has a KVM `vm`, guest writes to QueueNo
 KVM itself (KVM_IOEVENTFD with the queue index as datamatch): the vCPU does not exit, an eventfd is
 signalled, and a thread (`IoEventNotifier`) calls the device's notify under the device lock. Without
 it, a kick is an MMIO exit handled on the vCPU thread, which is simpler and always works.
+
+    transport = attach_pci(machine, pci_bus, VirtioBlk(DiskImage("disk.img")))
+
+`attach_pci` puts the device on a `PciBus` as a modern virtio-pci function (pci.py) instead: Linux
+finds it by enumerating PCI, so there is no kernel argument. The bus assigns its BAR (as firmware
+would) and writes the chosen ISA IRQ into its Interrupt Line register, which is where Linux
+without ACPI or an MP table takes the IRQ from (drivers/pci/probe.c pci_read_irq; x86's
+pirq_enable_irq keeps it when there is no PIRQ routing table). IRQs are handed out downwards from
+11 (11, 10, 9, 7, 6, 5), while virtio-mmio devices take them upwards from 5, and each PCI device
+gets its own: several IrqLines on one KVM GSI would overwrite each other's level rather than
+wire-OR them. The IRQ is made level-triggered in the PIC's ELCR (see pci.py). Kicks stay MMIO
+exits: the BAR, and so the notify addresses, can move whenever the guest reprograms it, and an
+ioeventfd would have to follow it.
 """
 
 from __future__ import annotations
@@ -30,6 +43,7 @@ from pykvm.x86 import layout
 
 from .device import STATUS_DRIVER_OK, VirtioDevice
 from .mmio import QUEUE_NOTIFY, VirtioMmio
+from .pci import VirtioPci
 
 # ISA IRQs that the PC's own devices use (or the PIC cascade, the FPU, the PS/2 mouse).
 _LEGACY_IRQS = frozenset({layout.IRQ_PIT, layout.IRQ_KEYBOARD, 2, layout.IRQ_COM2,
@@ -55,6 +69,42 @@ def attach_mmio(machine, device: VirtioDevice, index: int, *, ioeventfd: bool = 
     if ioeventfd and getattr(machine, "vm", None) is not None:
         transport.notifier = IoEventNotifier(machine.vm, transport, base)
     return f"virtio_mmio.device=4K@{base:#x}:{irq}"
+
+
+# PCI INTx IRQs, from the top down (virtio-mmio takes VIRTIO_IRQS from the bottom up).
+PCI_IRQS = tuple(reversed(VIRTIO_IRQS))
+
+
+def _pci_irq(pci_bus) -> int:
+    used = {d.config[0x3C] for d in pci_bus.devices() if d.config[0x3D]}
+    for irq in PCI_IRQS:
+        if irq not in used:
+            return irq
+    raise ValueError(f"no free IRQ left for a PCI device ({', '.join(map(str, PCI_IRQS))} "
+                     "are taken)")
+
+
+def attach_pci(machine, pci_bus, device: VirtioDevice, *, irq: int | None = None,
+               slot: int | None = None) -> VirtioPci:
+    """Put `device` on `pci_bus` as a virtio-pci function; returns the transport. `irq`: the ISA
+    IRQ its INTA# is routed to (default: the highest of PCI_IRQS no other PCI device on the bus
+    uses). The IRQ is set level-triggered at the machine's PIC."""
+    if irq is None:
+        irq = _pci_irq(pci_bus)
+    transport = VirtioPci(device, machine.mem)
+    pci_bus.add(transport, slot=slot, irq=irq, irq_line=machine.irq_line(irq))
+    set_level_triggered(machine, irq)
+    return transport
+
+
+def set_level_triggered(machine, irq: int) -> None:
+    """Mark ISA IRQ `irq` level-triggered in the ELCR of whichever 8259 the machine has, as a PC
+    BIOS does for the IRQs it routes PCI INTx# to (Linux without a PIRQ table never does)."""
+    userirq = getattr(machine, "userirq", None)
+    if userirq is not None:
+        userirq.pic.set_level_triggered(irq)
+    elif getattr(machine, "irqchip", None) == "kernel":
+        machine.vm.set_level_triggered(irq)
 
 
 class IoEventNotifier:

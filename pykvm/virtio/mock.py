@@ -13,6 +13,9 @@ to a device: the probe/init sequence, queue set-up, kicks and interrupt acknowle
     head = drv.queues[0].add_chain([], [64])
     drv.kick(0)
     [(id, length)] = drv.queues[0].take_used()
+
+`PciDriver` does the same against a `VirtioPci`, the way Linux's virtio_pci modern driver does:
+through configuration space (directly or through ports 0xcf8/0xcfc) and the BAR it finds there.
 """
 
 from __future__ import annotations
@@ -228,3 +231,244 @@ class MmioDriver:
 
     def config(self, offset: int, size: int) -> int:
         return self.r(R.CONFIG + offset, size)
+
+
+# ---- virtio-pci ----
+
+class PciConfigPorts:
+    """A function's configuration space reached the way a guest does: configuration mechanism #1
+    (CONFIG_ADDRESS at 0xcf8, CONFIG_DATA at 0xcfc) on a port I/O bus."""
+
+    def __init__(self, pio, slot: int, function: int = 0, bus: int = 0):
+        self.pio = pio
+        self.address = 0x80000000 | (bus << 16) | (slot << 11) | (function << 8)
+
+    def read(self, offset: int, size: int) -> int:
+        self.pio.write(0xCF8, 4, self.address | (offset & 0xFC))
+        return self.pio.read(0xCFC + (offset & 3), size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.pio.write(0xCF8, 4, self.address | (offset & 0xFC))
+        self.pio.write(0xCFC + (offset & 3), size, value)
+
+
+class _DeviceConfig:
+    """A PciDevice's configuration space reached directly (no bus in between)."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def read(self, offset: int, size: int) -> int:
+        return self.device.config_read(offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.device.config_write(offset, size, value)
+
+
+class PciBarRouter:
+    """Guest-physical accesses routed to a PciDevice's mapped BARs, for tests without a machine
+    bus (with one, pass the machine's MMIO `Bus` to PciDriver instead)."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def _find(self, addr: int, size: int) -> tuple[int, int] | None:
+        for i, bar in enumerate(self.device.bars):
+            base = self.device.bar_address(i)
+            if bar is not None and base is not None and base <= addr and addr + size <= base + bar.size:
+                return i, addr - base
+        return None
+
+    def read(self, addr: int, size: int) -> int:
+        hit = self._find(addr, size)
+        return self.device.bar_read(*hit, size) if hit else (1 << (8 * size)) - 1
+
+    def write(self, addr: int, size: int, value: int) -> None:
+        hit = self._find(addr, size)
+        if hit:
+            self.device.bar_write(*hit, size, value)
+
+
+class PciDriver:
+    """Linux's virtio_pci modern driver (virtio_pci_modern_dev.c, vp_modern_probe, and virtio.c's
+    virtio_dev_probe), reduced to its config-space and BAR accesses.
+
+    `config`: read/write(offset, size[, value]) of the function's configuration space (the
+    `VirtioPci` itself, or `PciConfigPorts`). `mmio`: read/write(addr, size[, value]) by
+    guest-physical address (the machine's MMIO bus, or `PciBarRouter(device)`).
+
+        drv = PciDriver(PciConfigPorts(pio, slot), mmio_bus, mem)
+        drv.probe()        # IDs, sizes the BARs, finds the capabilities, maps the blocks
+        drv.init()         # reset, ACK, DRIVER, features, FEATURES_OK, queues, DRIVER_OK
+        drv.kick(0); drv.ack_interrupt(); drv.config(0, 4)
+    """
+
+    def __init__(self, config, mmio, mem: GuestMemory, ram_start: int = 0x1000,
+                 ram_end: int | None = None):
+        from . import pci as P
+        self.P = P
+        self.cfg = _DeviceConfig(config) if hasattr(config, "config_read") else config
+        self.mmio = mmio
+        self.mem = mem
+        self.alloc = GuestAllocator(mem, ram_start, ram_end or mem.regions[0].end)
+        self.queues: dict[int, MockQueue] = {}
+        self.notify_addrs: dict[int, int] = {}
+        self.features = 0
+        self.caps: dict[int, dict] = {}         # cfg_type -> {bar, offset, length, ...}
+        self.bar_sizes: dict[int, int] = {}
+        self.blocks: dict[int, int] = {}        # cfg_type -> guest-physical address
+
+    # ---- enumeration ----
+    def size_bars(self) -> None:
+        """What the PCI core does to every BAR (drivers/pci/probe.c, __pci_read_base): decoding
+        off, write all ones, read the size mask back, restore, decoding on again."""
+        cmd = self.cfg.read(0x04, 2)
+        self.cfg.write(0x04, 2, cmd & ~0x3)
+        i = 0
+        while i < 6:
+            off = 0x10 + 4 * i
+            orig = self.cfg.read(off, 4)
+            self.cfg.write(off, 4, 0xFFFFFFFF)
+            mask = self.cfg.read(off, 4)
+            self.cfg.write(off, 4, orig)
+            is64 = not orig & 1 and orig & 0x6 == 0x4
+            if is64:
+                orig_hi = self.cfg.read(off + 4, 4)
+                self.cfg.write(off + 4, 4, 0xFFFFFFFF)
+                mask |= self.cfg.read(off + 4, 4) << 32
+                self.cfg.write(off + 4, 4, orig_hi)
+            if mask and mask != 0xFFFFFFFF:
+                bits = 64 if is64 else 32
+                addr_mask = mask & ~(0x3 if orig & 1 else 0xF)
+                self.bar_sizes[i] = (~addr_mask + 1) & ((1 << bits) - 1)
+            i += 2 if is64 else 1
+        self.cfg.write(0x04, 2, cmd)
+
+    def bar_address(self, index: int) -> int:
+        lo = self.cfg.read(0x10 + 4 * index, 4)
+        addr = lo & ~0xF
+        if lo & 0x6 == 0x4:
+            addr |= self.cfg.read(0x14 + 4 * index, 4) << 32
+        return addr
+
+    def find_capabilities(self) -> None:
+        """virtio_pci_find_capability for every cfg_type: the first vendor capability of each."""
+        assert self.cfg.read(0x06, 2) & 0x10, "no capability list"
+        ptr = self.cfg.read(0x34, 1) & 0xFC
+        seen = 0
+        while ptr and seen < 48:
+            seen += 1
+            if self.cfg.read(ptr, 1) == 0x09:
+                cfg_type = self.cfg.read(ptr + 3, 1)
+                cap = {"at": ptr, "len": self.cfg.read(ptr + 2, 1), "bar": self.cfg.read(ptr + 4, 1),
+                       "offset": self.cfg.read(ptr + 8, 4), "length": self.cfg.read(ptr + 12, 4)}
+                if cfg_type == self.P.VIRTIO_PCI_CAP_NOTIFY_CFG:
+                    cap["multiplier"] = self.cfg.read(ptr + 16, 4)
+                if cfg_type not in self.caps and cap["bar"] < 6:
+                    self.caps[cfg_type] = cap
+            ptr = self.cfg.read(ptr + 1, 1) & 0xFC
+
+    def probe(self) -> None:
+        """vp_modern_probe: IDs, BAR sizes, capabilities, and each block mapped inside its BAR."""
+        P = self.P
+        assert self.cfg.read(0x00, 2) == P.VIRTIO_PCI_VENDOR
+        device_id = self.cfg.read(0x02, 2)
+        assert 0x1040 <= device_id <= 0x107F, f"not a modern virtio device: {device_id:#x}"
+        assert self.cfg.read(0x08, 1) >= 1
+        self.size_bars()
+        self.find_capabilities()
+        for t in (P.VIRTIO_PCI_CAP_COMMON_CFG, P.VIRTIO_PCI_CAP_NOTIFY_CFG,
+                  P.VIRTIO_PCI_CAP_ISR_CFG):
+            assert t in self.caps, f"missing capability type {t}"
+        assert self.caps[P.VIRTIO_PCI_CAP_COMMON_CFG]["length"] >= 0x38
+        for t, cap in self.caps.items():
+            if t == P.VIRTIO_PCI_CAP_PCI_CFG:
+                continue
+            size = self.bar_sizes.get(cap["bar"], 0)
+            assert cap["offset"] + cap["length"] <= size, f"cap {t} does not fit its BAR"
+            self.blocks[t] = self.bar_address(cap["bar"]) + cap["offset"]
+        assert self.cfg.read(0x04, 2) & 0x2, "memory decoding is off"
+
+    # ---- the common configuration ----
+    def r(self, off: int, size: int) -> int:
+        return self.mmio.read(self.blocks[self.P.VIRTIO_PCI_CAP_COMMON_CFG] + off, size)
+
+    def w(self, off: int, value: int, size: int) -> None:
+        self.mmio.write(self.blocks[self.P.VIRTIO_PCI_CAP_COMMON_CFG] + off, size, value)
+
+    @property
+    def status(self) -> int:
+        return self.r(self.P.DEVICE_STATUS, 1)
+
+    def add_status(self, bit: int) -> None:
+        self.w(self.P.DEVICE_STATUS, self.status | bit, 1)
+
+    def device_features(self) -> int:
+        P = self.P
+        self.w(P.DEVICE_FEATURE_SELECT, 0, 4)
+        lo = self.r(P.DEVICE_FEATURE, 4)
+        self.w(P.DEVICE_FEATURE_SELECT, 1, 4)
+        return (self.r(P.DEVICE_FEATURE, 4) << 32) | lo
+
+    def set_features(self, features: int) -> bool:
+        P = self.P
+        self.w(P.DRIVER_FEATURE_SELECT, 0, 4)
+        self.w(P.DRIVER_FEATURE, features & 0xFFFFFFFF, 4)
+        self.w(P.DRIVER_FEATURE_SELECT, 1, 4)
+        self.w(P.DRIVER_FEATURE, features >> 32, 4)
+        self.add_status(STATUS_FEATURES_OK)
+        return bool(self.status & STATUS_FEATURES_OK)
+
+    def setup_queue(self, index: int, size: int | None = None) -> MockQueue | None:
+        """vp_modern setup_vq: select, size, ring addresses (two 32-bit halves each, low first,
+        as vp_iowrite64_twopart does), notify offset, enable."""
+        P = self.P
+        self.w(P.QUEUE_SELECT, index, 2)
+        nmax = self.r(P.QUEUE_SIZE, 2)
+        if nmax == 0:
+            return None
+        assert self.r(P.QUEUE_ENABLE, 2) == 0, "queue already live"
+        q = MockQueue(self.mem, min(size or nmax, nmax), self.alloc)
+        self.w(P.QUEUE_SIZE, q.size, 2)
+        for off, addr in ((P.QUEUE_DESC, q.desc_addr), (P.QUEUE_DRIVER, q.avail_addr),
+                          (P.QUEUE_DEVICE, q.used_addr)):
+            self.w(off, addr & 0xFFFFFFFF, 4)
+            self.w(off + 4, addr >> 32, 4)
+        notify = self.caps[P.VIRTIO_PCI_CAP_NOTIFY_CFG]
+        off = self.r(P.QUEUE_NOTIFY_OFF, 2) * notify["multiplier"]
+        assert off + 2 <= notify["length"], "notify offset outside the notify capability"
+        self.notify_addrs[index] = self.blocks[P.VIRTIO_PCI_CAP_NOTIFY_CFG] + off
+        self.w(P.QUEUE_ENABLE, 1, 2)
+        self.queues[index] = q
+        return q
+
+    def init(self, want: int | None = None, queue_size: int | None = None) -> int:
+        """virtio_dev_probe + vp_find_vqs (INTx: there is no MSI-X): the negotiated features."""
+        P = self.P
+        if not self.blocks:
+            self.probe()
+        self.w(P.DEVICE_STATUS, 0, 1)
+        assert self.status == 0
+        self.add_status(STATUS_ACKNOWLEDGE)
+        self.add_status(STATUS_DRIVER)
+        offered = self.device_features()
+        assert offered & VIRTIO_F_VERSION_1
+        self.features = offered if want is None else (want | VIRTIO_F_VERSION_1) & offered
+        if not self.set_features(self.features):
+            raise RuntimeError("the device refused FEATURES_OK")
+        assert self.r(P.CONFIG_MSIX_VECTOR, 2) == P.NO_VECTOR
+        for i in range(self.r(P.NUM_QUEUES, 2)):
+            self.setup_queue(i, queue_size)
+        self.add_status(STATUS_DRIVER_OK)
+        return self.features
+
+    def kick(self, index: int) -> None:
+        """vp_notify: the queue index, 16 bits, at the queue's notify address."""
+        self.mmio.write(self.notify_addrs[index], 2, index)
+
+    def ack_interrupt(self) -> int:
+        """vp_interrupt: one byte read of the ISR, which clears it."""
+        return self.mmio.read(self.blocks[self.P.VIRTIO_PCI_CAP_ISR_CFG], 1)
+
+    def config(self, offset: int, size: int) -> int:
+        return self.mmio.read(self.blocks[self.P.VIRTIO_PCI_CAP_DEVICE_CFG] + offset, size)
