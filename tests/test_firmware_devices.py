@@ -288,3 +288,87 @@ def test_ata_pio_snapshot_leaves_the_file_alone(tmp_path):
     assert not fails and r.status == 0, r.text
     assert "read sectors" in oks
     assert hashlib.sha256(img.read_bytes()).hexdigest() == digest
+
+
+# ---------------------------------------------------------------- 8259 + 8254 with irqchip="user"
+
+class Marker:
+    """Port device: the guest writes 1 when it starts waiting for interrupts and 2 when it stops;
+    the VMM's monotonic clock at each write."""
+
+    def __init__(self):
+        import time
+        self.clock = time.monotonic
+        self.times: dict[int, float] = {}
+
+    def read(self, offset, size):
+        return 0
+
+    def write(self, offset, size, value):
+        self.times[value] = self.clock()
+
+
+TIMER_LINE = re.compile(r"timer: irq0=(\d+) spurious7=(\d+) spurious15=(\d+) other=(\d+) "
+                        r"reloads=(\d+) ticks=(\d+) isr=0x([0-9a-f]+)")
+PIT_HZ = 1193182
+
+
+def run_timer(mode: int, *, cpl: int = 0, want: int = 200, reload: int = 1193):
+    from pykvm.testing.firmware import run_firmware
+    marker = Marker()
+    box = {}
+
+    def setup(m):
+        m.add_pio(0x510, 1, marker, "marker")
+        box["m"] = m
+
+    r = run_firmware("timer", cpl=cpl, irqchip="user", args=[want, reload, 0x510, mode],
+                     setup=setup, timeout=60)
+    return r, marker, box["m"]
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2], ids=["poll-pit", "spin", "hlt"])
+@needs_kvm
+def test_timer_interrupts_counted_against_the_host_clock(mode):
+    """The guest programs the 8259 pair like Linux (vector base 0x30/0x38) and the 8254's channel 0
+    at 1000 Hz, takes 200 IRQ 0s at vector 0x30 with EOIs, and reports; at 1000 Hz the count must
+    match the host's milliseconds between the guest's start and stop marks (within 50%).
+    Runs at CPL0: `sti` needs IOPL, which a KVM-PVM host does not give CPL3 code."""
+    want, reload = 200, 1193
+    r, marker, m = run_timer(mode, want=want, reload=reload)
+    assert r.status == 0, r.text
+    got = TIMER_LINE.search(r.text)
+    assert got, r.text
+    irq0, sp7, sp15, other, reloads, ticks, isr = (int(g, 16) if i == 6 else int(g)
+                                                   for i, g in enumerate(got.groups()))
+    elapsed_ms = (marker.times[2] - marker.times[1]) * 1000
+    period_ms = reload * 1000 / PIT_HZ
+    expected = elapsed_ms / period_ms
+    assert irq0 >= want
+    assert 0.5 * expected <= irq0 <= 1.5 * expected, (irq0, elapsed_ms, r.text)
+    # Every vector the VMM injected was a timer interrupt the guest's handler counted; nothing
+    # spurious on either side, and the guest's EOIs left nothing in service.
+    assert dict(m.stats.interrupts) == {0x30: irq0}
+    assert (sp7, sp15, other, isr) == (0, 0, 0, 0)
+    assert m.userirq.pic.spurious == 0
+    if mode == 0:
+        # The guest's own stopwatch (PIT channel 2) agrees with the host's clock.
+        assert 0.5 * elapsed_ms <= ticks * 1000 / PIT_HZ <= 1.5 * elapsed_ms, (ticks, elapsed_ms)
+        assert reloads >= 1
+    if mode == 2:
+        assert r.exits.get("HLT", 0) >= want // 2, r.exits
+
+
+@needs_kvm
+def test_timer_at_cpl3_needs_iopl():
+    """At CPL3 `sti` needs IOPL=3. On a VT-x/AMD-V host the runtime's IOPL=3 holds and the program
+    runs as at CPL0; a KVM-PVM host drops it and the program says so (status 3) instead of
+    faulting."""
+    from pykvm import pvm
+    r, marker, m = run_timer(1, cpl=3, want=20)
+    if pvm.host_kind() == pvm.KVM_PVM:
+        assert r.status == 3, r.text
+        assert "cannot enable interrupts at CPL3 with IOPL=0" in r.text
+        assert not m.stats.interrupts
+    else:
+        assert r.status == 0, r.text
