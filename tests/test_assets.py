@@ -217,6 +217,16 @@ def test_parse_config_and_unmet_options():
     assert unmet_options(fragment, config) == ["CONFIG_B=y (got n)", "CONFIG_N=14 (got 15)"]
 
 
+def test_kernel_key_covers_fragment_settings_not_comments():
+    from pykvm.assets.kernel import fragment_options
+
+    a = fragment_options("# why\nCONFIG_B=y\nCONFIG_A=y\n")
+    assert a == fragment_options("CONFIG_A=y\n\n# other words\nCONFIG_B=y\n")
+    assert a != fragment_options("CONFIG_A=y\n# CONFIG_B is not set\n")
+    assert cache_key("test-kernel", {"fragment": a}) != cache_key(
+        "test-kernel", {"fragment": fragment_options("CONFIG_A=y\nCONFIG_B=m\n")})
+
+
 def test_fragment_asks_for_what_pykvm_needs():
     frag = parse_config(fragment_bytes().decode())
     for needed in ["64BIT", "SERIAL_8250_CONSOLE", "PCI", "VIRTIO_MMIO", "VIRTIO_MMIO_CMDLINE_DEVICES",
@@ -375,3 +385,15 @@ def test_cloud_metapackage_resolves_to_a_versioned_image():
     package, version = _or_skip(lambda: debian.resolve_metapackage("linux-image-cloud-amd64"))
     assert re.fullmatch(r"linux-image-6\.1\.0-\d+-cloud-amd64", package), package
     assert version.startswith("6.1.")
+
+
+def test_cli_print_path_prints_only_paths(capsys):
+    assert cli_main(["--print-path", "tiny-initramfs"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and Path(out[0]).is_file() and out[0].endswith("initramfs-tiny.cpio")
+
+
+def test_cli_rejects_unknown_assets():
+    with pytest.raises(SystemExit) as e:
+        cli_main(["initramfs", "bogus"])
+    assert e.value.code == 2

@@ -38,15 +38,18 @@ def _paths(name: str) -> list[tuple[str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pykvm.assets", description=__doc__.split("\n\n")[1])
-    parser.add_argument("asset", nargs="*", default=["all"],
-                        choices=[*ASSETS, *ALIASES, "all"], metavar="ASSET",
+    # (no `choices=`: argparse would check the list default against them and refuse it)
+    parser.add_argument("asset", nargs="*", metavar="ASSET",
                         help=f"one or more of {', '.join(ASSETS)}, all (default: all)")
     parser.add_argument("--print-path", action="store_true", help="print only the paths on stdout")
     parser.add_argument("--refresh", action="store_true",
                         help="ask apt again for the newest package versions")
     args = parser.parse_args(argv)
-    wanted: list[str] = []
     for a in args.asset:
+        if a not in (*ASSETS, *ALIASES, "all"):
+            parser.error(f"unknown asset {a!r}: choose from {', '.join(ASSETS)}, all")
+    wanted: list[str] = []
+    for a in args.asset or ["all"]:
         for name in ASSETS if a == "all" else [ALIASES.get(a, a)]:
             if name not in wanted:
                 wanted.append(name)
