@@ -54,6 +54,9 @@ class Bus:
         self._ranges: list[Range] = []
         self.unclaimed = 0
         self.unclaimed_log: dict[int, int] = {}  # address -> count, for the exit tracer
+        # Addresses seen before -> (device, base): a guest hits the same few ports over and over,
+        # and a dict lookup is cheaper than a bisection on every exit.
+        self._hits: dict[int, tuple[Any, int]] = {}
 
     def register(self, base: int, length: int, device: Device, name: str | None = None) -> None:
         if length <= 0:
@@ -67,6 +70,7 @@ class Bus:
                     f"{neighbour.name} at {neighbour.base:#x}+{neighbour.length:#x}")
         self._bases.insert(i, base)
         self._ranges.insert(i, new)
+        self._hits.clear()
 
     def unregister(self, base: int) -> None:
         i = bisect.bisect_left(self._bases, base)
@@ -74,6 +78,7 @@ class Bus:
             raise KeyError(f"{self.name}: nothing registered at {base:#x}")
         del self._bases[i]
         del self._ranges[i]
+        self._hits.clear()
 
     def find(self, addr: int) -> Range | None:
         i = bisect.bisect_right(self._bases, addr) - 1
@@ -90,19 +95,30 @@ class Bus:
         self.unclaimed += 1
         self.unclaimed_log[addr] = self.unclaimed_log.get(addr, 0) + 1
 
+    def _lookup(self, addr: int) -> tuple[Any, int] | None:
+        hit = self._hits.get(addr)
+        if hit is None:
+            r = self.find(addr)
+            if r is None:
+                return None
+            if len(self._hits) >= 4096:    # bounded: a guest may sweep a large MMIO range
+                self._hits.clear()
+            hit = self._hits[addr] = (r.device, r.base)
+        return hit
+
     def read(self, addr: int, size: int) -> int:
-        r = self.find(addr)
-        if r is None:
+        hit = self._lookup(addr)
+        if hit is None:
             self._miss(addr)
             return (1 << (8 * size)) - 1
-        return r.device.read(addr - r.base, size)
+        return hit[0].read(addr - hit[1], size)
 
     def write(self, addr: int, size: int, value: int) -> None:
-        r = self.find(addr)
-        if r is None:
+        hit = self._lookup(addr)
+        if hit is None:
             self._miss(addr)
             return
-        r.device.write(addr - r.base, size, value)
+        hit[0].write(addr - hit[1], size, value)
 
     # String and repeated I/O (`rep outsb`, `rep insw`): KVM hands us `count` items of `size` bytes
     # in one buffer; the bus loops, so devices only ever see single accesses.
