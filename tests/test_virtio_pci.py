@@ -1,5 +1,5 @@
-"""The modern virtio-pci transport: identity and capabilities, Linux's virtio_pci_modern probe through
-configuration mechanism #1 and the BAR the PciBus assigned, a virtio-blk round trip, the ISR and
+"""The modern virtio-pci transport: identity and capabilities, Linux's virtio_pci_modern probe
+through configuration mechanism #1 and the BAR the PciBus assigned, a virtio-blk round trip, the ISR and
 INTx, guest mistakes, BAR moves, the PCI_CFG window, attach_pci, and BAR-register fuzzing."""
 
 import os
@@ -58,7 +58,8 @@ class FakeMachine:
 
 
 def on_bus(device=None):
-    """A device attached to a PCI bus on a fake machine, and a driver reaching it as a guest does."""
+    """A device attached to a PCI bus on a fake machine, and a driver reaching it as a guest
+    does."""
     m = FakeMachine()
     dev = device or VirtioRng()
     t = attach_pci(m, m.pci, dev)

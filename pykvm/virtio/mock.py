@@ -275,7 +275,8 @@ class PciBarRouter:
     def _find(self, addr: int, size: int) -> tuple[int, int] | None:
         for i, bar in enumerate(self.device.bars):
             base = self.device.bar_address(i)
-            if bar is not None and base is not None and base <= addr and addr + size <= base + bar.size:
+            if bar is not None and base is not None and base <= addr \
+                    and addr + size <= base + bar.size:
                 return i, addr - base
         return None
 
@@ -360,7 +361,8 @@ class PciDriver:
             seen += 1
             if self.cfg.read(ptr, 1) == 0x09:
                 cfg_type = self.cfg.read(ptr + 3, 1)
-                cap = {"at": ptr, "len": self.cfg.read(ptr + 2, 1), "bar": self.cfg.read(ptr + 4, 1),
+                cap = {"at": ptr, "len": self.cfg.read(ptr + 2, 1),
+                       "bar": self.cfg.read(ptr + 4, 1),
                        "offset": self.cfg.read(ptr + 8, 4), "length": self.cfg.read(ptr + 12, 4)}
                 if cfg_type == self.P.VIRTIO_PCI_CAP_NOTIFY_CFG:
                     cap["multiplier"] = self.cfg.read(ptr + 16, 4)

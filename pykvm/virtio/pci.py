@@ -37,7 +37,8 @@ for selects 0 and 1, write driver_feature likewise, FEATURES_OK, read it back; t
 none: it falls back to INTx with IRQF_SHARED); per queue: queue_select, read queue_size (0: no such
 queue), write the three ring addresses, read queue_notify_off, queue_enable = 1; DRIVER_OK. A kick
 is a 16-bit write of the queue index to notify + queue_notify_off * notify_off_multiplier; the
-interrupt handler (vp_interrupt) reads the ISR, which clears it, and runs the queues if bit 0 was set.
+interrupt handler (vp_interrupt) reads the ISR, which clears it, and runs the queues if bit 0 is
+set.
 
 The status state machine, feature negotiation and the checks on queue set-up are the ones
 virtio-mmio uses (`VirtioTransport`, device.py), so guest mistakes are counted the same way.
@@ -53,7 +54,7 @@ real hardware does and lets the line be shared.
 
 Shortcuts, admitted: no MSI-X (one interrupt for config and all queues; fine for a one-vCPU
 machine), no legacy or transitional interface, no VIRTIO_F_NOTIFICATION_DATA or RING_RESET (so
-the 1.2 queue_notify_data/queue_reset fields are absent: the common block is the 1.0 one, 0x38 bytes),
+the 1.2 queue_notify_data/queue_reset fields are absent: the common block is 1.0's, 0x38 bytes),
 and no shared-memory capabilities (cfg_type 8).
 """
 
