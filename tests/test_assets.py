@@ -188,7 +188,39 @@ def test_cached_builds_once_and_atomically(tmp_path):
 
     with pytest.raises(RuntimeError):
         cached("thing", {"v": "3"}, broken, root=tmp_path)
-    assert sorted(p.name for p in (tmp_path / "thing").iterdir()) == sorted([first.name, other.name])
+    left = sorted(p.name for p in (tmp_path / "thing").iterdir() if not p.name.endswith(".lock"))
+    assert left == sorted([first.name, other.name])  # no half-built entry, no temporary directory
+
+
+def test_cached_second_builder_waits_for_the_first(tmp_path):
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+    calls = []
+
+    def slow(tmp: Path) -> None:
+        calls.append("slow")
+        started.set()
+        assert release.wait(10)
+        (tmp / "out").write_text("slow")
+
+    def fast(tmp: Path) -> None:
+        calls.append("fast")
+        (tmp / "out").write_text("fast")
+
+    results = {}
+    first = threading.Thread(target=lambda: results.setdefault("a", cached("k", {"v": 1}, slow, root=tmp_path)))
+    first.start()
+    assert started.wait(10)
+    second = threading.Thread(target=lambda: results.setdefault("b", cached("k", {"v": 1}, fast, root=tmp_path)))
+    second.start()
+    second.join(0.5)
+    assert second.is_alive()  # blocked on the lock, not building
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert calls == ["slow"] and results["a"] == results["b"]
+    assert (results["b"] / "out").read_text() == "slow"
 
 
 def test_cache_env_variable(tmp_path, monkeypatch):

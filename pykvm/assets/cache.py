@@ -17,17 +17,20 @@ reclaim them).
 
 Writes are atomic: an asset is built in a temporary sibling directory and
 renamed into place only when complete, so a crash or Ctrl-C never leaves a
-half-built asset that a later run would trust. Two processes building the
-same asset at once both succeed; the second rename loses and its copy is
-discarded.
+half-built asset that a later run would trust. A process building an asset
+holds an exclusive ``flock`` on ``<asset>/.<key>.lock``; another process
+wanting the same asset waits for it and then finds it built (the test kernel
+takes minutes, and two builds in one object tree would clobber each other).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -99,9 +102,25 @@ def cached(asset: str, inputs: Mapping[str, InputValue], build: Callable[[Path],
     parent = final.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
+        lock = open(parent / f".{final.name}.lock", "a")
     except OSError as e:
         raise AssetError(f"cannot create cache directory {parent}: {e.strerror}; "
                          "set PYKVM_CACHE to a writable directory") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"pykvm: [{asset}] waiting for another process building it", file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if final.is_dir():  # built by the process we waited for
+            return final
+        _build_into(final, asset, inputs, build)
+    return final
+
+
+def _build_into(final: Path, asset: str, inputs: Mapping[str, InputValue],
+                build: Callable[[Path], None]) -> None:
+    parent = final.parent
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it 0700; finished assets are readable by all
@@ -117,4 +136,3 @@ def cached(asset: str, inputs: Mapping[str, InputValue], build: Callable[[Path],
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return final
