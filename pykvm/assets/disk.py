@@ -27,7 +27,7 @@ from .errors import AssetError
 from .progress import Progress
 from .userland import RECIPE_VERSION, applets, busybox, busybox_version, tree
 
-DISK_RECIPE_VERSION = "1"
+DISK_RECIPE_VERSION = "2"  # 2: file times 0
 DISK_MARKER = "pykvm test disk"
 DEFAULT_SIZE_MIB = 64
 LABEL = "pykvm-root"
@@ -51,6 +51,10 @@ def materialize(entries: list[CpioEntry], root: Path) -> None:
             os.symlink(e.data.decode(), path)
         else:
             raise AssetError(f"cannot write {e.name} (mode {e.mode:o}) without root")
+    # Timestamps from the archive (0), children before parents so that
+    # writing a child does not bump its directory's mtime afterwards.
+    for e in reversed(entries):
+        os.utime(root / e.name, (e.mtime, e.mtime), follow_symlinks=False)
 
 
 def disk_image(*, size_mib: int = DEFAULT_SIZE_MIB, progress: Progress | None = None) -> Path:

@@ -29,6 +29,7 @@ kernel's "Run /init". On VT-x/AMD-V hosts the whole script runs.
 from __future__ import annotations
 
 import gzip
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -88,7 +89,7 @@ def busybox(progress: Progress | None = None) -> Path:
         if not binary.is_file():
             raise AssetError(f"{BUSYBOX_PACKAGE} {version} has no /bin/busybox; pykvm expects Debian's layout")
         binary.rename(tmp / "busybox")
-        subprocess.run(["rm", "-rf", str(tmp / "deb")], check=True)
+        shutil.rmtree(tmp / "deb")
 
     entry = cached("busybox", {"package": BUSYBOX_PACKAGE, "version": version}, build)
     return entry / "busybox"
