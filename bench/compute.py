@@ -342,6 +342,11 @@ def stream_rows(quick: bool = False, backings=("thp", "4k"), sizes: dict | None 
             text, _wall = run_native("stream", [n, reps, 3, int(huge)])
             tsc_hz = parse_tsc_hz(text)
             native = parse_stream(text)
+            thp = re.search(r"^native_thp_kib=(-?\d+)$", text, re.M)
+            if thp and int(thp[1]) >= 0:
+                note = f"native arrays {int(thp[1]) >> 10} MiB in THP"
+                if note not in notes[backing]:
+                    notes[backing].append(note)
             if native.ok != 3:
                 raise RuntimeError(f"native stream failed its check (ok={native.ok})")
             run = run_guest("stream", [GUEST_BASE, n, reps, 3], memory, hugepages=huge)

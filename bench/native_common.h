@@ -42,4 +42,20 @@ static uint64_t native_tsc_hz(void)
     uint64_t t1 = bench_rdtsc();
     return (t1 - t0) * 1000000000ull / (n1 - n0);
 }
+
+/* kB of this process's memory in transparent huge pages (/proc/self/smaps_rollup AnonHugePages),
+ * or -1 if unknown: the host checks the native arrays got the backing the row says. */
+static long long native_thp_kib(void)
+{
+    FILE *f = fopen("/proc/self/smaps_rollup", "r");
+    char line[256];
+    long long kib = -1;
+    if (!f)
+        return -1;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "AnonHugePages: %lld kB", &kib) == 1)
+            break;
+    fclose(f);
+    return kib;
+}
 #endif

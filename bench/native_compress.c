@@ -26,5 +26,6 @@ int main(int argc, char **argv)
            (unsigned long long)r.compress_best, (unsigned long long)r.decompress_best,
            (unsigned long long)r.fingerprint, (unsigned)r.ok);
     printf("tsc_hz=%llu\n", (unsigned long long)native_tsc_hz());
+    printf("native_thp_kib=%lld\n", native_thp_kib());
     return r.ok ? 0 : 1;
 }

@@ -32,5 +32,6 @@ int main(int argc, char **argv)
                    (unsigned long long)r.best[k], (unsigned long long)r.bytes[k]);
     printf("stream ok=%u\n", r.ok);
     printf("tsc_hz=%llu\n", (unsigned long long)native_tsc_hz());
+    printf("native_thp_kib=%lld\n", native_thp_kib());
     return r.ok == which ? 0 : 1;
 }
