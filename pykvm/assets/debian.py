@@ -210,8 +210,10 @@ def download(name: str, version: str, dest: Path, progress: Progress | None = No
         if attempt == 1 and not _updated and _is_root():
             apt_update(progress)  # stale package lists: the archive may have moved on
             continue
+    # The archive may have dropped a version remembered from an earlier run: ask apt afresh next time.
+    forget_resolutions()
     raise AssetError(f"cannot download Debian package {name}={version}: {_last_line(proc)}; "
-                     "check the network and run `apt-get update`")
+                     "check the network and apt sources, then retry")
 
 
 def extract(deb: Path, dest: Path) -> Path:
