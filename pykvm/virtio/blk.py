@@ -186,15 +186,32 @@ class VirtioBlk(VirtioDevice):
                         f"sectors {sector}+{nbytes // SECTOR} past the end ({self.capacity})")
         return sector * SECTOR
 
+    # Guest buffers go straight to the backend (preadv/pwritev into guest RAM) when it can take
+    # them; a backend with only read/write (tests, MemoryDisk) gets copies.
+    def _readinto(self, offset: int, buffers: list[memoryview]) -> None:
+        if hasattr(self.disk, "readinto"):
+            self.disk.readinto(offset, buffers)
+            return
+        data, pos = memoryview(self.disk.read(offset, sum(len(b) for b in buffers))), 0
+        for b in buffers:
+            b[:] = data[pos:pos + len(b)]
+            pos += len(b)
+
+    def _writefrom(self, offset: int, buffers: list[memoryview]) -> None:
+        if hasattr(self.disk, "writefrom"):
+            self.disk.writefrom(offset, buffers)
+        else:
+            self.disk.write(offset, b"".join(buffers))
+
     def _request(self, chain: DescChain, rtype: int, sector: int, data_in: int) -> int:
         """Do one request; returns the data bytes written into the chain."""
         if rtype == VIRTIO_BLK_T_IN:
             offset = self._range(sector, data_in)
-            data = self.disk.read(offset, data_in)
             try:
-                chain.write(0, data)
+                buffers = chain.views(True, 0, data_in)
             except ChainError:
                 raise _Fail(VIRTIO_BLK_S_IOERR, "read buffer outside RAM") from None
+            self._readinto(offset, buffers)
             return data_in
         if rtype == VIRTIO_BLK_T_OUT:
             n = chain.readable_len - HEADER.size
@@ -202,10 +219,10 @@ class VirtioBlk(VirtioDevice):
             if self.readonly:
                 raise _Fail(VIRTIO_BLK_S_IOERR, "write to a read-only disk")
             try:
-                data = chain.read(HEADER.size, n)
+                buffers = chain.views(False, HEADER.size, n)
             except ChainError:
                 raise _Fail(VIRTIO_BLK_S_IOERR, "write buffer outside RAM") from None
-            self.disk.write(offset, data)
+            self._writefrom(offset, buffers)
             return 0
         if rtype == VIRTIO_BLK_T_FLUSH:
             self.disk.flush()

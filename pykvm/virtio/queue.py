@@ -137,6 +137,21 @@ class DescChain:
             self.queue.guest_error("short writable buffer", str(e))
             raise
 
+    def views(self, writable: bool, offset: int, n: int) -> list[memoryview]:
+        """Zero-copy windows onto `n` bytes of the writable (or readable) part from `offset`, in
+        order: for handing guest buffers straight to preadv/pwritev. Bounds are checked here, once,
+        through GuestMemory.view; a buffer outside RAM raises ChainError (and is counted)."""
+        segs = self.writable if writable else self.readable
+        try:
+            return [self.queue.mem.view(addr, take) for addr, take in self._pieces(segs, offset, n)]
+        except GuestMemoryError as e:
+            self.queue.guest_error("buffer outside RAM", str(e))
+            raise ChainError(str(e)) from None
+        except ChainError as e:
+            self.queue.guest_error("short writable buffer" if writable else "short readable buffer",
+                                   str(e))
+            raise
+
     def writable_in_ram(self) -> bool:
         return all(self.queue.mem.contains(a, n) for a, n in self.writable if n)
 
