@@ -142,9 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("kernel", help="bzImage or vmlinux")
     boot.add_argument("disk", nargs="?", help="raw disk image: the guest's /dev/vda (virtio-blk), "
                       "root=/dev/vda unless --append gives a root=")
-    boot.add_argument("--disk-bus", choices=("virtio-mmio", "ide"), default="virtio-mmio",
+    boot.add_argument("--disk-bus", choices=("virtio-mmio", "virtio-pci", "ide"), default="virtio-mmio",
                       help="how the disk is attached: virtio-blk over virtio-mmio (/dev/vda, the "
-                      "default) or IDE (/dev/sda)")
+                      "default) or virtio-pci (/dev/vda), or IDE (/dev/sda)")
     boot.add_argument("--readonly", action="store_true", help="the guest cannot write the disk")
     boot.add_argument("--snapshot", action="store_true",
                       help="guest writes go to a temporary overlay; the disk image stays unchanged")

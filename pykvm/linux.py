@@ -37,7 +37,7 @@ DEFAULT_ARGS = [
 
 PANIC_LINE = r"Kernel panic - not syncing"
 
-DISK_BUSES = ("virtio-mmio", "ide")
+DISK_BUSES = ("virtio-mmio", "virtio-pci", "ide")
 
 # On KVM-PVM hosts every kernel instruction is emulated, so pure busywork at boot costs seconds.
 # These arguments skip some without changing what the guest can do (each measured here):
@@ -90,8 +90,8 @@ class LinuxVM:
     virtio-rng; net_tap connects a virtio-net to that host tap device; console="hvc0" puts the
     kernel console on a virtio-console instead of COM1.
 
-    disk_bus: "virtio-mmio" (/dev/vda) or "ide" (the PIIX IDE controller's primary master,
-    /dev/sda, with `root=/dev/sda`).
+    disk_bus: "virtio-mmio" (/dev/vda), "virtio-pci" (/dev/vda, found by PCI scan) or "ide" (the
+    PIIX IDE controller's primary master, /dev/sda, with `root=/dev/sda`).
 
     irqchip: "kernel" (KVM's in-kernel PIC/IOAPIC/LAPIC/PIT, the fast default) or "user" (pykvm's
     Python i8259 pair and i8254; the kernel gets `nolapic noapic`: with no in-kernel irqchip KVM
@@ -147,6 +147,12 @@ class LinuxVM:
                 self.disk = self._open_disk(disk, readonly, snapshot)
             if disk_bus == "ide":
                 self._add_ide()
+            elif disk_bus == "virtio-pci" and self.disk is not None:
+                from .virtio import VirtioBlk
+                from .virtio.attach import attach_pci
+                # On the PCI bus: the kernel finds it by scanning, no command line argument.
+                attach_pci(self.machine, self.pci, VirtioBlk(self.disk, readonly=readonly))
+                self.cmdline.add_default("root", "/dev/vda")
             self._add_virtio(self.disk if disk_bus == "virtio-mmio" else None, readonly, rng,
                              net_tap, console, ioeventfd)
             self._add_clock_args()

@@ -92,3 +92,14 @@ def test_console_on_hvc0_and_virtio_rng(kernel, tmp_path):
     rng = vm.virtio[-1]
     assert rng.name == "virtio-rng"
     assert rng.bytes_given > 0
+
+
+def test_ext4_root_on_virtio_pci(kernel, disk):
+    with LinuxVM(kernel.bzimage, disk=disk, disk_bus="virtio-pci", snapshot=True, memory=MEMORY) as vm:
+        assert "virtio_mmio.device" not in str(vm.cmdline)
+        vm.start(timeout=BOOT_TIMEOUT)
+        vm.console.expect(r"pci 0000:00:0\d\.0: \[1af4:1042\] type 00 class 0x018000", timeout=BOOT_TIMEOUT)
+        vm.console.expect(r"virtio_blk virtio0: \[vda\]", timeout=BOOT_TIMEOUT)
+        vm.console.expect(r"EXT4-fs \(vda\): mounted filesystem", timeout=BOOT_TIMEOUT)
+        vm.console.expect(RUN_INIT, timeout=BOOT_TIMEOUT)
+        vm.stop()

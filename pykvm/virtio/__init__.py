@@ -24,14 +24,15 @@ How a virtio device comes to life in a pykvm guest:
 `mock.py` is the driver's side of all this, for tests with no guest.
 """
 
-from .attach import attach_mmio
+from .attach import attach_mmio, attach_pci
 from .blk import VirtioBlk
 from .console import VirtioConsole
 from .device import VirtioDevice
 from .mmio import VirtioMmio
+from .pci import VirtioPci
 from .net import VirtioNet
 from .queue import ChainError, DescChain, VirtQueue
 from .rng import VirtioRng
 
-__all__ = ["attach_mmio", "ChainError", "DescChain", "VirtioBlk", "VirtioConsole", "VirtioDevice",
+__all__ = ["attach_mmio", "attach_pci", "VirtioPci", "ChainError", "DescChain", "VirtioBlk", "VirtioConsole", "VirtioDevice",
            "VirtioMmio", "VirtioNet", "VirtioRng", "VirtQueue"]
