@@ -11,10 +11,10 @@ path on and off (`fast_path=`); --quick boots with the fast path on only.
 The test kernel takes minutes to compile, so the benchmark never builds it unless --build is given;
 without it the row says how to build it. (`python -m pykvm.assets test-kernel` does the same.)
 
-Interrupt controllers: today LinuxVM always uses KVM's in-kernel irqchip. Issue 4 adds a user-space
-one (`--irqchip user`, i8259/i8254 models in Python); `IRQCHIPS` below lists the modes the table
-boots with, and `boot_once(irqchip=...)` passes the mode to LinuxVM as soon as LinuxVM accepts an
-`irqchip` argument - until then a "user" row says n/a.
+Interrupt controllers: `--irqchip kernel` (the default) boots with KVM's in-kernel PIC/IOAPIC/PIT;
+`--irqchip user` with pykvm's Python i8259/i8254 models (issue 4), `--irqchip all` with both.
+`IRQCHIPS` lists the modes; `boot_once(irqchip=...)` passes the mode to LinuxVM, and a LinuxVM
+without an `irqchip` argument (older trees) gets a "n/a" row for "user" instead.
 
 On a KVM-PVM host the kernel itself runs in KVM's instruction emulator (~1 us per instruction), so
 the boot takes a minute or more and KVM_RUN dominates; on VT-x/AMD-V it takes a second or two

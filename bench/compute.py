@@ -54,7 +54,7 @@ GOAL = Goal(">=", 0.95)        # issue 6: guest compute at least 0.95x native
 # makes a pass slower); across runs it takes the median, because on these VMs a whole run is lucky
 # or unlucky: the same native binary gives 4.6 GB/s in one process and 10 GB/s in the next (where
 # its memory landed, neighbours on the physical host), while its passes agree within a run.
-DEFAULT = dict(stream_n=4 * MiB, stream_reps=5, rounds=15, lz_n=4 * MiB, lz_reps=4, lz_rounds=7)
+DEFAULT = dict(stream_n=4 * MiB, stream_reps=5, rounds=21, lz_n=4 * MiB, lz_reps=4, lz_rounds=7)
 QUICK = dict(stream_n=4 * MiB, stream_reps=5, rounds=5, lz_n=2 * MiB, lz_reps=4, lz_rounds=3)
 BACKINGS = {"thp": True, "4k": False}    # name -> Machine(hugepages=...)
 
