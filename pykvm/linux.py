@@ -36,6 +36,9 @@ DEFAULT_ARGS = [
 ]
 
 PANIC_LINE = r"Kernel panic - not syncing"
+# With no ACPI to switch the power off, `poweroff -f` ends in kernel_power_off() printing this and
+# then halting (or panicking when init exits): for the VMM it is the end of the run.
+POWEROFF_LINE = r"reboot: Power down"
 
 DISK_BUSES = ("virtio-mmio", "virtio-pci", "ide")
 
@@ -166,6 +169,8 @@ class LinuxVM:
             self.machine.internal_error_handlers.append(pvm.complete_gap)
         self.console.on_line(PANIC_LINE, lambda m: self.machine.request_stop(
             Stop("panic", message="the kernel panicked")))
+        self.console.on_line(POWEROFF_LINE, lambda m: self.machine.request_stop(
+            Stop("poweroff", message="the guest powered off")))
         if until:
             self.console.on_line(until, lambda m: self.machine.request_stop(
                 Stop("until", message=f"console matched {until!r}")))

@@ -24,7 +24,7 @@ RUN_INIT = r"Run /init as init process"
 BOOT_TIMEOUT = 900
 # Boot time grows with guest RAM under emulation (the kernel initialises a struct page per 4 KiB):
 # the tests give the guest what it needs, no more.
-MEMORY = "128M"
+MEMORY = "64M"
 ON_PVM = pvm.host_kind() == pvm.KVM_PVM
 NO_USERLAND = pytest.mark.skipif(
     ON_PVM, reason="this host's /dev/kvm is KVM-PVM: guest user mode cannot run here "
@@ -53,9 +53,9 @@ def test_test_kernel_reaches_init_through_the_library(kernel, rootfs):
         boot_lines_in_order(vm, [
             r"Linux version 6\.1\.",
             r"Command line: .*console=ttyS0",
+            r"Unpacking initramfs|Trying to unpack rootfs",
             # Linux's 8250 driver probed our UART and found a 16550A with its interrupt.
             r"ttyS0 at I/O 0x3f8 \(irq = 4, base_baud = 115200\) is a 16550A",
-            r"Unpacking initramfs|Trying to unpack rootfs",
             r"Freeing unused kernel image",
             RUN_INIT,
         ])

@@ -16,7 +16,7 @@ from conftest import KVM_MARKS, needs_kvm
 pytestmark = [*KVM_MARKS, pytest.mark.linux]
 
 BOOT_TIMEOUT = 900
-MEMORY = "128M"
+MEMORY = "64M"
 RUN_INIT = r"Run /\S+ as init process"
 IRQ0_VECTOR = 0x30      # Linux programs the master 8259 to vectors 0x30-0x37 (ISA_IRQ_VECTOR)
 

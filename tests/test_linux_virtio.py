@@ -18,7 +18,7 @@ from conftest import KVM_MARKS, needs_kvm
 pytestmark = [*KVM_MARKS, pytest.mark.linux]
 
 BOOT_TIMEOUT = 900
-MEMORY = "128M"     # boot time grows with guest RAM under emulation
+MEMORY = "64M"     # boot time grows with guest RAM under emulation
 RUN_INIT = r"Run /\S+ as init process"
 
 
