@@ -23,7 +23,7 @@ from .boot.cmdline import Cmdline
 from .console import ConsoleLog
 from .machine import Machine, MachineError, Stop
 from .pc import add_pc_devices
-from .x86 import cpu, layout
+from .x86 import cpu, layout, mptable
 
 DEFAULT_MEMORY = 256 * layout.MiB
 
@@ -159,6 +159,8 @@ class LinuxVM:
             self._add_virtio(self.disk if disk_bus == "virtio-mmio" else None, readonly, rng,
                              net_tap, console, ioeventfd)
             self._add_clock_args()
+            if irqchip == "kernel":
+                self._write_mptable()
             self.plan = load_linux(self.machine.mem, kernel_bytes, str(self.cmdline),
                                    initrd=initrd_bytes, decompress=decompress)
             self._setup_vcpu()
@@ -206,6 +208,18 @@ class LinuxVM:
         self.pci.add(self.ide)
         if self.disk is not None:
             self.cmdline.add_default("root", "/dev/sda")
+
+    def _write_mptable(self) -> None:
+        """Describe the CPU, the IOAPIC and the interrupt routes (ISA and PCI INTx) in an MP table
+        (pykvm/x86/mptable.py), as the in-kernel irqchip provides them."""
+        from .devices.pci.device import INTERRUPT_LINE, INTERRUPT_PIN
+        routes = []
+        for slot, function, device in self.pci.functions():
+            pin = device.config[INTERRUPT_PIN]
+            if pin and function == 0 and device is not getattr(self, "ide", None):
+                routes.append((slot, pin, device.config[INTERRUPT_LINE]))
+        gpa, blob = mptable.build(cpus=1, pci_irqs=routes)
+        self.machine.mem.write(gpa, blob)
 
     def _add_clock_args(self) -> None:
         """Tell the kernel its TSC frequency. Linux measures it against the PIT otherwise, in a

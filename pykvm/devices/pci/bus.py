@@ -174,6 +174,10 @@ class PciBus:
     def devices(self) -> list[PciDevice]:
         return [self._functions[k] for k in sorted(self._functions)]
 
+    def functions(self) -> list[tuple[int, int, PciDevice]]:
+        """(slot, function, device) for everything plugged in, in bus order."""
+        return [(slot, fn, self._functions[(slot, fn)]) for slot, fn in sorted(self._functions)]
+
     def add(self, device: PciDevice, slot: int | None = None, function: int = 0,
             irq: int | None = None, irq_line: IrqLine | None = None) -> int:
         """Plug in `device`; returns its slot. `irq`: the ISA IRQ its INTx is wired to (written to
