@@ -201,15 +201,3 @@ def test_each_benchmark_runs_alone():
         assert r.returncode == 0, (argv, r.stderr)
         assert "usage" in r.stdout
 
-
-@needs_kvm
-def test_blk_read_benchmark_reads_the_file(tmp_path):
-    from bench import blk
-    if blk.firmware_driver() is None:
-        pytest.skip("no firmware/virtio_blk.c")
-    data = random.Random(9).randbytes(1 << 20)
-    path = tmp_path / "disk.img"
-    path.write_bytes(data)
-    secs, checksum = blk.guest_read_seconds(path, len(data))
-    assert secs > 0
-    assert checksum == sum(data[i] for i in range(0, len(data), 4096))
