@@ -169,6 +169,10 @@ class LinuxVM:
             raise
         if pvm_workarounds:
             self.machine.internal_error_handlers.append(pvm.complete_gap)
+            # A vmcall never exits on KVM-PVM: look at the vCPU once a second, and complete a
+            # vmcall it is stuck on (pykvm.pvm.StuckVmcall).
+            self.machine.interrupted_handlers.append(pvm.StuckVmcall().check)
+            self.machine.watchdog_period = 1.0
         self.console.on_line(PANIC_LINE, lambda m: self.machine.request_stop(
             Stop("panic", message="the kernel panicked")))
         self.console.on_line(POWEROFF_LINE, lambda m: self.machine.request_stop(

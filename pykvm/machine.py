@@ -105,6 +105,12 @@ class Machine:
         self.mmio = Bus("mmio")
         self.internal_error_handlers: list[Callable[["Machine", E.InternalError], bool]] = []
         self.last_internal_error: E.InternalError | None = None
+        # Called on every Interrupted exit (a kick or a signal): a chance to look at a vCPU that
+        # has been inside KVM_RUN for a long time (pykvm.pvm.StuckVmcall).
+        self.interrupted_handlers: list[Callable[["Machine"], object]] = []
+        # Kick the vCPU this often (seconds) while run() is active, so interrupted_handlers get to
+        # look even at a guest that never exits. None: never.
+        self.watchdog_period: float | None = None
         self.on_stop: list[Callable[[Stop], None]] = []
         # Called with every exit before it is dispatched (pykvm.trace.ExitTracer, --trace).
         self.trace: Callable[[E.Exit], None] | None = None
@@ -186,6 +192,12 @@ class Machine:
         if self.userirq is not None:
             run = self._with_user_irqchip(run)
         trace = self.trace
+        watchdog_stop = threading.Event()
+        if self.watchdog_period:
+            def watchdog(period=self.watchdog_period, vcpu=self.vcpu):
+                while not watchdog_stop.wait(period):
+                    vcpu.kick()
+            threading.Thread(target=watchdog, name="pykvm-watchdog", daemon=True).start()
         start = time.perf_counter()
         try:
             while self._stop is None:
@@ -198,6 +210,7 @@ class Machine:
         except KeyboardInterrupt:
             self.request_stop(Stop("interrupted", message="Ctrl-C"))
         finally:
+            watchdog_stop.set()
             if timer is not None:
                 timer.cancel()
             self.stats.wall_time += time.perf_counter() - start
@@ -347,6 +360,12 @@ def _ignore(m: Machine, e: E.Exit) -> Stop | None:
     return None
 
 
+def _interrupted(m: Machine, e: E.Interrupted) -> Stop | None:
+    for handler in getattr(m, "interrupted_handlers", ()):
+        handler(m)
+    return None
+
+
 def _unknown(m: Machine, e: E.Exit) -> Stop | None:
     m.stats.guest_errors["unhandled exit"] += 1
     return Stop("error", message=f"unhandled exit {e!r}")
@@ -362,7 +381,7 @@ _HANDLERS: dict[type, Callable[[Machine, E.Exit], Stop | None]] = {
     E.SystemEvent: _system_event,
     E.InternalError: _internal_error,
     E.FailEntry: _fail_entry,
-    E.Interrupted: _ignore,
+    E.Interrupted: _interrupted,
     E.IrqWindowOpen: _ignore,
 }
 

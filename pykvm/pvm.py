@@ -40,14 +40,14 @@ a Linux kernel booting here.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import struct
 from dataclasses import dataclass, field
 from typing import Callable
 
 import iced_x86 as iced
+
+from .kvm._lib import lib as _lib
 
 # ---------------------------------------------------------------------------------------------
 # 1. Which host is this?
@@ -576,39 +576,16 @@ def _apply(vcpu, gap: _Gap, done: Completion, xsave: bytearray | None) -> None:
 _XSAVE_MXCSR = 24
 _XSAVE_XSTATE_BV = 512
 _XFEATURE_SSE = 1 << 1
-_KVM_XSAVE_SIZE = 4096        # struct kvm_xsave { __u32 region[1024]; } (plus `extra[]` with XSAVE2)
-
-
-def _ioc(direction: int, nr: int, size: int) -> int:
-    """_IOC(dir, KVMIO, nr, size) from include/uapi/asm-generic/ioctl.h: dir in bits 30-31
-    (1 = write, 2 = read), size in bits 16-29, type (KVMIO = 0xAE) in 8-15, nr in 0-7.
-    A stopgap until the binding declares KVM_GET_XSAVE/KVM_SET_XSAVE (see _get_xsave)."""
-    return (direction << 30) | (size << 16) | (0xAE << 8) | nr
 
 
 def _get_xsave(vcpu) -> bytearray:
-    """The vCPU's XSAVE image (KVM_GET_XSAVE). Uses the binding's Vcpu.get_xsave() when it has
-    one; until then an ioctl of our own with the number built as <linux/kvm.h> does."""
-    if hasattr(vcpu, "get_xsave"):
-        return bytearray(vcpu.get_xsave())
-    buf = bytearray(_KVM_XSAVE_SIZE)
-    _xsave_ioctl(vcpu, _ioc(2, 0xa4, _KVM_XSAVE_SIZE), buf, "KVM_GET_XSAVE")
-    return buf
+    """The vCPU's XSAVE image (KVM_GET_XSAVE). MXCSR lives there: KVM_GET_FPU/KVM_SET_FPU never
+    copy struct kvm_fpu's mxcsr field (seen here, and so in upstream kvm_arch_vcpu_ioctl_get_fpu)."""
+    return bytearray(vcpu.get_xsave())
 
 
 def _set_xsave(vcpu, buf: bytearray) -> None:
-    if hasattr(vcpu, "set_xsave"):
-        vcpu.set_xsave(bytes(buf))
-        return
-    _xsave_ioctl(vcpu, _ioc(1, 0xa5, _KVM_XSAVE_SIZE), buf, "KVM_SET_XSAVE")
-
-
-def _xsave_ioctl(vcpu, request: int, buf: bytearray, name: str) -> None:
-    from .kvm import KvmError
-    try:
-        fcntl.ioctl(vcpu.fd, request, buf, True)
-    except OSError as e:
-        raise KvmError(e.errno or errno.EIO, name) from None
+    vcpu.set_xsave(bytes(buf))
 
 
 def describe_gap(machine, exit) -> str:
@@ -629,9 +606,8 @@ def describe_gap(machine, exit) -> str:
 # 4. The vmcall that never exits
 # ---------------------------------------------------------------------------------------------
 
-# include/uapi/linux/kvm_para.h: hypercalls return -KVM_ENOSYS for an unknown number. Not in
-# pykvm's cffi declarations yet, hence copied.
-KVM_ENOSYS = 1000
+# include/uapi/linux/kvm_para.h: hypercalls return -KVM_ENOSYS for an unknown number.
+KVM_ENOSYS = _lib.KVM_ENOSYS
 
 
 class StuckVmcall:
