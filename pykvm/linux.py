@@ -298,7 +298,7 @@ class LinuxVM:
         return {
             "exits": m.vcpu.exit_counts(),
             "seconds_in_kvm_run": round(m.vcpu.seconds_in_run, 3),
-            "seconds_in_run_loop": round(m.stats.wall_time, 3),
+            "seconds_in_run_loop": round(m.seconds_running, 3),
             "pvm_gaps_completed": dict(m.stats.pvm_gaps),
             "guest_errors": dict(m.stats.guest_errors),
             "interrupts_injected": dict(m.stats.interrupts),

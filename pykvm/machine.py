@@ -198,7 +198,7 @@ class Machine:
                 while not watchdog_stop.wait(period):
                     vcpu.kick()
             threading.Thread(target=watchdog, name="pykvm-watchdog", daemon=True).start()
-        start = time.perf_counter()
+        start = self._run_started = time.perf_counter()
         try:
             while self._stop is None:
                 exit = run()
@@ -214,6 +214,7 @@ class Machine:
             if timer is not None:
                 timer.cancel()
             self.stats.wall_time += time.perf_counter() - start
+            self._run_started = None
             self.vcpu.kvm_run.immediate_exit = 0
         result = self._stop
         self._stop = None
@@ -267,6 +268,12 @@ class Machine:
             self._thread.join()
             self._thread = None
         return self._result
+
+    @property
+    def seconds_running(self) -> float:
+        """Wall seconds spent in run() so far, the current run included."""
+        started = getattr(self, "_run_started", None)
+        return self.stats.wall_time + (time.perf_counter() - started if started else 0.0)
 
     @property
     def running(self) -> bool:
