@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from pykvm.devices.shared import SharedRegister, SharesRegisters
+from pykvm.devices.shared import SharesRegisters
 
 DEBUGCON_READBACK = 0xE9
 
@@ -50,11 +50,9 @@ class PostCode(SharesRegisters):
 
     Both may live in the C fast path's struct (pykvm/fastpath.py), which then answers the port."""
 
-    code = SharedRegister("post_last")
-    writes = SharedRegister("post_writes")
+    SHARED = (("code", "post_last"), ("writes", "post_writes"))
 
     def __init__(self) -> None:
-        self._init_shared()
         self.code = 0
         self.writes = 0
 

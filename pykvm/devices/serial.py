@@ -47,7 +47,7 @@ register state ("is any enabled condition pending?"), and IrqLine forwards only 
 
 The hot path (THR write, LSR read while interrupts are off) can be answered by pykvm's C run loop
 (csrc/fastpath.h, pykvm/fastpath.py). The four registers it needs - `ier`, `lcr`, `mcr`, `lsr` - are
-`SharedRegister`s: with the fast path on they live in the C loop's struct, so the model below is still
+shared registers: with the fast path on they live in the C loop's struct, so the model below is still
 the only owner of the UART's state.
 """
 
@@ -56,7 +56,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable
 
-from pykvm.devices.shared import SharedRegister, SharesRegisters
+from pykvm.devices.shared import SharesRegisters
 from pykvm.irq import IrqLine
 
 # Register offsets (DLAB=0 meaning first).
@@ -160,14 +160,10 @@ class Serial16550(SharesRegisters):
     """
 
     # Registers the C fast path reads (pykvm/devices/shared.py).
-    ier = SharedRegister()
-    lcr = SharedRegister()
-    mcr = SharedRegister()
-    lsr = SharedRegister()
+    SHARED = (("ier", "ier"), ("lcr", "lcr"), ("mcr", "mcr"), ("lsr", "lsr"))
 
     def __init__(self, irq: IrqLine, out: Callable[[bytes], None],
                  rx_backlog: int = DEFAULT_RX_BACKLOG):
-        self._init_shared()
         self.irq = irq
         self.out = out
         # Power-on values from the datasheet's reset table (Table V); the divisor is undefined after

@@ -1,24 +1,23 @@
-"""Device registers that may live in memory shared with pykvm's C run loop.
+"""Device registers that may move into memory shared with pykvm's C run loop.
 
-A device declares such registers as class attributes, `ier = SharedRegister()`. By default their
-values are kept in a plain namespace (`device.shared`), and the device reads and writes them like any
-attribute. `share_registers(block)` moves them into a cffi struct (csrc/fastpath.h) that the C loop
-reads directly: one copy of the register, two readers. The device code does not change.
+A device lists such registers in `SHARED`: (attribute, field of the C struct). Normally they are plain
+instance attributes, as fast as any. `share_registers(block)` moves their values into a cffi struct
+(csrc/fastpath.h) and switches the instance to a subclass whose attributes of those names read and
+write that struct: one copy of each register, seen by both the model and the C loop, and the
+device's code unchanged. (The subclass costs a Python call per access, which is why a device that
+is not shared does not pay it.)
 """
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from functools import lru_cache
 
 
 class SharedRegister:
-    """A data descriptor forwarding to `obj.shared.<field>` (field defaults to the attribute name)."""
+    """A data descriptor forwarding to `obj.shared.<field>`."""
 
-    def __init__(self, field: str | None = None):
+    def __init__(self, field: str):
         self.field = field
-
-    def __set_name__(self, owner, name: str) -> None:
-        self.field = self.field or name
 
     def __get__(self, obj, objtype=None):
         if obj is None:
@@ -29,17 +28,21 @@ class SharedRegister:
         setattr(obj.shared, self.field, value)
 
 
+@lru_cache(maxsize=None)
+def _shared_class(cls: type) -> type:
+    attrs = {attr: SharedRegister(field) for attr, field in cls.SHARED}
+    return type(cls.__name__, (cls,), {**attrs, "__doc__": cls.__doc__,
+                                       "__module__": cls.__module__})
+
+
 class SharesRegisters:
-    """Mixin: `shared` starts as a namespace; `share_registers` moves the values to a C block."""
+    """Mixin for devices with registers the C run loop can read (see the module docstring)."""
 
-    def _init_shared(self) -> None:
-        self.shared = SimpleNamespace()
-
-    def _shared_fields(self) -> list[str]:
-        return [d.field for d in vars(type(self)).values() if isinstance(d, SharedRegister)]
+    SHARED: tuple[tuple[str, str], ...] = ()
 
     def share_registers(self, block) -> None:
-        """Keep the shared registers in `block` (a cffi struct with the same field names) from now on."""
-        for field in self._shared_fields():
-            setattr(block, field, getattr(self.shared, field))
+        """Keep the SHARED registers in `block` (a cffi struct) from now on."""
+        for attr, field in self.SHARED:
+            setattr(block, field, self.__dict__.pop(attr))
         self.shared = block
+        self.__class__ = _shared_class(type(self))
