@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .bus import Bus
-from .devices.userirq import UserIrqChip
 from .fastpath import FastPath
 from .irq import IrqLine
 from .kvm import KICK_SIGNAL, Kvm, exits as E
@@ -141,6 +140,7 @@ class Machine:
         self.vcpu = self.vm.create_vcpu()
         if irqchip == "user":
             # The 8259 pair and the 8254 in Python (pykvm/devices/userirq.py explains the choice).
+            from .devices.userirq import UserIrqChip
             self.userirq = UserIrqChip(kick=self.vcpu.kick)
             self.userirq.register_on(self.pio)
         _install_kick_handler()
