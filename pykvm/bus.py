@@ -106,15 +106,16 @@ class Bus:
             hit = self._hits[addr] = (r.device, r.base)
         return hit
 
+    # read() and write() are on every exit's path: the cache lookup is inlined.
     def read(self, addr: int, size: int) -> int:
-        hit = self._lookup(addr)
+        hit = self._hits.get(addr) or self._lookup(addr)
         if hit is None:
             self._miss(addr)
             return (1 << (8 * size)) - 1
         return hit[0].read(addr - hit[1], size)
 
     def write(self, addr: int, size: int, value: int) -> None:
-        hit = self._lookup(addr)
+        hit = self._hits.get(addr) or self._lookup(addr)
         if hit is None:
             self._miss(addr)
             return

@@ -301,7 +301,8 @@ class Machine:
 
 def _io_out(m: Machine, e: E.IoOut) -> Stop | None:
     if e.count == 1:
-        m.pio.write(e.port, e.size, int.from_bytes(e.data, "little"))
+        data = e.data
+        m.pio.write(e.port, e.size, data[0] if e.size == 1 else int.from_bytes(data, "little"))
     else:
         m.pio.write_from(e.port, e.size, e.data, e.count)
     return None
