@@ -16,13 +16,13 @@ Each side runs `reps` times, alternating, and the best run counts (shared hosts 
 
 A third figure, "preadv into guest RAM", is what the host does when it reads the same requests
 straight into the guest's memory (os.preadv on a view of guest RAM) of a Machine that is not
-running: the ceiling for a device that copies nothing itself. pykvm's VirtioBlk today costs three
-copies per read on top of the kernel's: DiskImage._pread accumulates into a bytearray and returns
-bytes() of it, and DescChain.write copies that into guest RAM. Measured here (KVM-PVM, 64 MiB, 1 MiB
-requests): 660-700 MB/s against a host pread of 4.7-7.3 GB/s (0.09-0.14x). An experiment that
-replaced the IN path with one os.preadv into the chain's writable guest buffers reached ~1.5 GB/s
-(0.26x): of 53 ms, 33 ms were inside preadv (2 GB/s: writing into the RAM of a running KVM-PVM guest
-is ~3x slower than into a hot host buffer) and ~0.3 ms per request went to the Python request path.
+running: the ceiling for a device that copies nothing itself. VirtioBlk reads that way: one
+os.preadv straight into the chain's writable guest buffers (DiskImage.readinto). History, measured
+here (KVM-PVM): with three Python copies per read it ran at 0.09-0.14x of host pread; with preadv
+into guest RAM 0.45-0.60x. What is left per notify is the exit from guest CPL3 (~30 us here) and
+the Python request path (descriptor walk, header, status, used ring: tens of us per request);
+ioeventfd (the notify handled on another thread) measured slower here, the wake-up costing more
+than the exit it saves.
 
 `run(quick) -> dict` gives the numbers; `virtio_blk_rows(quick) -> Section` is the same as a
 section of the benchmark table (bench/__main__.py's interface, like bench.blk.blk_rows).
@@ -172,9 +172,8 @@ def run(quick: bool = False) -> dict:
         "guest_exits": best["exits"],
         "guest_runs_mbps": [size / g["seconds"] / 1e6 for g in guest_runs],
         "host_runs_mbps": [size / t / 1e6 for t in host_t],
-        "note": "VirtioBlk copies each read three times in Python (DiskImage._pread into a "
-                "bytearray, bytes() of it, DescChain.write into guest RAM); os.preadv straight "
-                "into the chain's guest buffers roughly doubles the guest figure (module docstring)",
+        "note": "VirtioBlk preadv()s straight into the guest's buffers; the rest is the CPL3 exit "
+                "per notify and the Python request path (module docstring)",
     }
 
 
