@@ -53,6 +53,7 @@ from collections import deque
 from typing import Callable
 
 from pykvm.irq import IrqLine
+from pykvm.devices.isa import ByteRegisters
 
 DATA = 0      # port 0x60
 COMMAND = 4   # port 0x64 (status on read)
@@ -104,7 +105,7 @@ _TAKES_PARAMETER = {CMD_WRITE_OUTPUT, CMD_WRITE_KBD_OBUF, CMD_WRITE_AUX_OBUF, CM
 OUTPUT_QUEUE_MAX = 16
 
 
-class I8042:
+class I8042(ByteRegisters):
     """An 8042 keyboard controller with nothing plugged in.
 
     `reset()` is called when the guest pulses the CPU reset line (command 0xfe, any 0xf0-0xfe pulse with
@@ -139,17 +140,9 @@ class I8042:
     def ctr(self, value: int) -> None:
         self.ram[0] = value & 0xFF
 
-    # --- the device contract ---------------------------------------------------------------------
+    # The device contract, read(offset, size) and write(offset, size, value), comes from
+    # ByteRegisters (pykvm/devices/isa.py): wide accesses are split into byte cycles.
 
-    def read(self, offset: int, size: int) -> int:
-        value = 0
-        for i in range(size):
-            value |= self._read_byte(offset + i) << (8 * i)
-        return value
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        for i in range(size):
-            self._write_byte(offset + i, (value >> (8 * i)) & 0xFF)
 
     # --- registers -------------------------------------------------------------------------------
 

@@ -56,6 +56,7 @@ import time
 from typing import Callable
 
 from pykvm.irq import IrqLine, NullIrqLine
+from pykvm.devices.isa import ByteRegisters
 
 PIT_HZ = 1_193_182
 PORT_SYSTEM_CONTROL_B = 0x61
@@ -293,7 +294,7 @@ class _Channel:
         return v >> 8 if not self.read_msb else v & 0xFF
 
 
-class I8254Pit:
+class I8254Pit(ByteRegisters):
     """The PIT: a bus device for ports 0x40-0x43 (offsets 0-3); `irq0` is driven by channel 0's OUT.
 
     Host side: `poll(now)` brings IRQ 0 up to date; `next_irq_deadline()` is the clock time of the
@@ -309,16 +310,8 @@ class I8254Pit:
         self.irq_edges = 0          # IRQ 0 edges given to the PIC
         self.bad_accesses = 0
 
-    # --- the device contract ---
-    def read(self, offset: int, size: int) -> int:
-        value = 0
-        for i in range(size):
-            value |= self._read_byte(offset + i) << (8 * i)
-        return value
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        for i in range(size):
-            self._write_byte(offset + i, (value >> (8 * i)) & 0xFF)
+    # The device contract, read(offset, size) and write(offset, size, value), comes from
+    # ByteRegisters (pykvm/devices/isa.py): wide accesses are split into byte cycles.
 
     def _read_byte(self, offset: int) -> int:
         if 0 <= offset < 3:

@@ -49,6 +49,7 @@ import time
 from typing import Callable
 
 from pykvm.x86.layout import KiB, MiB, ram_regions
+from pykvm.devices.isa import ByteRegisters
 
 INDEX = 0   # port 0x70
 DATA = 1    # port 0x71
@@ -117,7 +118,7 @@ def _valid(f: dict[str, int]) -> bool:
             and 0 <= f["hour"] < 24 and 0 <= f["min"] < 60 and 0 <= f["sec"] < 60)
 
 
-class CmosRtc:
+class CmosRtc(ByteRegisters):
     """MC146818 RTC + CMOS RAM. `clock()` returns POSIX seconds (default `time.time`).
 
     Public attributes: `cmos` (the 128 bytes; time registers in it are not used, time is computed on
@@ -139,18 +140,9 @@ class CmosRtc:
         self._frozen: dict[str, int] | None = None   # the time held while SET is 1
         self.bad_time_writes = 0
 
-    # --- the device contract ---------------------------------------------------------------------
+    # The device contract, read(offset, size) and write(offset, size, value), comes from
+    # ByteRegisters (pykvm/devices/isa.py): wide accesses are split into byte cycles.
 
-    def read(self, offset: int, size: int) -> int:
-        value = 0
-        for i in range(size):
-            value |= self._read_byte(offset + i) << (8 * i)
-        return value
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        # `outw %ax, $0x70` writes the index (AL) and then the data (AH): the byte split does that.
-        for i in range(size):
-            self._write_byte(offset + i, (value >> (8 * i)) & 0xFF)
 
     # --- time ------------------------------------------------------------------------------------
 

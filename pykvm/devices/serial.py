@@ -58,6 +58,7 @@ from typing import Callable
 
 from pykvm.devices.shared import SharesRegisters
 from pykvm.irq import IrqLine
+from pykvm.devices.isa import ByteRegisters
 
 # Register offsets (DLAB=0 meaning first).
 RBR_THR_DLL = 0
@@ -149,7 +150,7 @@ def _loopback_lines(mcr: int) -> int:
     return lines
 
 
-class Serial16550(SharesRegisters):
+class Serial16550(ByteRegisters, SharesRegisters):
     """A 16550A UART. `out(bytes)` receives what the guest transmits; `feed(bytes)` is what it receives.
 
     Public state (plain attributes, see the module docstring): the registers, `rx` (the receive FIFO,
@@ -189,19 +190,9 @@ class Serial16550(SharesRegisters):
         self.rx_dropped = 0
         self.bad_accesses = 0
 
-    # --- the device contract -------------------------------------------------------------------
+    # The device contract, read(offset, size) and write(offset, size, value), comes from
+    # ByteRegisters (pykvm/devices/isa.py): wide accesses are split into byte cycles.
 
-    def read(self, offset: int, size: int) -> int:
-        # An ISA bus splits a wide access to a byte-wide device into byte cycles at consecutive
-        # ports; we do the same, so `inw` at offset 0 reads RBR then IER.
-        value = 0
-        for i in range(size):
-            value |= self._read_byte(offset + i) << (8 * i)
-        return value
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        for i in range(size):
-            self._write_byte(offset + i, (value >> (8 * i)) & 0xFF)
 
     # --- the host side ---------------------------------------------------------------------------
 
