@@ -18,6 +18,22 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Protocol
+
+
+class BlockBackend(Protocol):
+    """What a virtual disk (VirtioBlk, AtaDrive) needs from its storage; DiskImage is one, and
+    pykvm.devices.ide.disk.MemoryDisk another (for tests). `readinto`/`writefrom` (scatter-gather
+    straight into guest RAM) are optional: devices fall back to read/write."""
+
+    size: int
+    readonly: bool
+
+    def read(self, offset: int, n: int) -> bytes: ...
+
+    def write(self, offset: int, data: bytes) -> None: ...
+
+    def flush(self) -> None: ...
 
 
 class DiskError(OSError):

@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from typing import Protocol
+from pykvm.host.disk import BlockBackend
 
 from .device import VIRTIO_ID_BLOCK, VirtioDevice
 from .queue import ChainError, DescChain
@@ -79,18 +79,6 @@ MAX_REQUEST_BYTES = 32 << 20     # far above what Linux sends (max_sectors_kb is
 MAX_DISCARD_SECTORS = 1 << 22
 MAX_DISCARD_SEG = 16
 
-
-class BlockBackend(Protocol):
-    """What VirtioBlk needs from a disk (pykvm.host.disk.DiskImage is one)."""
-
-    size: int
-    readonly: bool
-
-    def read(self, offset: int, n: int) -> bytes: ...
-
-    def write(self, offset: int, data: bytes) -> None: ...
-
-    def flush(self) -> None: ...
 
 
 class _Fail(Exception):

@@ -9,22 +9,9 @@ guest a failing disk is a failing disk.
 
 from __future__ import annotations
 
-from typing import Protocol
-
-from pykvm.host.disk import DiskError, DiskImage, DiskReadOnlyError
+from pykvm.host.disk import BlockBackend, DiskError, DiskImage, DiskReadOnlyError
 
 SECTOR = 512
-
-
-class BlockBackend(Protocol):
-    size: int
-    readonly: bool
-
-    def read(self, offset: int, n: int) -> bytes: ...
-
-    def write(self, offset: int, data: bytes) -> None: ...
-
-    def flush(self) -> None: ...
 
 
 class MemoryDisk:
