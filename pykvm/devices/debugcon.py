@@ -21,6 +21,7 @@ from typing import Callable
 from pykvm.devices.shared import SharesRegisters
 
 DEBUGCON_READBACK = 0xE9
+_BYTE = [bytes((b,)) for b in range(256)]
 
 
 class DebugCon:
@@ -40,8 +41,10 @@ class DebugCon:
         return int.from_bytes(bytes((DEBUGCON_READBACK,)) * size, "little")
 
     def write(self, offset: int, size: int, value: int) -> None:
-        data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
-        self.out(data)
+        if size == 1:
+            self.out(_BYTE[value & 0xFF])     # the common case, without building a bytes object
+        else:
+            self.out((value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
         self.bytes_out += size
 
 
