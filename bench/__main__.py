@@ -44,7 +44,7 @@ def main(argv=None) -> int:
                     help="run only this section (repeatable)")
     ap.add_argument("--skip-qemu", action="store_true", help="leave out the QEMU exit row")
     ap.add_argument("--build", action="store_true", help="build the test kernel if it is missing")
-    ap.add_argument("--irqchip", choices=("kernel", "user", "all"), default="kernel",
+    ap.add_argument("--irqchip", choices=("kernel", "user", "all"), default="all",
                     help="interrupt controller(s) for the boot row (user: issue 4)")
     ap.add_argument("--boot-timeout", type=float, default=600.0)
     opts = ap.parse_args(argv)
