@@ -13,6 +13,7 @@ made-up exits and no /dev/kvm.
 from __future__ import annotations
 
 import collections
+import os
 import signal
 import threading
 import time
@@ -55,6 +56,26 @@ class KvmIrqLine(IrqLine):
 
     def _raise_level(self, level: bool) -> None:
         self.vm.irq_line(self.gsi, level)
+
+
+class IrqfdLine(IrqLine):
+    """An edge-triggered GSI raised through KVM_IRQFD: a rising edge writes an eventfd and KVM itself
+    pulses the in-kernel PIC/IOAPIC input (assert, deassert), with no ioctl on the VM fd and from
+    whichever thread raised it (the virtio ioeventfd worker, the net receive thread). For the ISA
+    edge-triggered lines virtio-mmio devices use; level-triggered lines (PCI INTx) stay KvmIrqLine,
+    which holds the level until the device lowers it."""
+
+    def __init__(self, vm, gsi: int):
+        super().__init__()
+        self.gsi = gsi
+        self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        vm.irqfd(self.fd, gsi)
+        self.pulses = 0
+
+    def _raise_level(self, level: bool) -> None:
+        if level:
+            os.eventfd_write(self.fd, 1)
+            self.pulses += 1
 
 
 @dataclass
@@ -132,6 +153,7 @@ class Machine:
         self.mem = GuestMemory(regions)
 
         self.userirq = None
+        self._eventfds: list[int] = []      # irqfds: closed with the VM
         if irqchip == "kernel":
             self.vm.create_irqchip()
             self.vm.create_pit2()
@@ -153,6 +175,15 @@ class Machine:
         if self.userirq is not None:
             return self.userirq.irq_line(gsi)
         raise MachineError("this machine has no interrupt controller (irqchip='none')")
+
+    def edge_irq_line(self, gsi: int) -> IrqLine:
+        """The line for a device whose interrupt is an edge at the controller (ISA-style): an irqfd
+        with the in-kernel irqchip, else the same as irq_line()."""
+        if self.irqchip == "kernel":
+            line = IrqfdLine(self.vm, gsi)
+            self._eventfds.append(line.fd)
+            return line
+        return self.irq_line(gsi)
 
     def add_pio(self, base: int, length: int, device, name: str | None = None) -> None:
         self.pio.register(base, length, device, name)
@@ -286,6 +317,9 @@ class Machine:
         if self.userirq is not None:
             self.userirq.close()
         self.vm.close()
+        for fd in self._eventfds:
+            os.close(fd)
+        self._eventfds.clear()
         self.mem.close()
         if self._own_kvm:
             self.kvm.close()

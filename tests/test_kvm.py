@@ -115,3 +115,19 @@ def test_background_run_and_stop():
 def test_memory_size_checked():
     with pytest.raises(MachineError):
         Machine(12345)
+
+
+@needs_kvm
+def test_irqfd_line_reaches_the_in_kernel_pic():
+    """An IrqfdLine pulse sets the in-kernel 8259's request bit (IRR) for its GSI."""
+    with Machine(1 << 20) as m:
+        line = m.edge_irq_line(5)
+        line.set_level(True)
+        line.set_level(False)
+        assert line.pulses == 1
+        # KVM delivers irqfd injections from a work queue: give it a moment.
+        for _ in range(100):
+            if m.vm.get_irqchip(0).chip.pic.irr & (1 << 5):
+                break
+            time.sleep(0.01)
+        assert m.vm.get_irqchip(0).chip.pic.irr & (1 << 5)

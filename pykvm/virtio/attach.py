@@ -64,7 +64,9 @@ def attach_mmio(machine, device: VirtioDevice, index: int, *, ioeventfd: bool = 
     argument announcing it. The transport is `machine.mmio.find(base).device`."""
     base = layout.VIRTIO_MMIO_BASE + index * layout.VIRTIO_MMIO_SIZE
     irq = virtio_mmio_irq(index)
-    transport = VirtioMmio(device, machine.mem, machine.irq_line(irq))
+    # Edge-triggered at the PIC/IOAPIC (see above): KVM_IRQFD where the machine offers it.
+    line = machine.edge_irq_line(irq) if hasattr(machine, "edge_irq_line") else machine.irq_line(irq)
+    transport = VirtioMmio(device, machine.mem, line)
     machine.mmio.register(base, layout.VIRTIO_MMIO_SIZE, transport, f"{device.name}#{index}")
     if ioeventfd and getattr(machine, "vm", None) is not None:
         transport.notifier = IoEventNotifier(machine.vm, transport, base)
