@@ -110,7 +110,7 @@ def host_kind(sys_module: str = "/sys/module", cpuinfo: str = "/proc/cpuinfo",
 
 _PVM_NOTICE = (
     "This host's /dev/kvm is KVM-PVM (no VT-x/AMD-V): guest kernel code (CPL0) is emulated "
-    "instruction by instruction, so a Linux boot takes a minute or more to reach init; guest user "
+    "instruction by instruction, so a Linux boot takes tens of seconds to minutes to reach init; guest user "
     "mode cannot run (a syscall from CPL3 faults), so boots stop at the kernel's \"Run /init\". "
     "pykvm adds kernel arguments that hide CPU features the emulator lacks, and completes a few "
     "instructions it cannot emulate (int3, fwait, ldmxcsr/stmxcsr, clac/stac, popcnt).")
