@@ -85,6 +85,11 @@ def cmd_boot(args) -> int:
                  console="hvc0" if args.hvc else "ttyS0", irqchip=args.irqchip,
                  disk_bus=args.disk_bus)
     with vm:
+        profiler = None
+        if args.profile:
+            from .profile import GuestProfiler
+            profiler = GuestProfiler(None if args.profile == "-" else args.profile)
+            profiler.start(vm.machine)
         if args.trace:
             from .trace import ExitTracer
             trace_out = sys.stderr if args.trace == "-" else open(args.trace, "w")
@@ -119,6 +124,9 @@ def cmd_boot(args) -> int:
                 log.close()
         print(file=sys.stderr)
         _say(f"stopped: {stop.reason}: {stop.message}")
+        if profiler is not None:
+            profiler.stop()
+            _say("guest profile:\n" + profiler.report())
         if args.stats:
             _say(f"stats: {vm.stats}")
         gap = vm.machine.last_internal_error
@@ -171,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--trace", metavar="FILE",
                       help="write one line per exit that reaches Python to FILE (- for stderr)")
     boot.add_argument("--stats", action="store_true", help="print exit statistics at the end")
+    boot.add_argument("--profile", metavar="SYSTEM_MAP",
+                      help="sample the guest's RIP every 10 ms and print the hottest kernel "
+                           "functions at the end (- for raw addresses)")
     boot.set_defaults(fn=cmd_boot)
     return p
 

@@ -1,0 +1,77 @@
+"""A sampling profiler for the guest: where is the vCPU spending its time?
+
+Every `period` seconds a thread kicks the vCPU out of KVM_RUN (Vcpu.kick); the run loop sees an
+Interrupted exit, and the profiler records the guest's RIP there. With the kernel's System.map the
+samples become function names. It is how pykvm found what made Linux boots slow on KVM-PVM hosts
+(an MP-table scan, jitter entropy, a kallsyms walk): the guest cannot tell you, the VMM can look.
+
+    pykvm boot bzImage --profile System.map        # the top functions at the end
+
+Each sample costs one extra exit, so the default 10 ms period slows the guest by well under 1 %.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import threading
+from pathlib import Path
+
+from .kvm import exits as E
+
+
+def load_system_map(path: str | Path) -> tuple[list[int], list[str]]:
+    """Text symbols from a System.map: sorted addresses and their names."""
+    pairs = []
+    for line in Path(path).read_text(errors="replace").splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[1] in "tTwW":
+            try:
+                pairs.append((int(parts[0], 16), parts[2]))
+            except ValueError:
+                continue
+    pairs.sort()
+    return [a for a, _ in pairs], [n for _, n in pairs]
+
+
+class GuestProfiler:
+    """Samples RIP on Interrupted exits; `start(machine)` installs it, `report()` summarizes."""
+
+    def __init__(self, system_map: str | Path | None = None, period: float = 0.01):
+        self.period = period
+        self.samples: collections.Counter[int] = collections.Counter()
+        self._addrs, self._names = load_system_map(system_map) if system_map else ([], [])
+        self._stop = threading.Event()
+
+    def symbol(self, rip: int) -> str:
+        i = bisect.bisect_right(self._addrs, rip) - 1
+        if i < 0:
+            return f"{rip:#x}"
+        return f"{self._names[i]}+{rip - self._addrs[i]:#x}"
+
+    def start(self, machine) -> None:
+        machine.interrupted_handlers.append(self._sample)
+        vcpu = machine.vcpu
+
+        def kicker() -> None:
+            while not self._stop.wait(self.period):
+                if vcpu.thread_id is not None:
+                    vcpu.kick()
+
+        threading.Thread(target=kicker, name="pykvm-profiler", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _sample(self, machine) -> None:
+        self.samples[machine.vcpu.get_regs().rip] += 1
+
+    def report(self, top: int = 20) -> str:
+        """The hottest functions (or addresses, without a System.map), with their share."""
+        by_name: collections.Counter[str] = collections.Counter()
+        for rip, n in self.samples.items():
+            by_name[self.symbol(rip).split("+")[0]] += n
+        total = sum(by_name.values()) or 1
+        lines = [f"{total} samples every {self.period * 1000:g} ms"]
+        lines += [f"{100 * n / total:5.1f}%  {name}" for name, n in by_name.most_common(top)]
+        return "\n".join(lines)

@@ -1,0 +1,34 @@
+"""The guest profiler: RIP samples from kicked exits, named through a System.map."""
+
+import time
+
+from pykvm.machine import Machine
+from pykvm.profile import GuestProfiler, load_system_map
+from pykvm.x86.cpu import setup_real_mode
+
+from conftest import needs_kvm
+
+
+def test_system_map_lookup(tmp_path):
+    m = tmp_path / "System.map"
+    m.write_text("ffffffff81000000 T _text\nffffffff81000100 t spin\nffffffff81000200 D data\n"
+                 "ffffffff81000300 T later\n")
+    addrs, names = load_system_map(m)
+    assert names == ["_text", "spin", "later"]          # data symbols are left out
+    p = GuestProfiler(m)
+    assert p.symbol(0xffffffff81000104) == "spin+0x4"
+    assert p.symbol(0x1000) == "0x1000"
+
+
+@needs_kvm
+def test_samples_land_on_the_spinning_instruction():
+    with Machine(1 << 20, irqchip="none") as m:
+        m.mem.write(0x1000, bytes([0x90, 0xeb, 0xfd]))      # l: nop; jmp l  (never exits)
+        setup_real_mode(m.vcpu, 0x100, 0)
+        prof = GuestProfiler(period=0.01)
+        prof.start(m)
+        m.run(timeout=0.5)
+        prof.stop()
+    assert sum(prof.samples.values()) >= 5
+    assert set(prof.samples) <= {0x0, 0x1}       # IP within the loop (CS base 0x1000 not in RIP)
+    assert "samples every 10 ms" in prof.report()
