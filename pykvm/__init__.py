@@ -16,3 +16,17 @@ How a VM comes to life, and where each step lives:
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # `from pykvm import LinuxVM, Machine` without making `import pykvm` load everything.
+    if name == "LinuxVM":
+        from .linux import LinuxVM
+        return LinuxVM
+    if name == "Machine":
+        from .machine import Machine
+        return Machine
+    raise AttributeError(f"module 'pykvm' has no attribute {name!r}")
+
+
+__all__ = ["LinuxVM", "Machine", "__version__"]
