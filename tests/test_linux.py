@@ -14,7 +14,7 @@ import pytest
 
 from pykvm import pvm
 from pykvm.assets import USERLAND_MARKER, REBOOT_ARG, cloud_kernel, initramfs, test_kernel
-from pykvm.linux import LinuxVM
+from pykvm import LinuxVM   # the public import the README shows
 
 from conftest import KVM_MARKS, needs_kvm
 
