@@ -56,14 +56,6 @@ class ChainError(Exception):
     """A descriptor chain the device cannot use (the guest's mistake)."""
 
 
-@dataclass(frozen=True)
-class Descriptor:
-    addr: int
-    len: int
-    flags: int
-    next: int
-
-
 def ring_sizes(size: int) -> tuple[int, int, int]:
     """Bytes taken by the descriptor table, available ring and used ring of a queue of `size`."""
     return DESC_SIZE * size, 6 + 2 * size, 6 + 8 * size
@@ -259,49 +251,52 @@ class VirtQueue:
         """Put the last popped chain back (a device that found it could not use it yet)."""
         self.last_avail = (self.last_avail - 1) & 0xFFFF
 
-    def _read_desc(self, table: int, index: int) -> Descriptor:
-        try:
-            return Descriptor(*_DESC.unpack(self.mem.read(table + DESC_SIZE * index, DESC_SIZE)))
-        except GuestMemoryError as e:
-            raise ChainError(f"descriptor outside RAM: {e}") from None
-
     def _walk(self, head: int) -> DescChain:
         chain = DescChain(self, head)
-        table, table_len = self.desc_addr, self.size
+        table_len = self.size
         index = head
         budget = table_len           # descriptors left before we call it a loop
         in_indirect = False
+        # One bounds-checked window onto the whole table, then plain unpacks: a request's chain
+        # is read without a GuestMemory lookup per descriptor.
+        table = self._table_view(self.desc_addr, table_len)
+        unpack = _DESC.unpack_from
         while True:
             if budget == 0:
                 raise ChainError(f"chain from head {head} loops or is longer than its table")
             budget -= 1
-            d = self._read_desc(table, index)
-            if d.flags & VIRTQ_DESC_F_INDIRECT:
+            addr, length, flags, nxt = unpack(table, DESC_SIZE * index)
+            if flags & VIRTQ_DESC_F_INDIRECT:
                 # 2.7.5.3: zero or more direct descriptors, then one indirect one (not with NEXT).
                 if not self.indirect:
                     raise ChainError("indirect descriptor without VIRTIO_F_INDIRECT_DESC")
                 if in_indirect:
                     raise ChainError("nested indirect table")
-                if d.flags & VIRTQ_DESC_F_NEXT:
+                if flags & VIRTQ_DESC_F_NEXT:
                     raise ChainError("indirect descriptor with NEXT")
-                if d.len == 0 or d.len % DESC_SIZE or d.len // DESC_SIZE > MAX_QUEUE_SIZE:
-                    raise ChainError(f"indirect table length {d.len}")
-                if not self.mem.contains(d.addr, d.len):
-                    raise ChainError(f"indirect table at {d.addr:#x}+{d.len:#x} is not in RAM")
-                table, table_len = d.addr, d.len // DESC_SIZE
+                if length == 0 or length % DESC_SIZE or length // DESC_SIZE > MAX_QUEUE_SIZE:
+                    raise ChainError(f"indirect table length {length}")
+                table_len = length // DESC_SIZE
+                table = self._table_view(addr, table_len)
                 index, budget, in_indirect = 0, table_len, True
                 continue
-            if d.flags & VIRTQ_DESC_F_WRITE:
-                chain.writable.append((d.addr, d.len))
+            if flags & VIRTQ_DESC_F_WRITE:
+                chain.writable.append((addr, length))
             elif chain.writable:
                 raise ChainError("device-readable descriptor after a device-writable one")
             else:
-                chain.readable.append((d.addr, d.len))
-            if not d.flags & VIRTQ_DESC_F_NEXT:
+                chain.readable.append((addr, length))
+            if not flags & VIRTQ_DESC_F_NEXT:
                 return chain
-            index = d.next
+            index = nxt
             if index >= table_len:
                 raise ChainError(f"next index {index} outside a table of {table_len}")
+
+    def _table_view(self, addr: int, entries: int) -> memoryview:
+        try:
+            return self.mem.view(addr, DESC_SIZE * entries)
+        except GuestMemoryError as e:
+            raise ChainError(f"descriptor table at {addr:#x} is not in RAM: {e}") from None
 
     # ---- the used ring ----
     def add_used(self, head: int, length: int) -> None:
