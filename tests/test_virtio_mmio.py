@@ -14,6 +14,8 @@ from pykvm.virtio.mmio import VirtioMmio
 from pykvm.virtio.mock import MmioDriver
 from pykvm.virtio.rng import VirtioRng
 
+from virtio_invariants import assert_recovers, assert_transport_sound
+
 RAM = 256 * 1024
 
 
@@ -191,22 +193,8 @@ def test_fuzz_register_writes(ops, init_first):
         else:
             v = t.read(off, size)
             assert 0 <= v < 1 << (8 * size)
-        # Invariants after every access: the line follows InterruptStatus, DRIVER_OK implies
-        # FEATURES_OK, and only a live device has DRIVER_OK without NEEDS_RESET.
-        assert irq.level == (t.interrupt_status != 0)
-        if t.status & STATUS_DRIVER_OK:
-            assert t.status & STATUS_FEATURES_OK
-        if dev.active:
-            assert t.status & STATUS_DRIVER_OK
-        for q in dev.queues:
-            if q.ready:
-                assert q.check(mem) is None
-    # The device still works after a reset and a clean init, whatever came before.
-    drv.queues.clear()
-    drv.init()
-    head = drv.queues[0].add_chain([], [4])
-    drv.kick(0)
-    assert drv.queues[0].take_used() == [(head, 4)]
+        assert_transport_sound(t, dev, mem, irq)
+    assert_recovers(drv)
 
 
 # ---- attach_mmio: a machine-like object, no KVM ----
