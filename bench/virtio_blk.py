@@ -43,7 +43,7 @@ REPO = HERE.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.table import Goal, Row, Section, format_table  # noqa: E402
+from bench.table import Goal, Row, Section  # noqa: E402
 
 GOAL = Goal(">=", 0.7)          # the virtio-blk goal of issue 5: 0.7x the host's pread
 REQUEST = 1 << 20               # bytes per request, guest and host alike

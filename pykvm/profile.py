@@ -17,7 +17,6 @@ import collections
 import threading
 from pathlib import Path
 
-from .kvm import exits as E
 
 
 def load_system_map(path: str | Path) -> tuple[list[int], list[str]]:

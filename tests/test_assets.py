@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from pykvm.assets import (AssetError, DISK_MARKER, USERLAND_MARKER, cloud_kernel, disk_image,
@@ -24,7 +24,7 @@ from pykvm.assets.__main__ import main as cli_main
 from pykvm.assets.cache import cache_key, cached
 from pykvm.assets.cpio import HEADER_SIZE, MAGIC, TRAILER, CpioEntry, CpioError, read_cpio, write_cpio
 from pykvm.assets.kernel import fragment_bytes, parse_config, unmet_options
-from pykvm.assets.userland import INIT_SCRIPT, POWEROFF_ARG, tree
+from pykvm.assets.userland import INIT_SCRIPT, POWEROFF_ARG
 
 # --- cpio -------------------------------------------------------------------
 

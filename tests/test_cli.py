@@ -91,7 +91,6 @@ def test_missing_initrd(tmp_path):
 
 @needs_kvm
 def test_missing_disk(tmp_path):
-    from pykvm.assets import cache_root  # noqa: F401  (the kernel below need not be real)
     k = tmp_path / "kernel"
     k.write_bytes(b"\0" * 4096)
     p = pykvm("boot", str(k), str(tmp_path / "disk.img"), "--console", "none")

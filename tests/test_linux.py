@@ -5,7 +5,6 @@ kernel's "Run /init"; on a VT-x/AMD-V host the userland tests go on to the busyb
 naming the host. Each boot prints the command line it used (visible with pytest -s or on failure).
 """
 
-import os
 import re
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pykvm import pvm
 from pykvm.assets import USERLAND_MARKER, REBOOT_ARG, cloud_kernel, initramfs, test_kernel
 from pykvm import LinuxVM   # the public import the README shows
 
-from conftest import KVM_MARKS, needs_kvm
+from conftest import KVM_MARKS
 
 pytestmark = [*KVM_MARKS, pytest.mark.linux]
 

@@ -11,7 +11,7 @@ import pytest
 from pykvm.assets import disk_image, initramfs, test_kernel
 from pykvm.linux import LinuxVM
 
-from conftest import KVM_MARKS, needs_kvm
+from conftest import KVM_MARKS
 
 pytestmark = [*KVM_MARKS, pytest.mark.linux]
 

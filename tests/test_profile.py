@@ -1,6 +1,5 @@
 """The guest profiler: RIP samples from kicked exits, named through a System.map."""
 
-import time
 
 from pykvm.machine import Machine
 from pykvm.profile import GuestProfiler, load_system_map

@@ -183,7 +183,7 @@ def test_tap_round_trip():
         seen = []
         deadline = time.time() + 5
         while back not in seen and time.time() < deadline:
-            h = rx.add_chain([], [1526])
+            rx.add_chain([], [1526])
             drv.kick(0)
             select.select([tap.fileno()], [], [], 0.5)
             dev.poll_rx()

@@ -7,11 +7,16 @@ fd. See Documentation/virt/kvm/api.rst, section 4 ("API description").
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import errno
 import os
 
 from ._lib import ffi, ioctl, ioctl_int, lib
 from .errors import KvmError, KvmUnavailable
+
+if TYPE_CHECKING:
+    from .vm import Vm
 
 # The KVM device node; PYKVM_KVM_DEVICE overrides it (a differently named node, or tests).
 DEV_KVM = os.environ.get("PYKVM_KVM_DEVICE", "/dev/kvm")

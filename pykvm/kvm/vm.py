@@ -6,9 +6,14 @@ interrupt lines and the eventfd fast paths; vCPUs are created from it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import os
 
 from ._lib import ffi, ioctl, ioctl_int, lib
+
+if TYPE_CHECKING:
+    from .vcpu import Vcpu
 
 
 class Vm:
