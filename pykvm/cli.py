@@ -106,8 +106,7 @@ def cmd_boot(args) -> int:
         interactive = args.console == "stdio"
         if interactive:
             out = sys.stdout.buffer
-            vm.console.tee(lambda data: (out.write(data.replace(b"\n", b"\r\n") if os.isatty(1) else data),
-                                         out.flush()))
+            vm.console.tee(_terminal_sink(out, raw=os.isatty(1) and os.isatty(0)))
         elif args.console not in ("none", "stdio"):
             log = open(args.console, "wb")
             vm.console.tee_file(log)
@@ -134,6 +133,24 @@ def cmd_boot(args) -> int:
             from . import pvm
             _say(pvm.describe_gap(vm.machine, gap))
         return STOP_STATUS.get(stop.reason, EXIT_VMM_ERROR)
+
+
+def _terminal_sink(out, raw: bool):
+    """Guest console bytes to our stdout. A terminal in raw mode needs CR before LF. If stdout goes
+    away (a closed pipe: `pykvm boot ... | head`), the guest keeps running and its output is
+    dropped, rather than the VMM dying in the middle of a device access."""
+    state = {"open": True}
+
+    def write(data: bytes) -> None:
+        if not state["open"]:
+            return
+        try:
+            out.write(data.replace(b"\n", b"\r\n") if raw else data)
+            out.flush()
+        except (BrokenPipeError, OSError):
+            state["open"] = False
+
+    return write
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -102,3 +102,30 @@ def test_snapshot_without_disk_is_a_usage_error(tmp_path):
     k.write_bytes(b"\0" * 4096)
     p = pykvm("boot", str(k), "--snapshot", "--console", "none")
     assert p.returncode == 2 and "--snapshot" in one_line_error(p)
+
+
+def test_console_to_a_closed_pipe_is_dropped_not_fatal():
+    """`pykvm boot ... | head`: once stdout is gone, guest output is dropped and the VM goes on."""
+    from pykvm.cli import _terminal_sink
+
+    class ClosedPipe:
+        writes = 0
+
+        def write(self, data):
+            ClosedPipe.writes += 1
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    sink = _terminal_sink(ClosedPipe(), raw=False)
+    sink(b"first line\n")          # must not raise
+    sink(b"second line\n")
+    assert ClosedPipe.writes == 1  # the sink stopped trying after the first failure
+
+
+def test_terminal_sink_adds_cr_in_raw_mode():
+    import io
+    out = io.BytesIO()
+    _ = __import__("pykvm.cli", fromlist=["_terminal_sink"])._terminal_sink(out, raw=True)(b"a\nb\n")
+    assert out.getvalue() == b"a\r\nb\r\n"
