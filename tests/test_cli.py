@@ -126,6 +126,7 @@ def test_console_to_a_closed_pipe_is_dropped_not_fatal():
 
 def test_terminal_sink_adds_cr_in_raw_mode():
     import io
+    from pykvm.cli import _terminal_sink
     out = io.BytesIO()
-    _ = __import__("pykvm.cli", fromlist=["_terminal_sink"])._terminal_sink(out, raw=True)(b"a\nb\n")
+    _terminal_sink(out, raw=True)(b"a\nb\n")
     assert out.getvalue() == b"a\r\nb\r\n"
