@@ -149,6 +149,15 @@ _CLEARED_FEATURES: list[tuple[int, str, str]] = [
     (306, "rdseed", "rdseed likewise"),
     (150, "movbe", "movbe in some crypto and checksum routines"),
     (197, "abm", "lzcnt/tzcnt in bitops when compiled for them"),
+    # SIMD in the kernel (between kernel_fpu_begin/end): with these visible, a stock kernel picks
+    # its SSSE3/SSE4/PCLMUL/AES routines (blake2s for the RNG, CRCs, crypto), whose SSE
+    # instructions the emulator does not run (seen: `movd xmm15, ecx` in Debian 6.1 at boot).
+    # Hidden, it uses the generic C versions.
+    (137, "ssse3", "blake2s_compress_ssse3 and other SSSE3 routines: SSE at CPL0 is not emulated"),
+    (147, "sse4_1", "SSE4.1 routines (crc, raid6)"),
+    (148, "sse4_2", "crc32 instruction routines (crc32c-intel)"),
+    (129, "pclmulqdq", "carry-less multiply CRC and GHASH routines"),
+    (153, "aes", "AES-NI routines"),
     (291, "bmi1", "andn/bextr/tzcnt"),
     (296, "bmi2", "shlx/sarx/pdep/pext"),
     # Redundant with `noxsave` (clearing XSAVE clears what depends on it) but harmless; listed so
