@@ -120,6 +120,9 @@ STOCK_KERNEL_SPEEDUPS = [
     "mitigations=off",       # no retpoline/IBRS alternatives patching work
     "nowatchdog",
     "tsc=reliable",          # no clocksource watchdog
+    # ftrace checks each of its ~37,000 records with a kallsyms lookup (a linear walk of symbol
+    # names): minutes of emulated work on KVM-PVM, needed only to hide weak functions from tracing.
+    "initcall_blacklist=ftrace_check_for_weak_functions",
 ]
 # On KVM-PVM hosts Debian's kernel does not reach /init within a CI run: measured here, it spends
 # many minutes after "kprobes: kprobe jump-optimization is enabled" walking kallsyms names (the
