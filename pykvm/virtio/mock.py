@@ -148,6 +148,19 @@ class MockQueue:
         return out if n is None else out[:n]
 
 
+def _negotiate(drv, want: int | None) -> None:
+    """Steps 2-6 of driver initialisation (virtio 1.2, 3.1.1), the same on every transport: ACK,
+    DRIVER, read the offered features, accept `want` (all offered if None) plus VERSION_1, and
+    FEATURES_OK, which the device must keep set."""
+    drv.add_status(STATUS_ACKNOWLEDGE)
+    drv.add_status(STATUS_DRIVER)
+    offered = drv.device_features()
+    assert offered & VIRTIO_F_VERSION_1
+    drv.features = offered if want is None else (want | VIRTIO_F_VERSION_1) & offered
+    if not drv.set_features(drv.features):
+        raise RuntimeError("the device refused FEATURES_OK")
+
+
 class MmioDriver:
     """Linux's virtio_mmio driver, reduced to the register sequence, against a `VirtioMmio`."""
 
@@ -206,13 +219,7 @@ class MmioDriver:
         assert self.r(R.DEVICE_ID) != 0
         self.w(R.STATUS, 0)
         assert self.r(R.STATUS) == 0
-        self.add_status(STATUS_ACKNOWLEDGE)
-        self.add_status(STATUS_DRIVER)
-        offered = self.device_features()
-        assert offered & VIRTIO_F_VERSION_1
-        self.features = offered if want is None else (want | VIRTIO_F_VERSION_1) & offered
-        if not self.set_features(self.features):
-            raise RuntimeError("the device refused FEATURES_OK")
+        _negotiate(self, want)
         i = 0
         while self.setup_queue(i, queue_size) is not None:
             i += 1
@@ -451,13 +458,7 @@ class PciDriver:
             self.probe()
         self.w(P.DEVICE_STATUS, 0, 1)
         assert self.status == 0
-        self.add_status(STATUS_ACKNOWLEDGE)
-        self.add_status(STATUS_DRIVER)
-        offered = self.device_features()
-        assert offered & VIRTIO_F_VERSION_1
-        self.features = offered if want is None else (want | VIRTIO_F_VERSION_1) & offered
-        if not self.set_features(self.features):
-            raise RuntimeError("the device refused FEATURES_OK")
+        _negotiate(self, want)
         assert self.r(P.CONFIG_MSIX_VECTOR, 2) == P.NO_VECTOR
         for i in range(self.r(P.NUM_QUEUES, 2)):
             self.setup_queue(i, queue_size)
