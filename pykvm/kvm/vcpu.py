@@ -12,6 +12,7 @@ import os
 import threading
 
 import errno
+import mmap
 import struct
 
 from ._lib import ffi, ioctl, ioctl_int, lib
@@ -29,6 +30,8 @@ _EXIT_IO, _EXIT_MMIO, _IO_OUT = lib.KVM_EXIT_IO, lib.KVM_EXIT_MMIO, lib.KVM_EXIT
 _OFF_UNION = ffi.offsetof("struct kvm_run", "io")
 _OFF_MMIO_DATA = ffi.offsetof("struct kvm_run", "mmio", "data")
 _IO = struct.Struct("=BBHIQ")     # direction, size, port, count, data_offset
+# x86 KVM always puts port-I/O data in the page after struct kvm_run (asm/kvm.h).
+_PIO_DATA = lib.KVM_PIO_PAGE_OFFSET * mmap.PAGESIZE
 _MMIO = struct.Struct("=Q8xIB")   # phys_addr, (data[8]), len, is_write
 
 
@@ -60,6 +63,9 @@ class Vcpu:
         self.kvm_run = ffi.cast("struct kvm_run *", ptr)
         self._page = ffi.buffer(ptr, mmap_size)  # the same bytes, for slicing exit data
         self._mv = memoryview(self._page)
+        # Windows onto the port-I/O data page for the usual 1-8 byte accesses, made once: the data
+        # of every such exit lives there, so a new slice per exit would only cost time.
+        self._pio_views = [self._mv[_PIO_DATA:_PIO_DATA + n] for n in range(9)]
         self.thread_id: int | None = None       # the thread inside run(), for kick()
         # Kept by the C side of run(): time inside KVM_RUN, and exits by KVM_EXIT_* reason.
         self.run_stats = ffi.new("struct pykvm_run_stats *")
@@ -77,6 +83,8 @@ class Vcpu:
 
     def close(self) -> None:
         if self.fd >= 0:
+            for view in self._pio_views:
+                view.release()
             self._mv.release()
             self._page = None
             lib.pykvm_munmap(self._run_ptr, self._mmap_size)
@@ -91,11 +99,12 @@ class Vcpu:
         reason = _run(self.fd, self.kvm_run, self.run_stats)
         if reason == _EXIT_IO:
             # The hottest exit, decoded here rather than in decode_exit: one call less per exit.
-            page = self._mv
-            direction, size, port, count, off = _IO.unpack_from(page, _OFF_UNION)
+            direction, size, port, count, off = _IO.unpack_from(self._mv, _OFF_UNION)
+            n = size * count
+            data = self._pio_views[n] if n <= 8 and off == _PIO_DATA else self._mv[off:off + n]
             if direction == _IO_OUT:
-                return E.IoOut(port, size, count, page[off:off + size * count])
-            return E.IoIn(port, size, count, page[off:off + size * count])
+                return E.IoOut(port, size, count, data)
+            return E.IoIn(port, size, count, data)
         if reason < 0:
             if reason == -EINTR or reason == -EAGAIN:
                 self.kvm_run.immediate_exit = 0
@@ -126,7 +135,8 @@ class Vcpu:
         page = self._mv
         if reason == _EXIT_IO:
             direction, size, port, count, off = _IO.unpack_from(page, _OFF_UNION)
-            data = page[off:off + size * count]
+            n = size * count
+            data = self._pio_views[n] if n <= 8 and off == _PIO_DATA else page[off:off + n]
             if direction == _IO_OUT:
                 return E.IoOut(port, size, count, data)
             return E.IoIn(port, size, count, data)
