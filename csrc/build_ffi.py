@@ -352,12 +352,17 @@ struct kvm_run {
 /* ---- helpers compiled with the module (csrc/kvm_helpers.h) ---- */
 long pykvm_ioctl(int fd, unsigned long request, void *arg);
 long pykvm_ioctl_int(int fd, unsigned long request, unsigned long arg);
-struct pykvm_run_stats {
-    uint64_t ns_in_run;
+struct pykvm_fast;
+struct pykvm_vcpu {
+    int fd;
+    struct kvm_run *run;
+    struct pykvm_fast *fast;
+    uint64_t ticks_in_run;
     uint64_t runs;
     uint64_t exits[...];
 };
-long pykvm_run(int fd, struct kvm_run *run, struct pykvm_run_stats *st);
+uint64_t pykvm_rdtsc(void);
+long pykvm_run(struct pykvm_vcpu *v);
 
 /* csrc/fastpath.h: the C run loop and the device registers it shares with the Python models */
 #define PYKVM_FAST_FLUSH ...
@@ -380,7 +385,7 @@ struct pykvm_fast {
     uint8_t debug_out[...];
     uint64_t handled;
 };
-long pykvm_run_fast(int fd, struct kvm_run *run, struct pykvm_run_stats *st, struct pykvm_fast *f);
+long pykvm_run_fast(struct pykvm_vcpu *v);
 void *pykvm_mmap_vcpu(int fd, size_t size);
 int pykvm_munmap(void *addr, size_t size);
 """)

@@ -129,12 +129,13 @@ static int pykvm_fast_io(struct pykvm_fast *f, struct kvm_run *run)
 
 /* KVM_RUN until an exit C cannot answer (returns its exit reason, >= 0), output that Python must
  * drain (PYKVM_FAST_FLUSH), or an error (-errno; -EINTR when kicked). */
-static long pykvm_run_fast(int fd, struct kvm_run *run, struct pykvm_run_stats *st,
-                           struct pykvm_fast *f)
+static long pykvm_run_fast(struct pykvm_vcpu *v)
 {
+    struct pykvm_fast *f = v->fast;
+    struct kvm_run *run = v->run;
     for (;;) {
-        long r = pykvm_run(fd, run, st);
-        if (r != KVM_EXIT_IO || !f->enabled)
+        long r = pykvm_run(v);
+        if (r != KVM_EXIT_IO || !f || !f->enabled)
             return r;
         int done = pykvm_fast_io(f, run);
         if (done == FAST_NO)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import errno
 import mmap
@@ -49,6 +50,18 @@ def _check_layout() -> None:
 _check_layout()
 
 
+def _tsc_hz(vcpu) -> float:
+    """The rate of the TSC that csrc/kvm_helpers.h counts time in. KVM reports it for the vCPU
+    (KVM_GET_TSC_KHZ: the host's rate unless TSC scaling was asked for, which pykvm never does);
+    without that ioctl, measure it against CLOCK_MONOTONIC over 20 ms."""
+    try:
+        return vcpu.tsc_khz() * 1e3
+    except KvmError:
+        t0, c0 = time.monotonic_ns(), lib.pykvm_rdtsc()
+        time.sleep(0.02)
+        return (lib.pykvm_rdtsc() - c0) / ((time.monotonic_ns() - t0) / 1e9)
+
+
 class Vcpu:
     def __init__(self, vm, fd: int, index: int, mmap_size: int):
         self.vm = vm
@@ -67,19 +80,24 @@ class Vcpu:
         # of every such exit lives there, so a new slice per exit would only cost time.
         self._pio_views = [self._mv[_PIO_DATA:_PIO_DATA + n] for n in range(9)]
         self.thread_id: int | None = None       # the thread inside run(), for kick()
-        # Kept by the C side of run(): time inside KVM_RUN, and exits by KVM_EXIT_* reason.
-        self.run_stats = ffi.new("struct pykvm_run_stats *")
+        # The C side of run() (csrc/kvm_helpers.h): fd and kvm_run page in one struct, which also
+        # keeps the accounting: TSC ticks inside KVM_RUN, and exits by KVM_EXIT_* reason.
+        self._c = ffi.new("struct pykvm_vcpu *")
+        self._c.fd = fd
+        self._c.run = self.kvm_run
+        self._fast = None
+        self._tsc_hz = _tsc_hz(self)
 
     @property
     def seconds_in_run(self) -> float:
-        return self.run_stats.ns_in_run / 1e9
+        return self._c.ticks_in_run / self._tsc_hz
 
     def exit_counts(self) -> dict[str, int]:
         """Exits so far by reason name ("IO", "MMIO", "HLT", ...)."""
         names = {getattr(lib, n): n[len("KVM_EXIT_"):] for n in dir(lib)
                  if n.startswith("KVM_EXIT_") and not n.startswith("KVM_EXIT_IO_")}
         return {names.get(i, str(i)): int(c)
-                for i, c in enumerate(self.run_stats.exits) if c}
+                for i, c in enumerate(self._c.exits) if c}
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -96,7 +114,7 @@ class Vcpu:
         """Enter the guest until the next exit and return it as a typed value.
 
         Call from one thread at a time; set `thread_id` to that thread if others will `kick()` it."""
-        reason = _run(self.fd, self.kvm_run, self.run_stats)
+        reason = _run(self._c)
         if reason == _EXIT_IO:
             # The hottest exit, decoded here rather than in decode_exit: one call less per exit.
             direction, size, port, count, off = _IO.unpack_from(self._mv, _OFF_UNION)
@@ -115,9 +133,12 @@ class Vcpu:
     def run_fast(self, fast) -> E.Exit:
         """Like run(), but the C loop in csrc/fastpath.h answers the hot port-I/O exits it can
         (see pykvm.fastpath.FastPath) and only the others come back as typed exits."""
-        regs = fast.regs
+        if fast is not self._fast:
+            self._c.fast = fast.regs
+            self._fast = fast
+        regs, c = fast.regs, self._c
         while True:
-            reason = _run_fast(self.fd, self.kvm_run, self.run_stats, regs)
+            reason = _run_fast(c)
             if regs.uart_out_len or regs.debug_out_len:
                 fast.drain()       # before any other exit is handled: output stays in order
             if reason >= 0:
