@@ -95,6 +95,8 @@ class GuestMemory:
             if a.end > b.gpa:
                 raise ValueError(f"memory regions overlap at {b.gpa:#x}")
         self._views = [r.backend.view() for r in self.regions]
+        # (first gpa, end, whole-region view) per region: what `_find` scans on every access.
+        self._spans = [(r.gpa, r.end, v) for r, v in zip(self.regions, self._views)]
 
     @classmethod
     def for_test(cls, size: int, gpa: int = 0) -> "GuestMemory":
@@ -108,10 +110,16 @@ class GuestMemory:
     def _find(self, gpa: int, size: int) -> tuple[memoryview, int]:
         if size < 0 or gpa < 0:
             raise GuestMemoryError(f"bad guest access {gpa:#x}+{size}")
-        for region, view in zip(self.regions, self._views):
-            if region.gpa <= gpa and gpa + size <= region.end:
-                return view, gpa - region.gpa
+        for start, end, view in self._spans:
+            if start <= gpa and gpa + size <= end:
+                return view, gpa - start
         raise GuestMemoryError(f"guest-physical range {gpa:#x}..{gpa + size:#x} is not RAM")
+
+    def locate(self, gpa: int, size: int) -> tuple[memoryview, int]:
+        """(view of the whole region holding [gpa, gpa + size), offset of gpa in it): for code that
+        checks a range once and then reads and writes inside it with struct.unpack_from/pack_into
+        (a virtqueue's rings), without a lookup or a new view per access."""
+        return self._find(gpa, size)
 
     def view(self, gpa: int, size: int) -> memoryview:
         """A zero-copy window onto guest RAM; stays valid while the memory lives."""

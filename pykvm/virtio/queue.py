@@ -50,6 +50,8 @@ VRING_USED_F_NO_NOTIFY = 1
 DESC_SIZE = 16
 MAX_QUEUE_SIZE = 32768
 _DESC = struct.Struct("<QIHH")
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")
 
 
 class ChainError(Exception):
@@ -61,10 +63,11 @@ def ring_sizes(size: int) -> tuple[int, int, int]:
     return DESC_SIZE * size, 6 + 2 * size, 6 + 8 * size
 
 
-@dataclass
+@dataclass(slots=True)
 class DescChain:
     """One walked descriptor chain: its head index and its buffers, split into the device-readable
-    part (`readable`) and the device-writable part (`writable`), each a list of (gpa, length).
+    part (`readable`) and the device-writable part (`writable`), each a list of (gpa, length), with
+    their total lengths (`readable_len`, `writable_len`, summed by the walk).
 
     `read` and `write` treat each part as one contiguous byte string; a guest address outside RAM
     or an access past the end of a part raises ChainError (and counts in the queue's errors)."""
@@ -73,35 +76,40 @@ class DescChain:
     head: int
     readable: list[tuple[int, int]] = field(default_factory=list)
     writable: list[tuple[int, int]] = field(default_factory=list)
+    readable_len: int = 0
+    writable_len: int = 0
 
-    @property
-    def readable_len(self) -> int:
-        return sum(n for _, n in self.readable)
-
-    @property
-    def writable_len(self) -> int:
-        return sum(n for _, n in self.writable)
-
-    def _pieces(self, segs: list[tuple[int, int]], offset: int, n: int):
+    @staticmethod
+    def _pieces(segs: list[tuple[int, int]], offset: int, n: int) -> list[tuple[int, int]]:
         if offset < 0 or n < 0:
             raise ChainError("negative offset or length")
+        out = []
         for addr, length in segs:
             if n == 0:
-                return
+                break
             if offset >= length:
                 offset -= length
                 continue
             take = min(length - offset, n)
-            yield addr + offset, take
+            out.append((addr + offset, take))
             offset = 0
             n -= take
         if n:
             raise ChainError("the chain's buffers are too small for the request")
+        return out
 
     def read(self, offset: int = 0, n: int | None = None) -> bytes:
         """`n` bytes (default: all the rest) of the device-readable part, from `offset`."""
         if n is None:
             n = max(self.readable_len - offset, 0)
+        segs = self.readable
+        if segs and 0 <= offset and 0 < n and offset + n <= segs[0][1]:
+            # All in the first buffer (a request header, usually): one bounds-checked read.
+            try:
+                return self.queue.mem.read(segs[0][0] + offset, n)
+            except GuestMemoryError as e:
+                self.queue.guest_error("buffer outside RAM", str(e))
+                raise ChainError(str(e)) from None
         out = bytearray()
         try:
             for addr, take in self._pieces(self.readable, offset, n):
@@ -117,6 +125,18 @@ class DescChain:
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Copy `data` into the device-writable part at `offset`."""
         data = memoryview(data).cast("B")
+        segs = self.writable
+        if segs:
+            # All in the last buffer (a status byte, usually): one bounds-checked write.
+            addr, length = segs[-1]
+            start = self.writable_len - length
+            if start <= offset and 0 < len(data) <= self.writable_len - offset:
+                try:
+                    self.queue.mem.write(addr + offset - start, data)
+                    return
+                except GuestMemoryError as e:
+                    self.queue.guest_error("buffer outside RAM", str(e))
+                    raise ChainError(str(e)) from None
         pos = 0
         try:
             for addr, take in self._pieces(self.writable, offset, len(data)):
@@ -178,6 +198,12 @@ class VirtQueue:
         self.last_avail = 0
         self.next_used = 0
         self.broken = False  # the avail index went somewhere impossible: stop until reset
+        # Where each ring is in RAM, (region view, offset), checked once for the configuration
+        # in the key: the rings are read and written with unpack_from/pack_into, not through
+        # a GuestMemory lookup per access. The transport (and tests) set the addresses as plain
+        # attributes, so the key is compared on use rather than invalidated on write.
+        self._desc_key = self._avail_key = self._used_key = None
+        self._desc_at = self._avail_at = self._used_at = None
 
     # ---- guest mistakes ----
     def guest_error(self, kind: str, detail: str = "") -> None:
@@ -203,12 +229,37 @@ class VirtQueue:
                 return f"{name} at {addr:#x}+{length:#x} is not in RAM"
         return None
 
+    # ---- where the rings are ----
+    def _avail_ring(self) -> tuple[memoryview, int]:
+        """The available ring's (view, offset); GuestMemoryError if it is not wholly in RAM."""
+        key = (self.mem, self.avail_addr, self.size)
+        if key != self._avail_key:
+            self._avail_at = self.mem.locate(self.avail_addr, 6 + 2 * self.size)
+            self._avail_key = key
+        return self._avail_at
+
+    def _used_ring(self) -> tuple[memoryview, int]:
+        key = (self.mem, self.used_addr, self.size)
+        if key != self._used_key:
+            self._used_at = self.mem.locate(self.used_addr, 6 + 8 * self.size)
+            self._used_key = key
+        return self._used_at
+
+    def _desc_table(self) -> tuple[memoryview, int]:
+        key = (self.mem, self.desc_addr, self.size)
+        if key != self._desc_key:
+            self._desc_at = self._locate_table(self.desc_addr, self.size)
+            self._desc_key = key
+        return self._desc_at
+
     # ---- the available ring ----
     def avail_idx(self) -> int:
-        return self.mem.read_int(self.avail_addr + 2, 2)
+        ram, off = self._avail_ring()
+        return _U16.unpack_from(ram, off + 2)[0]
 
     def avail_flags(self) -> int:
-        return self.mem.read_int(self.avail_addr, 2)
+        ram, off = self._avail_ring()
+        return _U16.unpack_from(ram, off)[0]
 
     def has_pending(self) -> bool:
         return self.ready and not self.broken and self.avail_idx() != self.last_avail
@@ -218,7 +269,8 @@ class VirtQueue:
         way are counted and returned to the driver with length 0."""
         while self.ready and not self.broken:
             try:
-                avail = self.avail_idx()
+                ram, off = self._avail_ring()
+                avail = _U16.unpack_from(ram, off + 2)[0]
                 pending = (avail - self.last_avail) & 0xFFFF
                 if pending == 0:
                     return None
@@ -229,8 +281,7 @@ class VirtQueue:
                     self.guest_error("avail index jumped", f"{self.last_avail} -> {avail}")
                     self.broken = True
                     return None
-                slot = self.avail_addr + 4 + 2 * (self.last_avail % self.size)
-                head = self.mem.read_int(slot, 2)
+                head = _U16.unpack_from(ram, off + 4 + 2 * (self.last_avail % self.size))[0]
             except GuestMemoryError as e:  # check() proved the rings are in RAM; be safe anyway
                 self.guest_error("ring outside RAM", str(e))
                 self.broken = True
@@ -253,19 +304,21 @@ class VirtQueue:
 
     def _walk(self, head: int) -> DescChain:
         chain = DescChain(self, head)
+        readable, writable = chain.readable, chain.writable
+        nread = nwrite = 0
         table_len = self.size
         index = head
         budget = table_len           # descriptors left before we call it a loop
         in_indirect = False
-        # One bounds-checked window onto the whole table, then plain unpacks: a request's chain
+        # The table was bounds-checked once (as a whole); then plain unpacks: a request's chain
         # is read without a GuestMemory lookup per descriptor.
-        table = self._table_view(self.desc_addr, table_len)
+        table, base = self._desc_table()
         unpack = _DESC.unpack_from
         while True:
             if budget == 0:
                 raise ChainError(f"chain from head {head} loops or is longer than its table")
             budget -= 1
-            addr, length, flags, nxt = unpack(table, DESC_SIZE * index)
+            addr, length, flags, nxt = unpack(table, base + DESC_SIZE * index)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 # 2.7.5.3: zero or more direct descriptors, then one indirect one (not with NEXT).
                 if not self.indirect:
@@ -277,24 +330,27 @@ class VirtQueue:
                 if length == 0 or length % DESC_SIZE or length // DESC_SIZE > MAX_QUEUE_SIZE:
                     raise ChainError(f"indirect table length {length}")
                 table_len = length // DESC_SIZE
-                table = self._table_view(addr, table_len)
+                table, base = self._locate_table(addr, table_len)
                 index, budget, in_indirect = 0, table_len, True
                 continue
             if flags & VIRTQ_DESC_F_WRITE:
-                chain.writable.append((addr, length))
-            elif chain.writable:
+                writable.append((addr, length))
+                nwrite += length
+            elif writable:
                 raise ChainError("device-readable descriptor after a device-writable one")
             else:
-                chain.readable.append((addr, length))
+                readable.append((addr, length))
+                nread += length
             if not flags & VIRTQ_DESC_F_NEXT:
+                chain.readable_len, chain.writable_len = nread, nwrite
                 return chain
             index = nxt
             if index >= table_len:
                 raise ChainError(f"next index {index} outside a table of {table_len}")
 
-    def _table_view(self, addr: int, entries: int) -> memoryview:
+    def _locate_table(self, addr: int, entries: int) -> tuple[memoryview, int]:
         try:
-            return self.mem.view(addr, DESC_SIZE * entries)
+            return self.mem.locate(addr, DESC_SIZE * entries)
         except GuestMemoryError as e:
             raise ChainError(f"descriptor table at {addr:#x} is not in RAM: {e}") from None
 
@@ -302,12 +358,13 @@ class VirtQueue:
     def add_used(self, head: int, length: int) -> None:
         """Give chain `head` back to the driver, saying the device wrote `length` bytes into it."""
         try:
-            slot = self.used_addr + 4 + 8 * (self.next_used % self.size)
-            self.mem.write(slot, struct.pack("<II", head, length & 0xFFFFFFFF))
+            ram, off = self._used_ring()
+            _USED_ELEM.pack_into(ram, off + 4 + 8 * (self.next_used % self.size), head,
+                                 length & 0xFFFFFFFF)
             self.next_used = (self.next_used + 1) & 0xFFFF
             # The entry must be visible before the index that publishes it. Python's stores are
             # plain memory stores in program order and x86 does not reorder stores with stores.
-            self.mem.write_int(self.used_addr + 2, 2, self.next_used)
+            _U16.pack_into(ram, off + 2, self.next_used)
         except GuestMemoryError as e:
             self.guest_error("ring outside RAM", str(e))
             self.broken = True
