@@ -17,15 +17,14 @@ Entry points:
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 
 from pykvm.boot.errors import BootError
+from pykvm.elf import MAGIC as ELF_MAGIC
+from pykvm.elf import EM_X86_64, PT_LOAD, PT_NOTE, ElfFormatError, read_elf64
 from pykvm.memory import GuestMemory
 from pykvm.x86 import layout
 
-ELF_MAGIC = b"\x7fELF"
-EM_X86_64 = 62
 XEN_ELFNOTE_PHYS32_ENTRY = 18     # xen/include/public/elfnote.h
 
 
@@ -69,33 +68,26 @@ def parse_elf(image: bytes) -> ElfKernel:
     """Read and validate an x86-64 ELF kernel's headers; nothing is written to guest memory.
 
     Checks it is a little-endian 64-bit x86-64 file whose PT_LOAD segments lie inside the file and at
-    or above 1 MiB. pyelftools raises assorted exceptions on garbage; they all become BootError.
+    or above 1 MiB. Every problem is a one-line BootError.
     """
-    from elftools.elf.elffile import ELFFile
-
     image = bytes(image)
     if not is_elf(image):
         raise BootError(f"not an ELF file (starts with {image[:4].hex()}, wanted 7f454c46): "
                         f"pass an ELF vmlinux or a bzImage")
     try:
-        elf = ELFFile(io.BytesIO(image))
-        if elf.elfclass != 64 or not elf.little_endian or elf["e_machine"] != "EM_X86_64":
-            raise BootError(f"ELF file is {elf.elfclass}-bit {elf['e_machine']}"
-                            f"{'' if elf.little_endian else ' big-endian'}, not x86-64: "
-                            f"pass an x86_64 vmlinux")
-        entry = elf["e_entry"]
-        loads, pvh = [], None
-        for seg in elf.iter_segments():
-            if seg["p_type"] == "PT_LOAD":
-                loads.append((seg["p_paddr"], seg["p_vaddr"], seg["p_offset"], seg["p_filesz"],
-                              seg["p_memsz"]))
-            elif seg["p_type"] == "PT_NOTE" and pvh is None:
-                pvh = _pvh_entry(image, seg["p_offset"], seg["p_filesz"])
-    except BootError:
-        raise
-    except Exception as e:   # ELFError, ELFParseError, construct errors, struct errors...
-        raise BootError(f"ELF file is malformed ({type(e).__name__}: {e}): "
-                        f"the vmlinux is truncated or corrupt")
+        elf = read_elf64(image)
+    except ElfFormatError as e:
+        raise BootError(f"ELF file is malformed or not x86-64: {e}: pass an x86_64 vmlinux")
+    if elf.machine != EM_X86_64:
+        raise BootError(f"ELF file is for {elf.machine_name}, not x86-64 (EM_X86_64): "
+                        f"pass an x86_64 vmlinux")
+    entry = elf.entry
+    loads, pvh = [], None
+    for seg in elf.segments:
+        if seg.type == PT_LOAD:
+            loads.append((seg.paddr, seg.vaddr, seg.offset, seg.filesz, seg.memsz))
+        elif seg.type == PT_NOTE and pvh is None:
+            pvh = _pvh_entry(image, seg.offset, seg.filesz)
 
     segments = []
     for paddr, _vaddr, off, filesz, memsz in loads:

@@ -171,32 +171,28 @@ def load_elf(mem, path: str | os.PathLike) -> int:
     (p_paddr), zero-filling each segment's tail beyond its file contents (.bss). Returns the
     entry address. Raises FirmwareError, one line, for anything that is not a loadable x86-64 ELF
     or a segment outside guest RAM."""
-    from elftools.common.exceptions import ELFError
-    from elftools.elf.elffile import ELFFile
+    from ..elf import EM_X86_64, ET_EXEC, ElfFormatError, read_elf64
 
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as e:
         raise FirmwareError(f"{path}: cannot read: {e.strerror}") from None
-    if data[:4] != b"\x7fELF":
-        raise FirmwareError(f"{path}: not an ELF file (no \\x7fELF magic)")
-    import io
     try:
-        elf = ELFFile(io.BytesIO(data))
-        machine, cls, etype = elf["e_machine"], elf.elfclass, elf["e_type"]
-        segments = [s.header for s in elf.iter_segments() if s["p_type"] == "PT_LOAD"]
-    except (ELFError, struct.error, ValueError) as e:
-        raise FirmwareError(f"{path}: malformed ELF file: {e}") from None
-    if machine != "EM_X86_64" or cls != 64 or not elf.little_endian:
-        raise FirmwareError(f"{path}: not an x86-64 ELF (machine {machine}, ELF{cls}); "
+        elf = read_elf64(data)
+    except ElfFormatError as e:
+        raise FirmwareError(f"{path}: {e}; firmware must be an x86-64 ELF executable") from None
+    if elf.machine != EM_X86_64:
+        raise FirmwareError(f"{path}: not an x86-64 ELF (machine {elf.machine_name}); "
                             "firmware must be built for x86-64")
-    if etype != "ET_EXEC":
-        raise FirmwareError(f"{path}: ELF type {etype}, expected ET_EXEC (a linked executable)")
+    if elf.type != ET_EXEC:
+        raise FirmwareError(f"{path}: ELF type {elf.type_name}, expected ET_EXEC "
+                            "(a linked executable)")
+    segments = elf.loads()
     if not segments:
         raise FirmwareError(f"{path}: no PT_LOAD segments")
     for i, ph in enumerate(segments):
-        paddr, filesz, memsz, off = ph.p_paddr, ph.p_filesz, ph.p_memsz, ph.p_offset
+        paddr, filesz, memsz, off = ph.paddr, ph.filesz, ph.memsz, ph.offset
         if filesz > memsz:
             raise FirmwareError(f"{path}: segment {i} has more file bytes ({filesz:#x}) than "
                                 f"memory bytes ({memsz:#x})")
@@ -206,11 +202,11 @@ def load_elf(mem, path: str | os.PathLike) -> int:
             raise FirmwareError(f"{path}: segment {i} at {paddr:#x}..{paddr + memsz:#x} is "
                                 f"outside guest RAM ({mem.size:#x} bytes)")
     for ph in segments:
-        if ph.p_memsz:
-            mem.write(ph.p_paddr, data[ph.p_offset:ph.p_offset + ph.p_filesz])
-            if ph.p_memsz > ph.p_filesz:
-                mem.fill(ph.p_paddr + ph.p_filesz, ph.p_memsz - ph.p_filesz)
-    return elf["e_entry"]
+        if ph.memsz:
+            mem.write(ph.paddr, data[ph.offset:ph.offset + ph.filesz])
+            if ph.memsz > ph.filesz:
+                mem.fill(ph.paddr + ph.filesz, ph.memsz - ph.filesz)
+    return elf.entry
 
 
 def write_args(mem, *, cpl: int = 3, args: Iterable[int] = ()) -> None:
