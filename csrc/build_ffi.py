@@ -386,13 +386,23 @@ struct pykvm_fast {
     uint64_t handled;
 };
 long pykvm_run_fast(struct pykvm_vcpu *v);
+/* ---- the host side of virtio-net: tap devices, <linux/if_tun.h> (pykvm/host/tap.py) ---- */
+#define TUNSETIFF ...
+#define TUNGETFEATURES ...
+#define TUNSETVNETHDRSZ ...
+#define IFF_TAP ...
+#define IFF_NO_PI ...
+#define IFF_VNET_HDR ...
+#define IFNAMSIZ ...
+
 void *pykvm_mmap_vcpu(int fd, size_t size);
 int pykvm_munmap(void *addr, size_t size);
 """)
 
 ffibuilder.set_source(
     "pykvm._kvm_cffi",
-    '#include "kvm_helpers.h"\n#include <linux/kvm_para.h>\n',
+    '#include "kvm_helpers.h"\n#include <linux/kvm_para.h>\n#include <linux/if_tun.h>\n'
+    '#include <net/if.h>\n',
     include_dirs=[str(HERE)],
     extra_compile_args=["-O2"],
 )

@@ -20,21 +20,16 @@ import fcntl
 import os
 import struct
 
-# include/uapi/linux/if_tun.h. The ioctl numbers are _IOW('T', nr, int) / _IOR('T', nr, unsigned):
-# (dir << 30) | (size << 16) | (type << 8) | nr, with dir 1 = write, 2 = read (asm-generic/ioctl.h).
-IFF_TAP = 0x0002
-IFF_NO_PI = 0x1000
-IFF_VNET_HDR = 0x4000
+from pykvm.kvm._lib import lib
 
-
-def _ioc(direction: int, nr: int, size: int = 4) -> int:
-    return (direction << 30) | (size << 16) | (ord("T") << 8) | nr
-
-
-TUNSETIFF = _ioc(1, 202)
-TUNGETFEATURES = _ioc(2, 207)
-TUNSETVNETHDRSZ = _ioc(1, 216)
-IFNAMSIZ = 16
+# The tun driver's ioctls and flags, from <linux/if_tun.h> through the compiled binding.
+IFF_TAP = lib.IFF_TAP              # Ethernet frames (IFF_TUN would be IP packets)
+IFF_NO_PI = lib.IFF_NO_PI          # no 4-byte packet-information prefix
+IFF_VNET_HDR = lib.IFF_VNET_HDR    # each frame carries a struct virtio_net_hdr
+TUNSETIFF = lib.TUNSETIFF
+TUNGETFEATURES = lib.TUNGETFEATURES
+TUNSETVNETHDRSZ = lib.TUNSETVNETHDRSZ
+IFNAMSIZ = lib.IFNAMSIZ
 _IFREQ = struct.Struct("16sH22x")     # struct ifreq: name, then the flags member of the union
 
 VNET_HDR_LEN = 12
