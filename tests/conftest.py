@@ -41,3 +41,16 @@ def kvm():
     from pykvm.kvm import Kvm
     with Kvm() as k:
         yield k
+
+
+class Recorder:
+    """A port device for tests: remembers every byte written, reads as 0."""
+
+    def __init__(self):
+        self.data = bytearray()
+
+    def read(self, offset, size):
+        return 0
+
+    def write(self, offset, size, value):
+        self.data.append(value)

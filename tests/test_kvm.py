@@ -8,23 +8,12 @@ from pykvm.kvm import KvmError, KvmUnavailable, Kvm, exits as E
 from pykvm.machine import Machine, MachineError
 from pykvm.x86.cpu import setup_real_mode
 
-from conftest import needs_kvm
+from conftest import Recorder, needs_kvm
 
 # Real-mode guest at 0x1000 (CS=0x100, IP=0): mov dx, 0xe9; mov al, 'A'; out dx, al; hlt
 OUT_A_HLT = bytes([0xba, 0xe9, 0x00, 0xb0, 0x41, 0xee, 0xf4])
 # mov dx, 0xe9; l: out dx, al; jmp l  (an endless exit storm)
 OUT_LOOP = bytes([0xba, 0xe9, 0x00, 0xee, 0xeb, 0xfd])
-
-
-class Recorder:
-    def __init__(self):
-        self.data = bytearray()
-
-    def read(self, offset, size):
-        return 0
-
-    def write(self, offset, size, value):
-        self.data.append(value)
 
 
 def test_missing_dev_kvm_is_a_one_line_error(tmp_path):

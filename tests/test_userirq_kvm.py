@@ -11,7 +11,7 @@ from pykvm.kvm import exits as E
 from pykvm.machine import Machine, handle_exit
 from pykvm.x86.cpu import setup_real_mode
 
-from conftest import needs_kvm
+from conftest import Recorder, needs_kvm
 
 
 def out(port, value):
@@ -26,17 +26,6 @@ MAIN = (b"\xFA"                                         # cli
         + b"\xFB"                                       # sti
         + b"\xF4\xEB\xFD")                              # l: hlt; jmp l
 HANDLER = (b"\x50" + out(0xE9, ord("T")) + out(0x20, 0x20) + b"\x58\xCF")   # push ax ... iret
-
-
-class Recorder:
-    def __init__(self):
-        self.data = bytearray()
-
-    def read(self, offset, size):
-        return 0
-
-    def write(self, offset, size, value):
-        self.data.append(value)
 
 
 @needs_kvm
