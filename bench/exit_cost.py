@@ -9,6 +9,9 @@ The same guest loop - `out` to a port, N times - runs under four VMMs, in one ru
   (b) pykvm with the exit handled in C (`Machine(fast_path=True)`, pykvm/fastpath.py: the C run
       loop answers POST and debug-console writes itself); where that option does not exist
       the rows say "n/a (not built yet)";
+  (a1), (a2) rungs below (a): a Python loop that only calls KVM_RUN through the binding, and
+      one that also decodes each exit into a typed value (Vcpu.run()); with (a) and (c) they say
+      what each layer costs per exit, at each CPL;
   (c) the floor: bench/floor.c, a bare C KVM_RUN loop that does nothing per exit but count;
   (d) QEMU (`qemu-system-x86_64 -accel kvm -M pc`, isa-debugcon on 0xE9), real mode only: it
       runs the 64 KiB BIOS blob bench/realmode_loop.S from the reset vector.
@@ -228,6 +231,68 @@ def measure_pykvm(mode: str, n: int, blob: Path, elf: Path, fast: bool = False) 
     return row
 
 
+# ---------------------------------------------------------------- (a1)/(a2) where (a)'s time goes
+
+LADDER = {   # row name -> what the Python loop does per exit
+    "(a1) Python loop: KVM_RUN only": "kvm_run",
+    "(a2) Python loop: + typed exit": "typed",
+}
+
+
+def measure_ladder(mode: str, n: int, blob: Path, elf: Path, step: str) -> Row:
+    """Rungs below (a): a Python loop that only calls KVM_RUN through the binding (one cffi call
+    per exit), then one that also decodes each exit into a typed value (Vcpu.run()). With (a) and
+    (c) they show what each layer costs per exit - and that after an exit from guest CPL3 the same
+    Python work costs several times what it costs after a CPL0 exit on a KVM-PVM host."""
+    from pykvm.devices.debugcon import DebugCon, PostCode
+    from pykvm.kvm._lib import lib
+    from pykvm.machine import Machine, handle_exit
+    from pykvm.kvm import exits as E
+    from pykvm.x86.cpu import setup_real_mode
+
+    name = next(k for k, v in LADDER.items() if v == step)
+    row = Row(name, mode, n)
+    with Machine(16 << 20, irqchip="none") as m:
+        if mode == "real":
+            port = STORM_PORT_REAL
+            data = bytearray(blob.read_bytes())
+            struct.pack_into("<I", data, 0, n + 2)
+            m.mem.write(BIOS_BASE, data)
+            setup_real_mode(m.vcpu, 0xF000, 0xFFF0)
+            m.add_pio(port, 1, DebugCon(lambda b: None), "storm")
+        else:
+            port = STORM_PORT_ELF
+            m.add_pio(0xE9, 1, DebugCon(lambda b: None), "debugcon")
+            m.add_pio(port, 1, PostCode(), "storm")
+            F.prepare(m, elf, cpl=0 if mode == "cpl0" else 3, args=[n + 2, port])
+        vcpu = m.vcpu
+        while True:   # set-up and boot exits, handled as usual, up to the first storm write
+            e = vcpu.run()
+            if isinstance(e, E.IoOut) and e.port == port:
+                break
+            if handle_exit(m, e) is not None:
+                row.note = "failed: the guest stopped before its loop"
+                return row
+        if step == "kvm_run":
+            run, c = lib.pykvm_run, vcpu._c
+            t0 = time.perf_counter()
+            for _ in range(n):
+                run(c)
+            dt = time.perf_counter() - t0
+        else:
+            run = vcpu.run
+            t0 = time.perf_counter()
+            for _ in range(n):
+                run()
+            dt = time.perf_counter() - t0
+        e = vcpu.run()   # the loop's last write: so all n timed exits were the loop's
+        if not (isinstance(e, E.IoOut) and e.port == port):
+            row.note = f"failed: expected the storm port, got {e!r}"
+            return row
+    row.us = dt / n * 1e6
+    return row
+
+
 # ---------------------------------------------------------------- (c) the floor
 
 def measure_floor(floor: Path, mode: str, n: int, blob: Path, elf: Path) -> Row:
@@ -349,6 +414,8 @@ def main(argv=None) -> int:
                         lambda: measure_floor(floor, mode, n, blob, elf))
                 measure("(a) pykvm, Python path", mode,
                         lambda: measure_pykvm(mode, n, blob, elf))
+                for key, step in LADDER.items():
+                    measure(key, mode, lambda: measure_ladder(mode, n, blob, elf, step))
                 if fast:
                     measure("(b) pykvm, exit handled in C", mode,
                             lambda: measure_pykvm(mode, n, blob, elf, fast=True))
