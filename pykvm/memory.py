@@ -126,6 +126,16 @@ class GuestMemory:
         view, off = self._find(gpa, size)
         return view[off:off + size]
 
+    def views(self, ranges: list[tuple[int, int]]) -> list[memoryview]:
+        """`view` of each (gpa, size) in `ranges`, in order: a scatter-gather list's buffers in
+        one call (GuestMemoryError if any of them is not wholly in RAM)."""
+        find = self._find
+        out = []
+        for gpa, size in ranges:
+            view, off = find(gpa, size)
+            out.append(view[off:off + size])
+        return out
+
     def read(self, gpa: int, size: int) -> bytes:
         view, off = self._find(gpa, size)
         return bytes(view[off:off + size])

@@ -61,3 +61,17 @@ def test_bounds_check_agrees_with_contains(gpa, size):
         assert not inside
     else:
         assert inside and len(data) == size
+
+
+def test_views_and_locate_check_every_range():
+    mem = two_regions()
+    a, b = mem.views([(0x10, 4), (0x3000, 2)])
+    a[:] = b"abcd"
+    b[:] = b"xy"
+    assert mem.read(0x10, 4) == b"abcd" and mem.read(0x3000, 2) == b"xy"
+    with pytest.raises(GuestMemoryError):
+        mem.views([(0x10, 4), (0xfff, 2)])
+    view, off = mem.locate(0x3004, 8)
+    assert off == 4 and len(view) == 0x1000
+    with pytest.raises(GuestMemoryError):
+        mem.locate(0x2fff, 2)

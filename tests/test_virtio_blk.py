@@ -248,3 +248,73 @@ def test_device_checks_ranges_itself():
         assert q.written(head) == bytes([B.VIRTIO_BLK_S_IOERR])
     head, used = submit(drv, q, [hdr(B.VIRTIO_BLK_T_IN, SECTORS - 2)], [1024, 1])
     assert q.written(head)[-1] == B.VIRTIO_BLK_S_OK
+
+
+class CountingImage(DiskImage):
+    """A DiskImage that records its readinto calls and can be told to fail the next few."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.calls: list[tuple[int, int]] = []      # (offset, bytes)
+        self.fail = 0
+
+    def readinto(self, offset, buffers):
+        self.calls.append((offset, sum(len(b) for b in buffers)))
+        if self.fail:
+            self.fail -= 1
+            raise OSError(5, "injected I/O error")
+        super().readinto(offset, buffers)
+
+
+def kick_many(drv, q, chains):
+    """Make every chain available, then one kick; returns the heads and the used entries."""
+    heads = [q.add_chain(readable, writable) for readable, writable in chains]
+    drv.kick(0)
+    return heads, q.take_used()
+
+
+def test_adjacent_reads_of_one_kick_are_one_backend_read(image):
+    original = image.read_bytes()
+    with CountingImage(image) as disk:
+        dev, drv, q, feats, irq = setup(disk)
+        # Sectors 4-5, 6-9, 10 (adjacent), then 20 (not), then a write, then 21 again.
+        chains = [([hdr(B.VIRTIO_BLK_T_IN, 4)], [1024, 1]),
+                  ([hdr(B.VIRTIO_BLK_T_IN, 6)], [512, 1536, 1]),
+                  ([hdr(B.VIRTIO_BLK_T_IN, 10)], [512, 1]),
+                  ([hdr(B.VIRTIO_BLK_T_IN, 20)], [512, 1]),
+                  ([hdr(B.VIRTIO_BLK_T_OUT, 30), b"w" * 512], [1]),
+                  ([hdr(B.VIRTIO_BLK_T_IN, 21)], [512, 1])]
+        heads, used = kick_many(drv, q, chains)
+        assert used == [(heads[0], 1025), (heads[1], 2049), (heads[2], 513), (heads[3], 513),
+                        (heads[4], 1), (heads[5], 513)]
+        assert disk.calls == [(4 * 512, 7 * 512), (20 * 512, 512), (21 * 512, 512)]
+        for head, (sector, n) in zip(heads, ((4, 2), (6, 4), (10, 1), (20, 1))):
+            assert q.written(head) == original[sector * 512:(sector + n) * 512] + b"\0"
+        assert q.written(heads[5]) == original[21 * 512:22 * 512] + b"\0"
+        assert dev.requests == 6 and dev.queue_errors == 0
+
+
+def test_a_failed_merged_read_is_redone_request_by_request(image):
+    original = image.read_bytes()
+    with CountingImage(image) as disk:
+        dev, drv, q, feats, irq = setup(disk)
+        disk.fail = 2      # the merged read and the first request's own read fail
+        chains = [([hdr(B.VIRTIO_BLK_T_IN, s)], [512, 1]) for s in (1, 2, 3)]
+        heads, used = kick_many(drv, q, chains)
+        assert disk.calls == [(512, 1536), (512, 512), (1024, 512), (1536, 512)]
+        assert [h for h, _ in used] == heads
+        assert q.written(heads[0])[-1] == B.VIRTIO_BLK_S_IOERR
+        for head, sector in zip(heads[1:], (2, 3)):
+            assert q.written(head) == original[sector * 512:(sector + 1) * 512] + b"\0"
+        assert dev.errors["host I/O error"] == 1
+
+
+def test_plain_read_with_its_status_byte_outside_ram_is_dropped(image):
+    with DiskImage(image) as disk:
+        dev, drv, q, feats, irq = setup(disk)
+        hdr_addr, buf = drv.alloc.alloc(16), drv.alloc.alloc(512)
+        drv.mem.write(hdr_addr, hdr(B.VIRTIO_BLK_T_IN, 0))
+        head = q.add_segments([(hdr_addr, 16, False), (buf, 512, True), (RAM + 4096, 1, True)])
+        drv.kick(0)
+        assert q.take_used() == [(head, 0)]
+        assert dev.queue_errors == 1

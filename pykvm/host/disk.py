@@ -124,7 +124,7 @@ class DiskImage:
             return
         done = 0
         while done < n:
-            got = os.preadv(self.fd, _skip(buffers, done), offset + done)
+            got = os.preadv(self.fd, _skip(buffers, done) if done else buffers, offset + done)
             if got <= 0:
                 raise DiskError(f"{self.path}: short read at {offset + done}")
             done += got

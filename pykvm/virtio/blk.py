@@ -196,8 +196,7 @@ class VirtioBlk(VirtioDevice):
             if rtype != VIRTIO_BLK_T_IN or n % SECTOR or n > MAX_REQUEST_BYTES \
                     or sector + n // SECTOR > self.capacity:
                 return None
-            views = [mem.view(a, ln) for a, ln in writable[:-1]]
-            mem.locate(writable[-1][0], 1)
+            views = mem.views(writable[:-1])
         except GuestMemoryError:
             return None
         return sector * SECTOR, views, n
@@ -215,7 +214,12 @@ class VirtioBlk(VirtioDevice):
             return
         mem = self.mem
         for chain, n in run:
-            mem.write(chain.writable[-1][0], _OK)   # in RAM: _plain_read looked
+            try:
+                mem.write(chain.writable[-1][0], _OK)
+            except GuestMemoryError as e:
+                # No status byte we can write: the chain is dropped, as _serve would.
+                q.guest_error("buffer outside RAM", str(e))
+                n = -1
             q.add_used(chain.head, n + 1)
 
     # ---- one request, the long way ----

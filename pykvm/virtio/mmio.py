@@ -109,6 +109,12 @@ class VirtioMmio(VirtioTransport):
 
     def write(self, offset: int, size: int, value: int) -> None:
         with self.device.lock:
+            if offset == QUEUE_NOTIFY and size == 4:
+                # The hot register, written once per batch of requests: straight to the device.
+                # Without VIRTIO_F_NOTIFICATION_DATA the value is just the queue index.
+                if self.status & STATUS_DRIVER_OK:
+                    self.device.notify(value & 0xFFFF)
+                return
             if offset >= CONFIG:
                 self.device.write_config(offset - CONFIG, size, value)
                 return
@@ -171,8 +177,7 @@ class VirtioMmio(VirtioTransport):
             self._write_queue_addr(*_QUEUE_ADDR[offset], value)
         elif offset == QUEUE_READY:
             self._write_queue_ready(value)
-        elif offset == QUEUE_NOTIFY:
-            # Without VIRTIO_F_NOTIFICATION_DATA the value is just the queue index.
+        elif offset == QUEUE_NOTIFY:     # (write() takes the 32-bit ones itself)
             if self.status & STATUS_DRIVER_OK:
                 d.notify(value & 0xFFFF)
         elif offset == INTERRUPT_ACK:

@@ -155,7 +155,7 @@ class DescChain:
         through GuestMemory.view; a buffer outside RAM raises ChainError (and is counted)."""
         segs = self.writable if writable else self.readable
         try:
-            return [self.queue.mem.view(addr, take) for addr, take in self._pieces(segs, offset, n)]
+            return self.queue.mem.views(self._pieces(segs, offset, n))
         except GuestMemoryError as e:
             self.queue.guest_error("buffer outside RAM", str(e))
             raise ChainError(str(e)) from None
@@ -268,28 +268,29 @@ class VirtQueue:
         """The next well-formed chain the driver made available, or None. Malformed chains on the
         way are counted and returned to the driver with length 0."""
         while self.ready and not self.broken:
+            last, size = self.last_avail, self.size
             try:
                 ram, off = self._avail_ring()
-                avail = _U16.unpack_from(ram, off + 2)[0]
-                pending = (avail - self.last_avail) & 0xFFFF
-                if pending == 0:
-                    return None
-                if pending > self.size:
-                    # The driver claims more new buffers than the ring holds: the ring is
-                    # corrupt, and nothing in it can be trusted any more (2.7.13.3: the device
-                    # MAY set DEVICE_NEEDS_RESET). The owning device notices `broken`.
-                    self.guest_error("avail index jumped", f"{self.last_avail} -> {avail}")
-                    self.broken = True
-                    return None
-                head = _U16.unpack_from(ram, off + 4 + 2 * (self.last_avail % self.size))[0]
             except GuestMemoryError as e:  # check() proved the rings are in RAM; be safe anyway
                 self.guest_error("ring outside RAM", str(e))
                 self.broken = True
                 return None
-            self.last_avail = (self.last_avail + 1) & 0xFFFF
-            if head >= self.size:
+            avail = _U16.unpack_from(ram, off + 2)[0]
+            pending = (avail - last) & 0xFFFF
+            if pending == 0:
+                return None
+            if pending > size:
+                # The driver claims more new buffers than the ring holds: the ring is corrupt,
+                # and nothing in it can be trusted any more (2.7.13.3: the device MAY set
+                # DEVICE_NEEDS_RESET). The owning device notices `broken`.
+                self.guest_error("avail index jumped", f"{last} -> {avail}")
+                self.broken = True
+                return None
+            head = _U16.unpack_from(ram, off + 4 + 2 * (last % size))[0]
+            self.last_avail = (last + 1) & 0xFFFF
+            if head >= size:
                 # Not a descriptor: there is nothing we could hand back in the used ring.
-                self.guest_error("head index out of range", f"{head} >= {self.size}")
+                self.guest_error("head index out of range", f"{head} >= {size}")
                 continue
             try:
                 return self._walk(head)
@@ -303,8 +304,8 @@ class VirtQueue:
         self.last_avail = (self.last_avail - 1) & 0xFFFF
 
     def _walk(self, head: int) -> DescChain:
-        chain = DescChain(self, head)
-        readable, writable = chain.readable, chain.writable
+        readable: list[tuple[int, int]] = []
+        writable: list[tuple[int, int]] = []
         nread = nwrite = 0
         table_len = self.size
         index = head
@@ -315,9 +316,6 @@ class VirtQueue:
         table, base = self._desc_table()
         unpack = _DESC.unpack_from
         while True:
-            if budget == 0:
-                raise ChainError(f"chain from head {head} loops or is longer than its table")
-            budget -= 1
             addr, length, flags, nxt = unpack(table, base + DESC_SIZE * index)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 # 2.7.5.3: zero or more direct descriptors, then one indirect one (not with NEXT).
@@ -342,8 +340,10 @@ class VirtQueue:
                 readable.append((addr, length))
                 nread += length
             if not flags & VIRTQ_DESC_F_NEXT:
-                chain.readable_len, chain.writable_len = nread, nwrite
-                return chain
+                return DescChain(self, head, readable, writable, nread, nwrite)
+            budget -= 1
+            if budget == 0:
+                raise ChainError(f"chain from head {head} loops or is longer than its table")
             index = nxt
             if index >= table_len:
                 raise ChainError(f"next index {index} outside a table of {table_len}")
