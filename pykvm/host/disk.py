@@ -114,7 +114,7 @@ class DiskImage:
 
         For a plain image this is preadv(2) straight into the buffers: no copy in Python, which is
         what lets a guest read at close to the host's own speed."""
-        n = sum(len(b) for b in buffers)
+        n = sum(map(len, buffers))
         self._check(offset, n)
         if self._overlay:
             data, pos = memoryview(self.read(offset, n)), 0
