@@ -34,8 +34,9 @@ byte, and asks for an IN within the disk, is read with no more Python than it ne
 (and every error) goes the long way (`_serve`), which does all the checking and counting. Reads of
 adjacent sectors made available in one kick are merged into one preadv (QEMU's virtio-blk does the
 same, `virtio_blk_submit_multireq`): one system call per run of sequential requests, not per
-request. Merging changes nothing the guest can see; a merged read that fails is redone request by
-request, so each request still gets its own status.
+request. A driver sees no difference (unless its requests' buffers overlap each other's status
+bytes, which is its own mistake: the statuses are written after all the data); a merged read that
+fails is redone request by request, so each request still gets its own status.
 """
 
 from __future__ import annotations

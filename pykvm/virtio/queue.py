@@ -67,7 +67,8 @@ def ring_sizes(size: int) -> tuple[int, int, int]:
 class DescChain:
     """One walked descriptor chain: its head index and its buffers, split into the device-readable
     part (`readable`) and the device-writable part (`writable`), each a list of (gpa, length), with
-    their total lengths (`readable_len`, `writable_len`, summed by the walk).
+    their total lengths (`readable_len`, `writable_len`, summed by VirtQueue's walk, which is what
+    makes chains: build one yourself and you give the lengths too).
 
     `read` and `write` treat each part as one contiguous byte string; a guest address outside RAM
     or an access past the end of a part raises ChainError (and counts in the queue's errors)."""
