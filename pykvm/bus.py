@@ -108,18 +108,26 @@ class Bus:
 
     # read() and write() are on every exit's path: the cache lookup is inlined.
     def read(self, addr: int, size: int) -> int:
-        hit = self._hits.get(addr) or self._lookup(addr)
-        if hit is None:
-            self._miss(addr)
-            return (1 << (8 * size)) - 1
-        return hit[0].read(addr - hit[1], size)
+        try:
+            device, base = self._hits[addr]
+        except KeyError:
+            hit = self._lookup(addr)
+            if hit is None:
+                self._miss(addr)
+                return (1 << (8 * size)) - 1
+            device, base = hit
+        return device.read(addr - base, size)
 
     def write(self, addr: int, size: int, value: int) -> None:
-        hit = self._hits.get(addr) or self._lookup(addr)
-        if hit is None:
-            self._miss(addr)
-            return
-        hit[0].write(addr - hit[1], size, value)
+        try:
+            device, base = self._hits[addr]
+        except KeyError:
+            hit = self._lookup(addr)
+            if hit is None:
+                self._miss(addr)
+                return
+            device, base = hit
+        device.write(addr - base, size, value)
 
     # String and repeated I/O (`rep outsb`, `rep insw`): KVM hands us `count` items of `size` bytes
     # in one buffer; the bus loops, so devices only ever see single accesses.
