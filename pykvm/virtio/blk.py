@@ -30,8 +30,9 @@ which is simple and, for a raw file in the page cache, fast enough; a worker thr
 guest run during long I/O.
 
 Reads take a short way (`_plain_read`): a chain that is exactly header, data buffers, one status
-byte, and asks for an IN within the disk, is read with no more Python than it needs; anything else
-(and every error) goes the long way (`_serve`), which does all the checking and counting. Reads of
+byte, and asks for an IN within the disk, is read straight from the descriptor table with no more
+Python than it needs; anything else (and every error) goes the long way (the queue's full walk and
+`_serve`), which does all the checking and counting. Reads of
 adjacent sectors made available in one kick are merged into one preadv (QEMU's virtio-blk does the
 same, `virtio_blk_submit_multireq`): one system call per run of sequential requests, not per
 request. A driver sees no difference (unless its requests' buffers overlap each other's status
@@ -49,7 +50,8 @@ from pykvm.host.disk import BlockBackend
 from pykvm.memory import GuestMemoryError
 
 from .device import VIRTIO_ID_BLOCK, VirtioDevice
-from .queue import ChainError, DescChain
+from .queue import (DESC, DESC_SIZE, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, ChainError,
+                    DescChain)
 
 log = logging.getLogger("pykvm.virtio")
 
@@ -150,59 +152,85 @@ class VirtioBlk(VirtioDevice):
     def process_queue(self, index: int) -> None:
         q = self.queues[0]
         start = q.next_used
-        run: list[tuple[DescChain, int]] = []     # adjacent plain reads: (chain, data bytes)
+        run: list[tuple[int, int, int]] = []      # adjacent plain reads: (head, status gpa, bytes)
         buffers: list[memoryview] = []            # their data buffers, in order
         run_start = run_end = 0                   # the disk bytes they cover
-        while (chain := q.pop()) is not None:
+        while (head := q.pop_head()) is not None:
             self.requests += 1
-            read = self._plain_read(chain)
+            read = self._plain_read(head)
             if read is not None:
-                offset, views, n = read
+                offset, views, n, status = read
                 if run and (offset != run_end or len(buffers) + len(views) > MERGE_MAX_BUFFERS
                             or run_end - run_start + n > MERGE_MAX_BYTES):
                     self._finish_reads(run, run_start, buffers)
                     run, buffers = [], []
                 if not run:
                     run_start = run_end = offset
-                run.append((chain, n))
+                run.append((head, status, n))
                 buffers += views
                 run_end += n
                 continue
             if run:
                 self._finish_reads(run, run_start, buffers)
                 run, buffers = [], []
-            q.add_used(chain.head, self._serve(chain))
+            chain = q.chain_at(head)
+            if chain is not None:
+                q.add_used(head, self._serve(chain))
         if run:
             self._finish_reads(run, run_start, buffers)
         if q.next_used != start:
             self.signal_used(q)
 
     # ---- the short way, for plain reads ----
-    def _plain_read(self, chain: DescChain) -> tuple[int, list[memoryview], int] | None:
-        """(disk offset, data buffers, data bytes) of a well-formed IN request whose chain is the
-        16-byte header in one readable buffer, data buffers, and a last writable buffer that is
-        the status byte alone; None for anything else, which `_serve` then does in full (and
-        counts any mistake: nothing is counted here)."""
-        readable, writable = chain.readable, chain.writable
-        if len(readable) != 1 or len(writable) < 2 or writable[-1][1] != 1:
+    def _plain_read(self, head: int) -> tuple[int, list[memoryview], int, int] | None:
+        """(disk offset, data buffers, data bytes, status byte's gpa) if the chain at `head` is a
+        plain read: a 16-byte (or longer) readable header, one or more writable data buffers, a
+        writable status byte, all direct descriptors with no flag bits beyond NEXT and WRITE, an
+        IN of whole sectors within the disk, every buffer in RAM. None for anything else, which
+        then takes the long way (the full walk and `_serve`), where every mistake is counted:
+        nothing is counted here. The descriptors are read here rather than by the walk because
+        this is the one chain shape a block device sees all the time, and the walk's generality
+        (indirect tables, any mix of buffers) costs Python on every request; each link is checked
+        as the walk checks it (index inside the table, at most the table's size in all)."""
+        q = self.queues[0]
+        try:
+            table, base = q.desc_table()
+        except ChainError:
+            return None
+        size = q.size
+        unpack = DESC.unpack_from
+        haddr, hlen, flags, index = unpack(table, base + DESC_SIZE * head)
+        if flags != VIRTQ_DESC_F_NEXT or hlen < HEADER.size:
+            return None
+        segs: list[tuple[int, int]] = []
+        n = 0
+        for _ in range(size - 1):
+            if index >= size:
+                return None
+            addr, length, flags, index = unpack(table, base + DESC_SIZE * index)
+            if flags == VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT:
+                segs.append((addr, length))
+                n += length
+            elif flags == VIRTQ_DESC_F_WRITE and length == 1 and segs:
+                status = addr
+                break
+            else:
+                return None
+        else:
+            return None       # longer than its table: the walk will call it a loop
+        if n % SECTOR or n > MAX_REQUEST_BYTES:
             return None
         mem = self.mem
-        addr, length = readable[0]
-        if length < HEADER.size:
-            return None
         try:
-            ram, off = mem.locate(addr, HEADER.size)
+            ram, off = mem.locate(haddr, HEADER.size)
             rtype, _, sector = HEADER.unpack_from(ram, off)
-            n = chain.writable_len - 1
-            if rtype != VIRTIO_BLK_T_IN or n % SECTOR or n > MAX_REQUEST_BYTES \
-                    or sector + n // SECTOR > self.capacity:
+            if rtype != VIRTIO_BLK_T_IN or sector + n // SECTOR > self.capacity:
                 return None
-            views = mem.views(writable[:-1])
+            return sector * SECTOR, mem.views(segs), n, status
         except GuestMemoryError:
             return None
-        return sector * SECTOR, views, n
 
-    def _finish_reads(self, run: list[tuple[DescChain, int]], offset: int,
+    def _finish_reads(self, run: list[tuple[int, int, int]], offset: int,
                       buffers: list[memoryview]) -> None:
         """Read adjacent plain reads in one go, then give each its status and used entry."""
         q = self.queues[0]
@@ -210,18 +238,20 @@ class VirtioBlk(VirtioDevice):
             self._readinto(offset, buffers)
         except OSError:
             # Redo them one by one: each request gets its own status (and the error its count).
-            for chain, _ in run:
-                q.add_used(chain.head, self._serve(chain))
+            for head, _, _ in run:
+                chain = q.chain_at(head)
+                if chain is not None:
+                    q.add_used(head, self._serve(chain))
             return
         mem = self.mem
-        for chain, n in run:
+        for head, status, n in run:
             try:
-                mem.write(chain.writable[-1][0], _OK)
+                mem.write(status, _OK)
             except GuestMemoryError as e:
                 # No status byte we can write: the chain is dropped, as _serve would.
                 q.guest_error("buffer outside RAM", str(e))
                 n = -1
-            q.add_used(chain.head, n + 1)
+            q.add_used(head, n + 1)
 
     # ---- one request, the long way ----
     def _serve(self, chain: DescChain) -> int:

@@ -49,7 +49,7 @@ VRING_USED_F_NO_NOTIFY = 1
 
 DESC_SIZE = 16
 MAX_QUEUE_SIZE = 32768
-_DESC = struct.Struct("<QIHH")
+DESC = struct.Struct("<QIHH")      # struct virtq_desc: addr, len, flags, next
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 
@@ -268,6 +268,17 @@ class VirtQueue:
     def pop(self) -> DescChain | None:
         """The next well-formed chain the driver made available, or None. Malformed chains on the
         way are counted and returned to the driver with length 0."""
+        while (head := self.pop_head()) is not None:
+            chain = self.chain_at(head)
+            if chain is not None:
+                return chain
+        return None
+
+    def pop_head(self) -> int | None:
+        """pop()'s first half: the head index of the next chain made available (a head outside the
+        table is counted and skipped), or None. For a device with a short way for its common
+        chain shape (it reads the descriptors through `desc_table()`); `chain_at(head)` is the
+        other half, the full walk."""
         while self.ready and not self.broken:
             last, size = self.last_avail, self.size
             try:
@@ -293,12 +304,23 @@ class VirtQueue:
                 # Not a descriptor: there is nothing we could hand back in the used ring.
                 self.guest_error("head index out of range", f"{head} >= {size}")
                 continue
-            try:
-                return self._walk(head)
-            except ChainError as e:
-                self.guest_error("malformed chain", str(e))
-                self.add_used(head, 0)
+            return head
         return None
+
+    def chain_at(self, head: int) -> DescChain | None:
+        """The chain at `head` (from pop_head), walked; a malformed one is counted, returned to
+        the driver with length 0, and None."""
+        try:
+            return self._walk(head)
+        except ChainError as e:
+            self.guest_error("malformed chain", str(e))
+            self.add_used(head, 0)
+            return None
+
+    def desc_table(self) -> tuple[memoryview, int]:
+        """(view, offset) of the descriptor table, bounds-checked as a whole: unpack descriptor i
+        at offset + 16 * i. ChainError if it is not in RAM."""
+        return self._desc_table()
 
     def undo_pop(self) -> None:
         """Put the last popped chain back (a device that found it could not use it yet)."""
@@ -315,7 +337,7 @@ class VirtQueue:
         # The table was bounds-checked once (as a whole); then plain unpacks: a request's chain
         # is read without a GuestMemory lookup per descriptor.
         table, base = self._desc_table()
-        unpack = _DESC.unpack_from
+        unpack = DESC.unpack_from
         while True:
             addr, length, flags, nxt = unpack(table, base + DESC_SIZE * index)
             if flags & VIRTQ_DESC_F_INDIRECT:
