@@ -21,26 +21,30 @@ straight into the guest's memory (os.preadv on a view of guest RAM) of a Machine
 running: the ceiling for a device that copies nothing itself. VirtioBlk reads that way: one
 os.preadv straight into the chain's writable guest buffers (DiskImage.readinto).
 
-History, measured here (KVM-PVM, 2 cores shared with other work; ratios against host pread in the
-same run): with three Python copies per read it ran at 0.09-0.14x; with preadv into guest RAM
-0.45-0.60x. Where the rest went, per kick of 4 requests (instrumented, perf_counter_ns): the
-preadv itself as fast as the host's pread (the reads are copy-bound, ~11-13 GB/s); about 26 us
-inside KVM_RUN for the exit from guest CPL3 and 9 us more for the guest's checksum loop; 12-15 us
-of Python from KVM_RUN's return to the virtio-mmio register write (2.4 us when the same code runs
-warm: after each world switch the interpreter runs with cold TLB and caches); and 100+ us of
-Python in the device (descriptor walk, header, views, used ring), tens of us more than the same
-code takes warm. Trimming that path (rings read through one bounds-checked view, a short way for
-plain reads, adjacent reads of one kick merged into one preadv as QEMU does, QueueNotify first
-in the register decode) brought the device's Python per kick from ~140 us to ~66 us warm
-(4 x 16 KiB reads on tmpfs) and the benchmark to 0.69-0.77x in runs alternated with the old code
-(0.51-0.62x) on the same loaded host, 0.71-0.75x by CPU time. A device with no checks at all
-(an experiment, not kept) reached 0.79-0.82x: what is left beyond that is the exit and the
-post-exit Python outside the device. Measured and not kept: ioeventfd (the kick handled by a
-thread while the vCPU spins) 0.18-0.33x, the thread waiting for a core the spinning vCPU and the
-other work hold; DEPTH 8 instead of 4, within the noise (+0.04 at best); guest RAM already gets
-huge pages (AnonHugePages covers all of it) and is touched before the guest reads, and an
-untouched 4 KiB-page buffer only slows the first pass; the guest's polling causes no exits (one
-MMIO exit per kick, nothing else between the marks); GC off, about 3%.
+History, measured here (KVM-PVM, 2 cores shared with other people's work; ratios against host
+pread in the same run): with three Python copies per read it ran at 0.09-0.14x; with preadv into
+guest RAM 0.45-0.60x. Where the rest went, per kick of 4 requests (perf_counter_ns around the
+pieces): the preadv itself as fast as the host's pread (the reads are copy-bound, ~11-13 GB/s);
+about 26 us inside KVM_RUN for the exit from guest CPL3, plus 9 us for the guest's checksum loop;
+12-15 us of Python from KVM_RUN's return to the virtio-mmio register write (2.4 us when the same
+code runs warm: after each world switch the interpreter runs with cold TLB and caches); and
+100-140 us of Python in the device (descriptor walk, header, views, used ring, one preadv per
+request), about twice what the same code takes warm. Trimming the device's part (rings read
+through one bounds-checked view; plain reads - header, data, status byte - read straight from
+the descriptor table, anything else the long way, a property test holding the two to the same
+results; adjacent reads of one kick merged into one preadv, as QEMU's virtio-blk merges them;
+QueueNotify first in the register decode) took it from ~140 to ~61 us per kick warm (4 x 16 KiB
+reads from tmpfs), and the benchmark from 0.50-0.62x to 0.70-0.79x in runs alternated with the
+old code (one core busy with someone else's Linux boot throughout; by CPU time 0.50-0.61x ->
+0.71-0.78x). A device with no checks at all (an experiment, not kept) reached 0.75-0.82x in the
+same conditions: what is left is the exit and the VMM's Python around it, not the device.
+Measured and not kept: ioeventfd (the kick handled by a thread while the vCPU spins) 0.18-0.33x,
+the thread waiting for a core that the spinning vCPU and the other work hold; DEPTH 8 instead of
+4, within the noise (+0.04 at best), and the workload stays what it was; guest RAM already gets
+huge pages (AnonHugePages covers all of it) and is touched (BSS cleared) before the guest reads,
+and untouched or 4 KiB-page buffers only slow the first pass (0.79-0.93x of pread for the
+ceiling loop, against 0.96-0.98x touched); the guest's polling causes no exits (one MMIO exit
+per kick, nothing else between the marks); the garbage collector off, 1-3%.
 
 `run(quick) -> dict` gives the numbers; `virtio_blk_rows(quick) -> Section` is the same as a
 section of the benchmark table (bench/__main__.py's interface, like bench.blk.blk_rows).
