@@ -75,3 +75,15 @@ def test_views_and_locate_check_every_range():
     assert off == 4 and len(view) == 0x1000
     with pytest.raises(GuestMemoryError):
         mem.locate(0x2fff, 2)
+
+
+@given(gpa=st.integers(-10, 0x5000), size=st.integers(-2, 0x2100))
+def test_views_bounds_check_agrees_with_contains(gpa, size):
+    mem = two_regions()
+    inside = gpa >= 0 and size >= 0 and mem.contains(gpa, size)
+    try:
+        [v] = mem.views([(gpa, size)])
+    except GuestMemoryError:
+        assert not inside
+    else:
+        assert inside and len(v) == size
