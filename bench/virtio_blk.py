@@ -34,10 +34,11 @@ through one bounds-checked view; plain reads - header, data, status byte - read 
 the descriptor table, anything else the long way, a property test holding the two to the same
 results; adjacent reads of one kick merged into one preadv, as QEMU's virtio-blk merges them;
 QueueNotify first in the register decode) took it from ~140 to ~61 us per kick warm (4 x 16 KiB
-reads from tmpfs), and the benchmark from 0.50-0.62x to 0.70-0.79x in runs alternated with the
-old code (one core busy with someone else's Linux boot throughout; by CPU time 0.50-0.61x ->
-0.71-0.78x). A device with no checks at all (an experiment, not kept) reached 0.75-0.82x in the
-same conditions: what is left is the exit and the VMM's Python around it, not the device.
+reads from tmpfs), and the benchmark from 0.59-0.64x to 0.73-0.77x in runs alternated with the
+same tree but the virtio, memory and disk files as they were (one core busy with someone else's
+work throughout); python -m bench.virtio_blk itself said 0.70-0.79x in those conditions. A device
+with no checks at all (an experiment, not kept) reached 0.75-0.82x: what is left is the exit and
+the VMM's Python around it, not the device.
 Measured and not kept: ioeventfd (the kick handled by a thread while the vCPU spins) 0.18-0.33x,
 the thread waiting for a core that the spinning vCPU and the other work hold; DEPTH 8 instead of
 4, within the noise (+0.04 at best), and the workload stays what it was; guest RAM already gets
