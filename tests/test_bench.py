@@ -73,7 +73,7 @@ def _decompress(lz, comp: bytes, cap: int) -> bytes | None:
     random.Random(1).randbytes(50_000),                                   # incompressible
     b"".join(random.Random(2).choice([b"kvm ", b"qemu ", b"xen ", b"gzip\n"])
              for _ in range(20000)),
-])
+], ids=["empty", "one", "repeat", "zeros", "ramp", "random", "words"])
 def test_lz_round_trip(lz, data):
     comp = _compress(lz, data)
     assert _decompress(lz, comp, len(data)) == data
