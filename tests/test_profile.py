@@ -19,6 +19,17 @@ def test_system_map_lookup(tmp_path):
     assert p.symbol(0x1000) == "0x1000"
 
 
+def test_a_stub_system_map_is_named_in_the_report(tmp_path):
+    m = tmp_path / "System.map"
+    m.write_text("ffffffffffffffff B The real System.map is in the linux-image-<version>-dbg package\n")
+    p = GuestProfiler(m)
+    p.samples[0xffffffff81000104] += 1
+    report = p.report()
+    assert "names no kernel text symbols" in report and "kallsyms-finder" in report
+    assert "0xffffffff81000104" in report
+    assert GuestProfiler().note == ""
+
+
 @needs_kvm
 def test_samples_land_on_the_spinning_instruction():
     with Machine(1 << 20, irqchip="none") as m:
