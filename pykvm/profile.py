@@ -59,6 +59,7 @@ class GuestProfiler:
 
     def start(self, machine) -> None:
         machine.interrupted_handlers.append(self._sample)
+        machine.on_stop.append(lambda stop: self.stop())   # no kicks once the run is over
         vcpu = machine.vcpu
 
         def kicker() -> None:

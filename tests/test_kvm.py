@@ -120,3 +120,14 @@ def test_irqfd_line_reaches_the_in_kernel_pic():
                 break
             time.sleep(0.01)
         assert m.vm.get_irqchip(0).chip.pic.irr & (1 << 5)
+
+
+@needs_kvm
+def test_a_kick_after_close_is_harmless():
+    """Timers, watchdogs and the profiler kick from other threads; one that comes after the
+    machine closed must not touch the unmapped kvm_run page."""
+    m = Machine(1 << 20, irqchip="none")
+    vcpu = m.vcpu
+    m.close()
+    vcpu.kick()
+    vcpu.kick()

@@ -85,6 +85,10 @@ class Vcpu:
         # of every such exit lives there, so a new slice per exit would only cost time.
         self._pio_views = [self._mv[_PIO_DATA:_PIO_DATA + n] for n in range(9)]
         self.thread_id: int | None = None       # the thread inside run(), for kick()
+        # kick() comes from other threads (timers, watchdogs, the profiler) and writes to the
+        # kvm_run page: close() takes this lock to unmap it, so a late kick never touches freed
+        # memory.
+        self._kick_lock = threading.Lock()
         # The C side of run() (csrc/kvm_helpers.h): fd and kvm_run page in one struct, which also
         # keeps the accounting: TSC ticks inside KVM_RUN, and exits by KVM_EXIT_* reason.
         self._c = ffi.new("struct pykvm_vcpu *")
@@ -105,7 +109,9 @@ class Vcpu:
                 for i, c in enumerate(self._c.exits) if c}
 
     def close(self) -> None:
-        if self.fd >= 0:
+        with self._kick_lock:
+            if self.fd < 0:
+                return
             for view in self._pio_views:
                 view.release()
             self._mv.release()
@@ -202,14 +208,17 @@ class Vcpu:
         `immediate_exit` makes the next KVM_RUN return at once with EINTR; the signal knocks a
         KVM_RUN already in progress out of the guest. Together they leave no window in which the kick
         is lost (Documentation/virt/kvm/api.rst, "immediate_exit"). pykvm.machine installs a no-op
-        handler for KICK_SIGNAL."""
-        self.kvm_run.immediate_exit = 1
-        if self.thread_id is not None and self.thread_id != threading.get_ident():
-            import signal
-            try:
-                signal.pthread_kill(self.thread_id, KICK_SIGNAL)
-            except (ProcessLookupError, OSError):
-                pass
+        handler for KICK_SIGNAL. A kick after close() does nothing."""
+        with self._kick_lock:
+            if self.fd < 0:
+                return
+            self.kvm_run.immediate_exit = 1
+            if self.thread_id is not None and self.thread_id != threading.get_ident():
+                import signal
+                try:
+                    signal.pthread_kill(self.thread_id, KICK_SIGNAL)
+                except (ProcessLookupError, OSError):
+                    pass
 
     # ---- registers ----
     def get_regs(self):
