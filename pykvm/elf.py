@@ -86,7 +86,8 @@ class Elf64:
 
 def read_elf64(data: bytes) -> Elf64:
     """Parse the file header and program headers of a 64-bit little-endian ELF file. Raises
-    ElfFormatError, one line, for anything else or for headers that run past the end of `data`."""
+    ElfFormatError, one line, for anything else, for headers that run past the end of `data`, and
+    for a PT_LOAD segment whose file bytes lie past the end or exceed its memory size."""
     if data[:4] != MAGIC:
         raise ElfFormatError(f"not an ELF file (starts with {bytes(data[:4]).hex()}, "
                              f"wanted {MAGIC.hex()})")
@@ -108,4 +109,14 @@ def read_elf64(data: bytes) -> Elf64:
                              f"end of the {len(data):#x}-byte file")
     segments = tuple(ProgramHeader(*_PHDR.unpack_from(data, phoff + i * _PHDR.size))
                      for i in range(phnum))
+    for i, p in enumerate(segments):
+        if p.type != PT_LOAD:
+            continue
+        if p.filesz > p.memsz:
+            raise ElfFormatError(f"PT_LOAD segment {i} at {p.paddr:#x} has filesz {p.filesz:#x} "
+                                 f"> memsz {p.memsz:#x}")
+        if p.offset + p.filesz > len(data):
+            raise ElfFormatError(f"truncated: PT_LOAD segment {i} at {p.paddr:#x} needs file "
+                                 f"bytes {p.offset:#x}..{p.offset + p.filesz:#x} of a "
+                                 f"{len(data):#x}-byte file")
     return Elf64(e_type, machine, entry, segments)

@@ -89,3 +89,20 @@ def test_mutated_headers_parse_like_pyelftools_or_fail_cleanly(programs, data):
     except Exception:    # pyelftools refuses some files this reader need not look at
         return
     assert ours == reference
+
+
+def test_load_segments_are_checked_against_the_file(programs):
+    data = bytearray(programs["hello"])
+    phoff = struct.unpack_from("<Q", data, 32)[0]
+    load = next(i for i in range(struct.unpack_from("<H", data, 56)[0])
+                if struct.unpack_from("<I", data, phoff + 56 * i)[0] == PT_LOAD)
+    at = phoff + 56 * load
+    memsz = struct.unpack_from("<Q", data, at + 40)[0]
+    bigger = bytearray(data)
+    struct.pack_into("<Q", bigger, at + 32, memsz + 1)              # p_filesz > p_memsz
+    with pytest.raises(ElfFormatError, match="filesz"):
+        read_elf64(bytes(bigger))
+    beyond = bytearray(data)
+    struct.pack_into("<Q", beyond, at + 8, len(data))              # p_offset at the end of file
+    with pytest.raises(ElfFormatError, match="truncated"):
+        read_elf64(bytes(beyond))
