@@ -18,12 +18,16 @@ import argparse
 import os
 import sys
 
+from .stop import StopReason
+
 EXIT_OK, EXIT_VMM_ERROR, EXIT_BAD_INPUT, EXIT_PANIC, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 STOP_STATUS = {
-    "poweroff": EXIT_OK, "halt": EXIT_OK, "reset": EXIT_OK, "until": EXIT_OK, "exit": EXIT_OK,
-    "panic": EXIT_PANIC, "timeout": EXIT_TIMEOUT, "interrupted": EXIT_INTERRUPTED,
-    "shutdown": EXIT_VMM_ERROR, "error": EXIT_VMM_ERROR,
+    StopReason.POWEROFF: EXIT_OK, StopReason.HALT: EXIT_OK, StopReason.RESET: EXIT_OK,
+    StopReason.UNTIL: EXIT_OK, StopReason.EXIT: EXIT_OK,
+    StopReason.PANIC: EXIT_PANIC, StopReason.TIMEOUT: EXIT_TIMEOUT,
+    StopReason.INTERRUPTED: EXIT_INTERRUPTED,
+    StopReason.SHUTDOWN: EXIT_VMM_ERROR, StopReason.ERROR: EXIT_VMM_ERROR,
 }
 
 
@@ -65,7 +69,7 @@ def cmd_info(args) -> int:
 def cmd_boot(args) -> int:
     from .linux import LinuxVM, parse_size
     from .host.terminal import Terminal
-    from .machine import Stop
+    from .stop import Stop
 
     if args.readonly and args.snapshot:
         raise UsageError("--readonly and --snapshot exclude each other: pick one")
@@ -113,7 +117,7 @@ def cmd_boot(args) -> int:
         try:
             if interactive and os.isatty(0):
                 def quit_():
-                    vm.machine.request_stop(Stop("interrupted", message="Ctrl-A x"))
+                    vm.machine.request_stop(Stop(StopReason.INTERRUPTED, message="Ctrl-A x"))
                 with Terminal(vm.send, quit_, on_stats=lambda: str(vm.stats)):
                     stop = vm.run(args.timeout)
             else:
@@ -129,7 +133,7 @@ def cmd_boot(args) -> int:
         if args.stats:
             _say(f"stats: {vm.stats}")
         gap = vm.machine.last_internal_error
-        if stop.reason == "error" and gap is not None:
+        if stop.reason is StopReason.ERROR and gap is not None:
             from . import pvm
             _say(pvm.describe_gap(vm.machine, gap))
         return STOP_STATUS.get(stop.reason, EXIT_VMM_ERROR)

@@ -21,7 +21,8 @@ from . import pvm
 from .boot import BootError, load_linux
 from .boot.cmdline import Cmdline
 from .console import ConsoleLog
-from .machine import Machine, MachineError, Stop
+from .machine import Machine, MachineError
+from .stop import Stop, StopReason
 from .pc import add_pc_devices
 from .x86 import cpu, layout, mptable
 
@@ -174,12 +175,12 @@ class LinuxVM:
             self.machine.interrupted_handlers.append(pvm.StuckVmcall().check)
             self.machine.watchdog_period = 1.0
         self.console.on_line(PANIC_LINE, lambda m: self.machine.request_stop(
-            Stop("panic", message="the kernel panicked")))
+            Stop(StopReason.PANIC, message="the kernel panicked")))
         self.console.on_line(POWEROFF_LINE, lambda m: self.machine.request_stop(
-            Stop("poweroff", message="the guest powered off")))
+            Stop(StopReason.POWEROFF, message="the guest powered off")))
         if until:
             self.console.on_line(until, lambda m: self.machine.request_stop(
-                Stop("until", message=f"console matched {until!r}")))
+                Stop(StopReason.UNTIL, message=f"console matched {until!r}")))
         self.machine.on_stop.append(lambda stop: self.console.close())
 
     def _open_disk(self, disk, readonly: bool, snapshot: bool):
@@ -198,7 +199,7 @@ class LinuxVM:
         and the IDE controller (and virtio-pci devices) live on it."""
         from .devices.pci import PciBus
         pci = PciBus(mmio=self.machine.mmio, pio=self.machine.pio, on_reset=lambda: self.machine.request_stop(
-            Stop("reset", message="the guest reset the machine (port 0xcf9)")))
+            Stop(StopReason.RESET, message="the guest reset the machine (port 0xcf9)")))
         pci.register_on(self.machine.pio)
         return pci
 

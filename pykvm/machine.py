@@ -25,21 +25,8 @@ from .fastpath import FastPath
 from .irq import IrqLine
 from .kvm import KICK_SIGNAL, Kvm, exits as E
 from .memory import GuestMemory, MmapBackend, Region
+from .stop import Stop, StopReason
 from .x86 import layout
-
-
-@dataclass(frozen=True)
-class Stop:
-    """Why the run loop ended.
-
-    reason: "exit" (a firmware program wrote its status to the exit port), "halt" (hlt with
-    interrupts off: nothing can wake the CPU), "shutdown" (triple fault), "reset" (the guest asked
-    to reboot), "poweroff", "panic", "until" (an awaited console line appeared), "timeout",
-    "interrupted" (Ctrl-C or stop()), "error" (the VMM could not go on)."""
-
-    reason: str
-    status: int | None = None
-    message: str = ""
 
 
 class MachineError(Exception):
@@ -202,7 +189,7 @@ class Machine:
 
     def stop(self) -> Stop | None:
         """Stop a machine started with start(), and wait for its thread."""
-        self.request_stop(Stop("interrupted", message="stopped by the VMM"))
+        self.request_stop(Stop(StopReason.INTERRUPTED, message="stopped by the VMM"))
         return self.wait()
 
     # ---- running ----
@@ -212,7 +199,7 @@ class Machine:
         timer = None
         if timeout is not None:
             timer = threading.Timer(timeout, self.request_stop,
-                                    (Stop("timeout", message=f"no stop within {timeout:g} s"),))
+                                    (Stop(StopReason.TIMEOUT, message=f"no stop within {timeout:g} s"),))
             timer.daemon = True
             timer.start()
         if self.fast is not None:
@@ -244,7 +231,7 @@ class Machine:
                 if outcome is not None:
                     self.request_stop(outcome)
         except KeyboardInterrupt:
-            self.request_stop(Stop("interrupted", message="Ctrl-C"))
+            self.request_stop(Stop(StopReason.INTERRUPTED, message="Ctrl-C"))
         finally:
             watchdog_stop.set()
             if timer is not None:
@@ -289,7 +276,7 @@ class Machine:
             try:
                 self._result = self.run(timeout)
             except BaseException as e:  # a host failure: report it as the stop reason
-                self._result = Stop("error", message=f"{type(e).__name__}: {e}")
+                self._result = Stop(StopReason.ERROR, message=f"{type(e).__name__}: {e}")
             finally:
                 self._done.set()
 
@@ -374,20 +361,20 @@ def _hlt(m: Machine, e: E.Hlt) -> Stop | None:
     if chip is not None and m.vcpu.kvm_run.if_flag:
         chip.wait_for_interrupt()
         return None
-    return Stop("halt", message="the guest executed hlt with no interrupt to wait for")
+    return Stop(StopReason.HALT, message="the guest executed hlt with no interrupt to wait for")
 
 
 def _shutdown(m: Machine, e: E.Shutdown) -> Stop | None:
-    return Stop("shutdown", message="triple fault: the guest's CPU reset itself")
+    return Stop(StopReason.SHUTDOWN, message="triple fault: the guest's CPU reset itself")
 
 
 def _system_event(m: Machine, e: E.SystemEvent) -> Stop | None:
     from .kvm._lib import lib
     if e.type == lib.KVM_SYSTEM_EVENT_RESET:
-        return Stop("reset", message="the guest asked for a reset")
+        return Stop(StopReason.RESET, message="the guest asked for a reset")
     if e.type == lib.KVM_SYSTEM_EVENT_CRASH:
-        return Stop("panic", message="the guest reported a crash")
-    return Stop("poweroff", message="the guest powered off")
+        return Stop(StopReason.PANIC, message="the guest reported a crash")
+    return Stop(StopReason.POWEROFF, message="the guest powered off")
 
 
 def _internal_error(m: Machine, e: E.InternalError) -> Stop | None:
@@ -395,12 +382,12 @@ def _internal_error(m: Machine, e: E.InternalError) -> Stop | None:
     for handler in m.internal_error_handlers:
         if handler(m, e):
             return None
-    return Stop("error", message=f"KVM internal error, suberror {e.suberror}, data "
+    return Stop(StopReason.ERROR, message=f"KVM internal error, suberror {e.suberror}, data "
                                  + " ".join(f"{d:#x}" for d in e.data))
 
 
 def _fail_entry(m: Machine, e: E.FailEntry) -> Stop | None:
-    return Stop("error", message=f"VM entry failed, hardware reason {e.reason:#x}")
+    return Stop(StopReason.ERROR, message=f"VM entry failed, hardware reason {e.reason:#x}")
 
 
 def _ignore(m: Machine, e: E.Exit) -> Stop | None:
@@ -415,7 +402,7 @@ def _interrupted(m: Machine, e: E.Interrupted) -> Stop | None:
 
 def _unknown(m: Machine, e: E.Exit) -> Stop | None:
     m.stats.guest_errors["unhandled exit"] += 1
-    return Stop("error", message=f"unhandled exit {e!r}")
+    return Stop(StopReason.ERROR, message=f"unhandled exit {e!r}")
 
 
 _HANDLERS: dict[type, Callable[[Machine, E.Exit], Stop | None]] = {

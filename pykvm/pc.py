@@ -23,7 +23,8 @@ from .devices.debugcon import DebugCon, ExitPort, PostCode
 from .devices.i8042 import I8042
 from .devices.rtc import CmosRtc
 from .devices.serial import Serial16550
-from .machine import Machine, Stop
+from .machine import Machine
+from .stop import Stop, StopReason
 from .x86 import layout
 
 
@@ -84,7 +85,7 @@ def add_pc_devices(machine: Machine, console: ConsoleLog,
     machine.add_pio(layout.PORT_COM1, 8, LockedDevice(serial, lock), "COM1 16550A")
 
     def reset() -> None:
-        machine.request_stop(Stop("reset", message="the guest reset the machine (i8042 0xfe)"))
+        machine.request_stop(Stop(StopReason.RESET, message="the guest reset the machine (i8042 0xfe)"))
 
     i8042 = I8042(reset=reset)
     # Data at 0x60, status/command at 0x64; the ports between belong to others (0x61: PC speaker
@@ -98,7 +99,7 @@ def add_pc_devices(machine: Machine, console: ConsoleLog,
     debugcon = DebugCon(debug_out or console.write)
     machine.add_pio(layout.PORT_DEBUG, 1, debugcon, "debugcon")
     exit_port = ExitPort(lambda status: machine.request_stop(
-        Stop("exit", status, f"the guest wrote {status} to the exit port")))
+        Stop(StopReason.EXIT, status, f"the guest wrote {status} to the exit port")))
     machine.add_pio(layout.PORT_EXIT, 1, exit_port, "exit port")
     if machine.fast is not None:
         # The C loop answers these ports itself while the models' state allows (pykvm.fastpath).

@@ -331,7 +331,7 @@ def run_firmware(name: str, *, cpl: int = 3, args: Iterable[int] = (), timeout: 
     injected with KVM_INTERRUPT: firmware/timer.c) or "kernel" (needed by devices that drive an
     interrupt line, e.g. a virtio-mmio device from attach_mmio, even when the guest polls)."""
     from ..devices.debugcon import DebugCon, ExitPort
-    from ..machine import Stop
+    from ..stop import Stop, StopReason
     from ..x86 import layout
 
     elf = build(name)
@@ -344,7 +344,7 @@ def run_firmware(name: str, *, cpl: int = 3, args: Iterable[int] = (), timeout: 
 
     with firmware_machine(memory, irqchip=irqchip) as m:
         m.add_pio(layout.PORT_DEBUG, 1, DebugCon(out), "debugcon")
-        m.add_pio(layout.PORT_EXIT, 4, ExitPort(lambda s: m.request_stop(Stop("exit", s))),
+        m.add_pio(layout.PORT_EXIT, 4, ExitPort(lambda s: m.request_stop(Stop(StopReason.EXIT, s))),
                   "exit")
         prepare(m, elf, cpl=cpl, args=args)
         if complete_pvm_gaps:
@@ -354,7 +354,7 @@ def run_firmware(name: str, *, cpl: int = 3, args: Iterable[int] = (), timeout: 
             setup(m)
         stop = m.run(timeout=timeout)
         return FirmwareResult(
-            status=stop.status if stop.reason == "exit" else None,
+            status=stop.status if stop.reason is StopReason.EXIT else None,
             output=bytes(output), stop=stop, exits=m.vcpu.exit_counts(),
             seconds_in_run=m.vcpu.seconds_in_run, wall_time=m.stats.wall_time,
             unclaimed_pio=m.pio.unclaimed)

@@ -1,0 +1,39 @@
+"""Why a run loop ended: a `Stop` value with a `StopReason`.
+
+`StopReason` is a `str` enum, so `stop.reason == "until"`, `f"{stop.reason}"` and dictionaries keyed
+by the plain strings keep working, while a misspelt reason fails where the Stop is made
+(`Stop("untill")` raises ValueError) instead of never matching anywhere. A new kind of stop is one
+more member here, and one more row in the CLI's exit-status table (pykvm/cli.py, STOP_STATUS).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class StopReason(enum.StrEnum):
+    EXIT = "exit"                # a firmware program wrote its status to the exit port
+    HALT = "halt"                # hlt with interrupts off: nothing can wake the CPU
+    SHUTDOWN = "shutdown"        # triple fault
+    RESET = "reset"              # the guest asked to reboot
+    POWEROFF = "poweroff"        # the guest powered off
+    PANIC = "panic"              # the guest kernel panicked or reported a crash
+    UNTIL = "until"              # an awaited console line appeared
+    TIMEOUT = "timeout"          # the VMM's time limit passed
+    INTERRUPTED = "interrupted"  # Ctrl-C, or stop() from the VMM
+    ERROR = "error"              # the VMM could not go on
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Why the run loop ended: a reason, the guest's status where it gave one (the exit port), and a
+    sentence for people. `reason` may be given as its string; it is always a StopReason after."""
+
+    reason: StopReason
+    status: int | None = None
+    message: str = ""
+
+    def __post_init__(self) -> None:
+        if type(self.reason) is not StopReason:
+            object.__setattr__(self, "reason", StopReason(self.reason))
