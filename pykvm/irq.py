@@ -6,16 +6,20 @@ Edge-triggered ISA devices are modelled the same way: the PIC (in-kernel or ours
 rising edge.
 
 Implementations:
-- `KvmIrqLine`: KVM_IRQ_LINE on the in-kernel irqchip (pykvm/kvm/vm.py);
+- `KvmIrqLine` (here): KVM_IRQ_LINE on the in-kernel irqchip, through the `Vm` it is given;
+- `IrqfdLine` (here): an eventfd KVM turns into an edge on the in-kernel irqchip, from any thread;
 - the Python i8259's input pins (pykvm/devices/i8259.py);
-- `RecordingIrqLine`: remembers every level change, for unit tests.
+- `RecordingIrqLine`, `NullIrqLine` (here): for unit tests, and a pin wired to nothing.
+
+The two KVM lines are handed a `Vm` (pykvm.kvm.vm) and call its methods; this module imports no KVM
+code, so a device sees only the `IrqLine` interface. `Machine.irq_line(gsi)` picks the right one.
 
 A line only forwards *changes*, so devices may call `set_level` freely.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import os
 
 
 class IrqLine:
@@ -39,17 +43,6 @@ class IrqLine:
         raise NotImplementedError
 
 
-class CallbackIrqLine(IrqLine):
-    """Calls `fn(level)` on every change: glue for wiring a line to anything."""
-
-    def __init__(self, fn: Callable[[bool], None]):
-        super().__init__()
-        self._fn = fn
-
-    def _raise_level(self, level: bool) -> None:
-        self._fn(level)
-
-
 class RecordingIrqLine(IrqLine):
     """Records the sequence of level changes; `edges` counts rising edges."""
 
@@ -70,3 +63,35 @@ class NullIrqLine(IrqLine):
 
     def _raise_level(self, level: bool) -> None:
         pass
+
+
+class KvmIrqLine(IrqLine):
+    """An input pin of KVM's in-kernel interrupt controllers (KVM_IRQ_LINE on the VM fd)."""
+
+    def __init__(self, vm, gsi: int):
+        super().__init__()
+        self.vm = vm
+        self.gsi = gsi
+
+    def _raise_level(self, level: bool) -> None:
+        self.vm.irq_line(self.gsi, level)
+
+
+class IrqfdLine(IrqLine):
+    """An edge-triggered GSI raised through KVM_IRQFD: a rising edge writes an eventfd and KVM itself
+    pulses the in-kernel PIC/IOAPIC input (assert, deassert), with no ioctl on the VM fd and from
+    whichever thread raised it (the virtio ioeventfd worker, the net receive thread). For the ISA
+    edge-triggered lines virtio-mmio devices use; level-triggered lines (PCI INTx) stay KvmIrqLine,
+    which holds the level until the device lowers it. Whoever made it closes `fd` after the VM."""
+
+    def __init__(self, vm, gsi: int):
+        super().__init__()
+        self.gsi = gsi
+        self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        vm.irqfd(self.fd, gsi)
+        self.pulses = 0
+
+    def _raise_level(self, level: bool) -> None:
+        if level:
+            os.eventfd_write(self.fd, 1)
+            self.pulses += 1

@@ -22,7 +22,7 @@ from typing import Callable
 
 from .bus import Bus
 from .fastpath import FastPath
-from .irq import IrqLine
+from .irq import IrqfdLine, IrqLine, KvmIrqLine
 from .kvm import KICK_SIGNAL, Kvm, exits as E
 from .memory import GuestMemory, MmapBackend, Region
 from .stop import Stop, StopReason
@@ -31,38 +31,6 @@ from .x86 import layout
 
 class MachineError(Exception):
     """A configuration mistake by the VMM's user (too little memory, ...); one line, for the CLI."""
-
-
-class KvmIrqLine(IrqLine):
-    """An input pin of KVM's in-kernel interrupt controllers (KVM_IRQ_LINE)."""
-
-    def __init__(self, vm, gsi: int):
-        super().__init__()
-        self.vm = vm
-        self.gsi = gsi
-
-    def _raise_level(self, level: bool) -> None:
-        self.vm.irq_line(self.gsi, level)
-
-
-class IrqfdLine(IrqLine):
-    """An edge-triggered GSI raised through KVM_IRQFD: a rising edge writes an eventfd and KVM itself
-    pulses the in-kernel PIC/IOAPIC input (assert, deassert), with no ioctl on the VM fd and from
-    whichever thread raised it (the virtio ioeventfd worker, the net receive thread). For the ISA
-    edge-triggered lines virtio-mmio devices use; level-triggered lines (PCI INTx) stay KvmIrqLine,
-    which holds the level until the device lowers it."""
-
-    def __init__(self, vm, gsi: int):
-        super().__init__()
-        self.gsi = gsi
-        self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        vm.irqfd(self.fd, gsi)
-        self.pulses = 0
-
-    def _raise_level(self, level: bool) -> None:
-        if level:
-            os.eventfd_write(self.fd, 1)
-            self.pulses += 1
 
 
 @dataclass
