@@ -14,11 +14,15 @@ A device is any object with
 An access nobody claims is the guest's business (probing for hardware that is absent is normal):
 reads return all ones, as on a real ISA bus with nothing driving it, writes are dropped, and both are
 counted in `unclaimed`.
+
+Two small adapters sit between a bus and a device: `LockedDevice` (a device also fed from another
+thread) and `Window` (one register of a device reached at a port of its own).
 """
 
 from __future__ import annotations
 
 import bisect
+import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -138,3 +142,36 @@ class Bus:
     def write_from(self, addr: int, size: int, buf: memoryview, count: int) -> None:
         for i in range(count):
             self.write(addr, size, int.from_bytes(buf[i * size:(i + 1) * size], "little"))
+
+
+class LockedDevice:
+    """Serializes a device's register accesses with input arriving from another thread.
+
+    The vCPU thread calls read/write; the terminal thread calls `feed`. One lock keeps the device's
+    state consistent between them (uncontended, it costs well under a microsecond)."""
+
+    def __init__(self, device, lock: threading.Lock):
+        self.device = device
+        self.lock = lock
+
+    def read(self, offset: int, size: int) -> int:
+        with self.lock:
+            return self.device.read(offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        with self.lock:
+            self.device.write(offset, size, value)
+
+
+class Window:
+    """A device register reached at another port: accesses land at `offset` within the device."""
+
+    def __init__(self, device, offset: int):
+        self.device = device
+        self.offset = offset
+
+    def read(self, offset: int, size: int) -> int:
+        return self.device.read(self.offset + offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.device.write(self.offset + offset, size, value)

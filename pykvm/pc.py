@@ -18,6 +18,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
+from .bus import LockedDevice, Window
 from .console import ConsoleLog
 from .devices.debugcon import DebugCon, ExitPort, PostCode
 from .devices.i8042 import I8042
@@ -26,39 +27,6 @@ from .devices.serial import Serial16550
 from .machine import Machine
 from .stop import Stop, StopReason
 from .x86 import layout
-
-
-class LockedDevice:
-    """Serializes a device's register accesses with input arriving from another thread.
-
-    The vCPU thread calls read/write; the terminal thread calls `feed`. One lock keeps the device's
-    state consistent between them (uncontended, it costs well under a microsecond)."""
-
-    def __init__(self, device, lock: threading.Lock):
-        self.device = device
-        self.lock = lock
-
-    def read(self, offset: int, size: int) -> int:
-        with self.lock:
-            return self.device.read(offset, size)
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        with self.lock:
-            self.device.write(offset, size, value)
-
-
-class Window:
-    """A device register reached at another port: accesses land at `offset` within the device."""
-
-    def __init__(self, device, offset: int):
-        self.device = device
-        self.offset = offset
-
-    def read(self, offset: int, size: int) -> int:
-        return self.device.read(self.offset + offset, size)
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        self.device.write(self.offset + offset, size, value)
 
 
 @dataclass

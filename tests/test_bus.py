@@ -1,7 +1,7 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from pykvm.bus import Bus, BusOverlapError
+from pykvm.bus import Bus, BusOverlapError, LockedDevice, Window
 
 
 class Reg:
@@ -85,3 +85,27 @@ def test_find_matches_a_linear_scan(ranges, probe):
     expected = [(b, n) for b, n in accepted if b <= probe < b + n]
     found = bus.find(probe)
     assert (found.device if found else None) == (expected[0] if expected else None)
+
+
+def test_window_lands_at_its_offset_in_the_device():
+    bus = Bus("pio")
+    dev = Reg(8)
+    bus.register(0x60, 1, dev)
+    bus.register(0x64, 1, Window(dev, 4))
+    bus.write(0x64, 1, 0xfe)
+    assert dev.log == [("w", 4, 1, 0xfe)]
+
+
+def test_locked_device_holds_the_lock_during_each_access():
+    import threading
+    lock = threading.Lock()
+
+    class Probe(Reg):
+        def read(self, offset, size):
+            assert lock.locked()
+            return super().read(offset, size)
+
+    dev = Probe(8)
+    bus = Bus("pio")
+    bus.register(0x3f8, 8, LockedDevice(dev, lock))
+    assert bus.read(0x3fd, 1) == 0 and not lock.locked()
