@@ -35,6 +35,12 @@ class UsageError(Exception):
     pass
 
 
+def _check_boot_args(args) -> None:
+    """Every file and value argument, checked before anything is built (pykvm/cli_checks.py)."""
+    from . import cli_checks
+    cli_checks.boot_args(args)
+
+
 def _say(msg: str) -> None:
     print(f"pykvm: {msg}", file=sys.stderr, flush=True)
 
@@ -81,6 +87,7 @@ def cmd_boot(args) -> int:
         if kind != "tap":
             raise UsageError(f"--net {args.net}: only tap[:NAME] is supported")
         net_tap = name or "pykvm%d"
+    _check_boot_args(args)
     memory = parse_size(args.memory)
     vm = LinuxVM(args.kernel, initrd=args.initrd, append=args.append or "", memory=memory,
                  decompress=not args.no_decompress, pvm_workarounds=not args.no_pvm_workarounds and None,
@@ -212,10 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     from .assets.errors import AssetError
     from .boot import BootError
     from .kvm import KvmError, KvmUnavailable
+    from .host.tap import TapError
     from .machine import MachineError
     try:
         return args.fn(args)
-    except (UsageError, MachineError, BootError, KvmUnavailable, AssetError) as e:
+    except (UsageError, MachineError, BootError, KvmUnavailable, AssetError, TapError) as e:
         _say(f"error: {e}")
         return EXIT_BAD_INPUT
     except KvmError as e:

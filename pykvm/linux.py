@@ -15,9 +15,8 @@ added and the instructions its emulator lacks are completed by pykvm.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-from . import pvm
+from . import cli_checks, pvm
 from .boot import BootError, load_linux
 from .boot.cmdline import Cmdline
 from .console import ConsoleLog
@@ -56,28 +55,14 @@ USER_IRQCHIP_ARGS = ["nolapic", "noapic"]
 
 
 def parse_size(text: str | int) -> int:
-    """'256M', '1G', '65536K', or a byte count."""
-    if isinstance(text, int):
-        return text
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    units = {"K": layout.KiB, "M": layout.MiB, "G": layout.GiB}
-    try:
-        if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(t)
-    except ValueError:
-        raise MachineError(f"cannot read memory size {text!r}: use e.g. 256M or 1G") from None
+    """'256M', '1G', '65536K', or a byte count (pykvm.cli_checks.size: finite numbers only)."""
+    return cli_checks.size(text)
 
 
 def _read_file(path: str | os.PathLike, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise MachineError(f"{what} {path} does not exist") from None
-    except IsADirectoryError:
-        raise MachineError(f"{what} {path} is a directory, not a file") from None
-    except PermissionError:
-        raise MachineError(f"{what} {path} is not readable by this user") from None
+    # A regular file of bounded size only: a FIFO or /dev/zero would hang or fill memory.
+    limit = cli_checks.MAX_KERNEL if what == "kernel" else cli_checks.MAX_INITRD
+    return cli_checks.read_input(path, what, limit)
 
 
 class LinuxVM:
@@ -185,13 +170,7 @@ class LinuxVM:
 
     def _open_disk(self, disk, readonly: bool, snapshot: bool):
         from .host.disk import DiskImage
-        path = Path(disk)
-        if not path.is_file():
-            raise MachineError(f"disk image {disk} does not exist (or is not a file)")
-        writing = not (readonly or snapshot)
-        if not os.access(path, os.R_OK | (os.W_OK if writing else 0)):
-            raise MachineError(f"disk image {disk} is not {'writable' if writing else 'readable'} "
-                               "by this user (--readonly or --snapshot boot it without writing)")
+        path = cli_checks.disk_image(disk, writable=not (readonly or snapshot))
         return DiskImage(path, readonly=readonly, snapshot=snapshot)
 
     def _add_pci(self):

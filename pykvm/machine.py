@@ -102,7 +102,14 @@ class Machine:
 
         regions = []
         for slot, (gpa, size) in enumerate(layout.ram_regions(memory)):
-            backend = MmapBackend(size, hugepages=hugepages)
+            try:
+                backend = MmapBackend(size, hugepages=hugepages)
+            except OSError as e:    # ENOMEM: more than the host will map (a bad --memory)
+                self.vm.close()
+                if self._own_kvm:
+                    self.kvm.close()
+                raise MachineError(f"cannot map {memory >> 20} MiB of guest memory: "
+                                   f"{e.strerror or e}") from None
             self.vm.set_user_memory_region(slot, gpa, size, backend.address())
             regions.append(Region(gpa, size, backend))
         self.mem = GuestMemory(regions)
