@@ -35,13 +35,16 @@
  *   pattern_guest(s, i) = (s * 7 + i * 13 + 0x5a) & 0xff; pattern_host(s, i) = (s * 31 + i) & 0xff
  *   ^ 0xa5 (tests/test_firmware_devices.py computes both).
  * mode 1, benchmark:
- *   arg[2] bytes to read (default 1 MiB), arg[3] bytes per request (default 128 KiB, at most
+ *   arg[2] bytes to transfer (default 1 MiB), arg[3] bytes per request (default 128 KiB, at most
  *   MAX_REQUEST), arg[4] segment size (default 64 KiB), arg[5] requests per notify (default 4,
- *   at most MAX_INFLIGHT), arg[6] marker port (default 0: none): the guest writes 1 there just
- *   before the first request and 2 after the last completes, so the VMM can time the reads alone.
- *   Reads wrap around at the end of the disk. Prints "virtio_blk: bench bytes=N cycles=C
- *   requests=R notifies=K" (C from rdtsc) and a checksum (sum of the first byte of every 4 KiB).
- */
+ *   at most MAX_INFLIGHT, and DEPTH x REQUEST at most POOL), arg[6] marker port (default 0:
+ *   none): the guest writes 1 there just before the first request and 2 after the last
+ *   completes, so the VMM can time the transfer alone. arg[7] direction: 0 read (default), 1
+ *   write, then one FLUSH (inside the marks: a write is only done when it is on stable storage,
+ *   as the host's pwrite + fsync baseline is). Requests wrap around at the end of the disk. A
+ *   write sends buffers filled with pattern_guest(sector, i) of the first pass (so the host can
+ *   check what landed). Prints "virtio_blk: bench bytes=N cycles=C requests=R notifies=K
+ *   errors=E checksum=S" (C from rdtsc); S is the sum of the first byte of every 4 KiB moved. */
 #include "fw.h"
 
 int memcmp(const void *a, const void *b, unsigned long n); /* runtime.c */
@@ -78,7 +81,7 @@ int memcmp(const void *a, const void *b, unsigned long n); /* runtime.c */
 #define F_VERSION_1_HIGH 1 /* bit 32: bit 0 of the high half */
 
 /* ---- the split virtqueue (2.7) ---- */
-#define QSIZE 64
+#define QSIZE 256
 #define VIRTQ_DESC_F_NEXT 1
 #define VIRTQ_DESC_F_WRITE 2
 #define VIRTQ_AVAIL_F_NO_INTERRUPT 1
@@ -116,8 +119,11 @@ struct blk_req_hdr {
     uint64_t sector;
 };
 
-#define MAX_INFLIGHT 8
+/* Up to MAX_INFLIGHT requests of up to MAX_REQUEST bytes each, all their buffers in one POOL:
+ * 8 x 1 MiB, or 32 x 4 KiB (small requests need a deep queue to amortise the notify exit). */
+#define MAX_INFLIGHT 32
 #define MAX_REQUEST (1u << 20)
+#define POOL (8u << 20)
 #define DESCS_PER_REQ (QSIZE / MAX_INFLIGHT) /* header + data segments + status */
 
 static struct virtq_desc desc[QSIZE] __attribute__((aligned(4096)));
@@ -125,7 +131,8 @@ static struct virtq_avail avail __attribute__((aligned(4096)));
 static struct virtq_used used __attribute__((aligned(4096)));
 static struct blk_req_hdr hdrs[MAX_INFLIGHT];
 static volatile uint8_t statuses[MAX_INFLIGHT];
-static uint8_t buffers[MAX_INFLIGHT][MAX_REQUEST] __attribute__((aligned(4096)));
+static uint8_t pool[POOL] __attribute__((aligned(4096)));
+#define BUFFER(k) (pool + (uint64_t)(k) * MAX_REQUEST) /* self-check: buffers 0-2, 1 MiB each */
 
 static volatile uint8_t *mmio;
 static uint16_t last_used;
@@ -280,7 +287,7 @@ static int self_check(uint64_t capacity)
         fw_printf("virtio_blk: FAIL self-check ranges too large\n");
         return 0x20;
     }
-    uint8_t *buf = buffers[0];
+    uint8_t *buf = BUFFER(0);
     uint32_t ulen;
 
     /* The host's sectors, in one request of 1 KiB segments. */
@@ -311,7 +318,7 @@ static int self_check(uint64_t capacity)
     /* Read them back: one sector per request, then all in one. */
     int back = 1;
     for (uint64_t s = 0; s < wn; s++) {
-        uint8_t *one = buffers[1];
+        uint8_t *one = BUFFER(1);
         for (unsigned i = 0; i < SECTOR; i++)
             one[i] = 0;
         st = do_request(T_IN, ws + s, one, SECTOR, SECTOR, 0);
@@ -326,7 +333,7 @@ static int self_check(uint64_t capacity)
             back = 0;
     }
     check(back, "read back sector by sector");
-    uint8_t *all = buffers[2];
+    uint8_t *all = BUFFER(2);
     st = do_request(T_IN, ws, all, (uint32_t)(wn * SECTOR), 4096, 0);
     check(st == BLK_S_OK && memcmp(all, buf, wn * SECTOR) == 0, "read back in one request");
 
@@ -337,7 +344,7 @@ static int self_check(uint64_t capacity)
     check(st == BLK_S_OK && id[0], "get id");
 
     /* Past the end: the device must answer IOERR, not crash or read garbage. */
-    st = do_request(T_IN, capacity, buffers[1], SECTOR, SECTOR, 0);
+    st = do_request(T_IN, capacity, BUFFER(1), SECTOR, SECTOR, 0);
     fw_printf("virtio_blk: read at sector %lu (capacity): status %u\n", capacity, st);
     check(st == BLK_S_IOERR, "read past the end fails with IOERR");
 
@@ -348,15 +355,20 @@ static int self_check(uint64_t capacity)
 static int bench(uint64_t capacity)
 {
     uint64_t total = fw_arg(2, 1 << 20), req = fw_arg(3, 128 << 10), seg = fw_arg(4, 64 << 10);
-    uint64_t depth = fw_arg(5, 4), port = fw_arg(6, 0);
+    uint64_t depth = fw_arg(5, 4), port = fw_arg(6, 0), write = fw_arg(7, 0);
     if (req == 0 || req > MAX_REQUEST || req % SECTOR || seg == 0 || seg % SECTOR
         || (req + seg - 1) / seg + 2 > DESCS_PER_REQ || depth == 0 || depth > MAX_INFLIGHT
-        || capacity < req / SECTOR) {
+        || depth * req > POOL || capacity < req / SECTOR || write > 1) {
         fw_printf("virtio_blk: FAIL bad benchmark parameters\n");
         return 0x30;
     }
     uint64_t sectors_per_req = req / SECTOR, sector = 0, done = 0, requests = 0, sum = 0;
+    uint32_t type = write ? T_OUT : T_IN;
     int errors = 0;
+    if (write) /* what the first pass writes: the host checks it (tests/test_firmware_devices.py) */
+        for (uint64_t k = 0; k < depth; k++)
+            for (uint64_t i = 0; i < req; i++)
+                pool[k * req + i] = pattern_guest(k * sectors_per_req + i / SECTOR, i % SECTOR);
     if (port)
         outb((uint16_t)port, 1);
     uint64_t t0 = rdtsc();
@@ -365,7 +377,7 @@ static int bench(uint64_t capacity)
         for (; n < depth && done + (uint64_t)n * req < total; n++) {
             if (sector + sectors_per_req > capacity)
                 sector = 0;
-            queue_request(n, T_IN, sector, buffers[n], (uint32_t)req, (uint32_t)seg);
+            queue_request(n, type, sector, pool + n * req, (uint32_t)req, (uint32_t)seg);
             sector += sectors_per_req;
         }
         notify();
@@ -374,11 +386,13 @@ static int bench(uint64_t capacity)
             if (statuses[k] != BLK_S_OK)
                 errors++;
             for (uint64_t off = 0; off < req; off += 4096)
-                sum += buffers[k][off];
+                sum += pool[k * req + off];
         }
         done += (uint64_t)n * req;
         requests += n;
     }
+    if (write && do_request(T_FLUSH, 0, 0, 0, SECTOR, 0) != BLK_S_OK)
+        errors++;
     uint64_t cycles = rdtsc() - t0;
     if (port)
         outb((uint16_t)port, 2);

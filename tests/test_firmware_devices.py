@@ -182,6 +182,37 @@ def test_virtio_blk_benchmark_mode_reads_the_whole_range(tmp_path):
     assert checksum == sum(data[off] for off in range(0, size, 4096))
 
 
+@needs_kvm
+def test_virtio_blk_benchmark_write_mode_lands_and_flushes(tmp_path):
+    """Mode 1 with arg[7] = 1 (the write row's guest half): every write and the closing FLUSH
+    succeed, and the file holds the guest's pattern where the first pass wrote."""
+    img = tmp_path / "disk.img"
+    size, req, depth = 1 << 20, 4096, 32
+    img.write_bytes(bytes(size))
+    from pykvm.host.disk import DiskImage
+    from pykvm.testing.firmware import run_firmware
+    from pykvm.virtio import VirtioBlk, attach_mmio
+
+    seen = {}
+    with DiskImage(img) as disk:
+        def setup(m):
+            seen["dev"] = VirtioBlk(disk)
+            attach_mmio(m, seen["dev"], 0)
+        r = run_firmware("virtio_blk",
+                         args=[1, layout.VIRTIO_MMIO_BASE, size, req, req, depth, 0, 1],
+                         setup=setup, irqchip="kernel", timeout=60)
+    assert r.status == 0, r.text
+    m = re.search(r"bench bytes=(\d+) cycles=(\d+) requests=(\d+) notifies=(\d+) errors=(\d+)",
+                  r.text)
+    assert m, r.text
+    nbytes, _, requests, notifies, errors = map(int, m.groups())
+    assert (nbytes, requests, notifies, errors) == (size, 256, 8 + 1, 0)
+    data = img.read_bytes()
+    first = depth * req // SECTOR
+    assert sectors(data, 0, first) == b"".join(pattern_guest(s) for s in range(first))
+    assert not seen["dev"].errors
+
+
 # ---------------------------------------------------------------- ATA PIO on the PIIX IDE controller
 
 def run_ata(path, args, *, snapshot=False, model="PYKVM FW DISK", timeout=60):

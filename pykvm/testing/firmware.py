@@ -319,7 +319,8 @@ def prepare(machine, elf: str | os.PathLike, *, cpl: int = 3, args: Iterable[int
 def run_firmware(name: str, *, cpl: int = 3, args: Iterable[int] = (), timeout: float = 30,
                  memory: int = 16 << 20, setup: Callable | None = None,
                  echo: Callable[[bytes], None] | None = None,
-                 complete_pvm_gaps: bool = False, irqchip: str = "none") -> FirmwareResult:
+                 complete_pvm_gaps: bool = False, irqchip: str = "none",
+                 fast_path: bool = False) -> FirmwareResult:
     """Build `name`, boot it on a fresh Machine, run it to its exit, and report.
 
     setup(machine) is called before the first instruction, to add devices (e.g. a counter on the
@@ -329,7 +330,8 @@ def run_firmware(name: str, *, cpl: int = 3, args: Iterable[int] = (), timeout: 
     host as it is (the runtime itself avoids them). irqchip: the Machine's interrupt controller,
     "none" (the default: firmware that needs none), "user" (pykvm's Python 8259 pair and 8254,
     injected with KVM_INTERRUPT: firmware/timer.c) or "kernel" (needed by devices that drive an
-    interrupt line, e.g. a virtio-mmio device from attach_mmio, even when the guest polls)."""
+    interrupt line, e.g. a virtio-mmio device from attach_mmio, even when the guest polls).
+    fast_path: the Machine's C run loop (pykvm.fastpath), as LinuxVM's machines have it."""
     from ..devices.debugcon import DebugCon, ExitPort
     from ..stop import Stop, StopReason
     from ..x86 import layout
@@ -342,7 +344,7 @@ def run_firmware(name: str, *, cpl: int = 3, args: Iterable[int] = (), timeout: 
         if echo is not None:
             echo(data)
 
-    with firmware_machine(memory, irqchip=irqchip) as m:
+    with firmware_machine(memory, irqchip=irqchip, fast_path=fast_path) as m:
         m.add_pio(layout.PORT_DEBUG, 1, DebugCon(out), "debugcon")
         m.add_pio(layout.PORT_EXIT, 4, ExitPort(lambda s: m.request_stop(Stop(StopReason.EXIT, s))),
                   "exit")
