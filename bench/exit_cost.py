@@ -6,7 +6,7 @@ The same guest loop - `out` to a port, N times - runs under four VMMs, in one ru
 
   (a) pykvm, Python path: Machine.run() -> Vcpu.run() -> typed IoOut -> handle_exit -> Bus ->
       a device model (DebugCon for the real-mode loop, PostCode for exit_storm);
-  (b) pykvm with the exit handled in C (`Machine(fast_path=True)`, pykvm/fastpath.py: the C run
+  (b) pykvm with the exit handled in C (`Machine(fast_path=True)`, pykvm/kvm/fastpath.py: the C run
       loop answers POST and debug-console writes itself); where that option does not exist
       the rows say "n/a (not built yet)";
   (a1), (a2) rungs below (a): a Python loop that only calls KVM_RUN through the binding, and
@@ -164,7 +164,7 @@ class _Clocked:
 
 
 def fast_path_available() -> bool:
-    """Whether pykvm can handle exits in C yet (Machine(fast_path=True), pykvm/fastpath.py)."""
+    """Whether pykvm can handle exits in C yet (Machine(fast_path=True), pykvm/kvm/fastpath.py)."""
     from pykvm.machine import Machine
     return "fast_path" in inspect.signature(Machine.__init__).parameters
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .bus import Bus
-from .fastpath import FastPath
+from .kvm.fastpath import FastPath
 from .irq import IrqfdLine, IrqLine, KvmIrqLine
 from .kvm import KICK_SIGNAL, Kvm, exits as E
 from .memory import GuestMemory, MmapBackend, Region
@@ -89,7 +89,7 @@ class Machine:
         self.on_stop: list[Callable[[Stop], None]] = []
         # Called with every exit before it is dispatched (pykvm.trace.ExitTracer, --trace).
         self.trace: Callable[[E.Exit], None] | None = None
-        # The C run loop (pykvm.fastpath): devices bind to it as they are added (pykvm.pc).
+        # The C run loop (pykvm.kvm.fastpath): devices bind to it as they are added (pykvm.pc).
         self.fast = FastPath() if fast_path else None
         self._stop: Stop | None = None
         self._thread: threading.Thread | None = None

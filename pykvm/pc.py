@@ -70,7 +70,7 @@ def add_pc_devices(machine: Machine, console: ConsoleLog,
         Stop(StopReason.EXIT, status, f"the guest wrote {status} to the exit port")))
     machine.add_pio(layout.PORT_EXIT, 1, exit_port, "exit port")
     if machine.fast is not None:
-        # The C loop answers these ports itself while the models' state allows (pykvm.fastpath).
+        # The C loop answers these ports itself while the models' state allows (pykvm.kvm.fastpath).
         # The UART's lock is not needed there: C only reads the registers, and a byte fed by the
         # terminal meanwhile changes LSR.DR atomically.
         machine.fast.bind_uart(layout.PORT_COM1, serial)

@@ -51,7 +51,7 @@ class DebugCon:
 class PostCode(SharesRegisters):
     """Port 0x80. `code` is the last POST code written (0 before any); `writes` counts writes.
 
-    Both may live in the C fast path's struct (pykvm/fastpath.py), which then answers the port."""
+    Both may live in the C fast path's struct (pykvm/kvm/fastpath.py), which then answers the port."""
 
     SHARED = (("code", "post_last"), ("writes", "post_writes"))
 

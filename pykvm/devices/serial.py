@@ -46,7 +46,7 @@ Interrupts follow kvmtool's serial8250_update_irq: after every access the line l
 register state ("is any enabled condition pending?"), and IrqLine forwards only changes.
 
 The hot path (THR write, LSR read while interrupts are off) can be answered by pykvm's C run loop
-(csrc/fastpath.h, pykvm/fastpath.py). The four registers it needs - `ier`, `lcr`, `mcr`, `lsr` - are
+(csrc/fastpath.h, pykvm/kvm/fastpath.py). The four registers it needs - `ier`, `lcr`, `mcr`, `lsr` - are
 shared registers: with the fast path on they live in the C loop's struct, so the model below is still
 the only owner of the UART's state.
 """

@@ -146,7 +146,7 @@ class Vcpu:
 
     def run_fast(self, fast) -> E.Exit:
         """Like run(), but the C loop in csrc/fastpath.h answers the hot port-I/O exits it can
-        (see pykvm.fastpath.FastPath) and only the others come back as typed exits."""
+        (see pykvm.kvm.fastpath.FastPath) and only the others come back as typed exits."""
         if fast is not self._fast:
             self._c.fast = fast.regs
             self._fast = fast

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .kvm._lib import ffi
+from ._lib import ffi
 
 
 class FastPath:
