@@ -19,18 +19,21 @@ from __future__ import annotations
 from typing import Callable
 
 from pykvm.devices.shared import SharesRegisters
+from pykvm.devices.state import Stateful
 
 DEBUGCON_READBACK = 0xE9
 _BYTE = [bytes((b,)) for b in range(256)]
 
 
-class DebugCon:
+class DebugCon(Stateful):
     """Port 0xe9. Bytes written go to `out(bytes)`; `bytes_out` counts them.
 
     A wide write (`outw`, `outl`) sends all its bytes in order, low byte first, as QEMU's
     isa-debugcon does (strictly the bytes above the first belong to ports 0xea..., which nothing
     decodes; printing them is the more useful reading).
     """
+
+    STATE = ("bytes_out",)
 
     def __init__(self, out: Callable[[bytes], None]):
         self.out = out
@@ -48,12 +51,13 @@ class DebugCon:
         self.bytes_out += size
 
 
-class PostCode(SharesRegisters):
+class PostCode(SharesRegisters, Stateful):
     """Port 0x80. `code` is the last POST code written (0 before any); `writes` counts writes.
 
     Both may live in the C fast path's struct (pykvm/kvm/fastpath.py), which then answers the port."""
 
     SHARED = (("code", "post_last"), ("writes", "post_writes"))
+    STATE = ("code", "writes")
 
     def __init__(self) -> None:
         self.code = 0
@@ -67,11 +71,13 @@ class PostCode(SharesRegisters):
         self.writes += 1
 
 
-class ExitPort:
+class ExitPort(Stateful):
     """Port 0xf4. `exit_status` is None until the guest writes; then the value written (any width).
 
     `on_exit(status)` is called on every write; `writes` counts them.
     """
+
+    STATE = ("exit_status", "writes")
 
     def __init__(self, on_exit: Callable[[int], None] | None = None):
         self.on_exit = on_exit

@@ -54,6 +54,7 @@ from typing import Callable
 
 from pykvm.irq import IrqLine
 from pykvm.devices.isa import ByteRegisters
+from pykvm.devices.state import Stateful
 
 DATA = 0      # port 0x60
 COMMAND = 4   # port 0x64 (status on read)
@@ -105,7 +106,7 @@ _TAKES_PARAMETER = {CMD_WRITE_OUTPUT, CMD_WRITE_KBD_OBUF, CMD_WRITE_AUX_OBUF, CM
 OUTPUT_QUEUE_MAX = 16
 
 
-class I8042(ByteRegisters):
+class I8042(ByteRegisters, Stateful):
     """An 8042 keyboard controller with nothing plugged in.
 
     `reset()` is called when the guest pulses the CPU reset line (command 0xfe, any 0xf0-0xfe pulse with
@@ -113,6 +114,9 @@ class I8042(ByteRegisters):
     `ram` (the 32 bytes of controller RAM, `ram[0]` is `ctr`), `output_port`, `resets`,
     `unknown_commands`, `stray_accesses`, `dropped` (responses lost to a full output queue).
     """
+
+    STATE = ("ram", "output_port", "_obuf", "_last_read", "_pending", "_last_was_command",
+             "resets", "unknown_commands", "stray_accesses", "dropped")
 
     def __init__(self, reset: Callable[[], None], kbd_irq: IrqLine | None = None,
                  aux_irq: IrqLine | None = None):
@@ -243,6 +247,9 @@ class I8042(ByteRegisters):
             self.dropped += 1
             return
         self._obuf.append((byte & 0xFF, aux))
+
+    def after_restore(self) -> None:
+        self._update_irq()       # the lines are optional objects, so their level is recomputed
 
     def _update_irq(self) -> None:
         # The 8042 raises IRQ 1 (or 12) while its output buffer is full and the command byte enables it.

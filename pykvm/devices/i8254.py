@@ -57,6 +57,7 @@ from typing import Callable
 
 from pykvm.irq import IrqLine, NullIrqLine
 from pykvm.devices.isa import ByteRegisters
+from pykvm.devices.state import Stateful
 
 PIT_HZ = 1_193_182
 PORT_SYSTEM_CONTROL_B = 0x61
@@ -79,7 +80,12 @@ def _to_bcd(value: int) -> int:
     return sum(((value // 10 ** i) % 10) << (4 * i) for i in range(4))
 
 
-class _Channel:
+class _Channel(Stateful):
+    # `start` is a time on the PIT's clock: I8254Pit saves it relative to the moment of saving.
+    STATE = ("mode", "access", "bcd", "count", "gate", "start", "frozen", "n", "armed", "idle_out",
+             "idle_value", "null_count", "latch", "status", "read_msb", "write_msb", "write_lsb",
+             "edges")
+
     def __init__(self, index: int):
         self.index = index
         self.mode = 0
@@ -294,7 +300,7 @@ class _Channel:
         return v >> 8 if not self.read_msb else v & 0xFF
 
 
-class I8254Pit(ByteRegisters):
+class I8254Pit(ByteRegisters, Stateful):
     """The PIT: a bus device for ports 0x40-0x43 (offsets 0-3); `irq0` is driven by channel 0's OUT.
 
     Host side: `poll(now)` brings IRQ 0 up to date; `next_irq_deadline()` is the clock time of the
@@ -302,6 +308,25 @@ class I8254Pit(ByteRegisters):
     `output(channel)` for the port 0x61 wiring. `clock` (default time.monotonic) is the time base of
     all of them. Used from the vCPU thread only: no lock.
     """
+
+    STATE = ("channels", "irq_edges", "bad_accesses", "irq0")
+
+    def save_state(self) -> dict:
+        # Counting times are kept relative to now: a restored PIT (a new process, another
+        # monotonic clock) goes on counting from where it was, as if no time passed meanwhile.
+        now = self.clock()
+        state = super().save_state()
+        for ch in state["channels"]:
+            if ch["start"] is not None:
+                ch["start"] -= now
+        return state
+
+    def restore_state(self, state: dict) -> None:
+        super().restore_state(state)
+        now = self.clock()
+        for ch in self.channels:
+            if ch.start is not None:
+                ch.start += now
 
     def __init__(self, irq0: IrqLine | None = None, clock: Callable[[], float] = time.monotonic):
         self.irq0 = irq0 if irq0 is not None else NullIrqLine()
@@ -380,7 +405,7 @@ class I8254Pit(ByteRegisters):
         return ch.edge_time(ch.edges + 1)
 
 
-class SystemControlPortB:
+class SystemControlPortB(Stateful):
     """Port 0x61 (PIIX4 "NMI Status and Control", the AT's port B): one byte at offset 0.
 
         bit 0  timer 2 gate (rw)           bit 4  refresh cycle toggle (ro)
@@ -390,6 +415,8 @@ class SystemControlPortB:
 
     The refresh toggle flips every 15 us on a PC (channel 1 in mode 2 with N=18); some old delay
     loops watch it, so it is derived from the clock the same way."""
+
+    STATE = ("value",)
 
     def __init__(self, pit: I8254Pit):
         self.pit = pit

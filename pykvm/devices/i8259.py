@@ -54,6 +54,7 @@ import threading
 from typing import Callable
 
 from pykvm.irq import IrqLine
+from pykvm.devices.state import Stateful
 
 # ICW1 [DS Figure 7 "Initialization Command Word Format"]
 ICW1_IC4 = 0x01      # ICW4 will be written
@@ -86,8 +87,11 @@ CASCADE_IRQ = 2
 ELCR_MASK = (0xF8, 0xDE)
 
 
-class _Chip:
+class _Chip(Stateful):
     """One 8259A. Bit n of each register is IR input n."""
+
+    STATE = ("elcr", "pins", "irr", "isr", "imr", "vector_base", "icw_step", "icw1", "icw3", "icw4",
+             "lowest_priority", "read_isr", "poll", "special_mask", "rotate_on_aeoi", "unsupported")
 
     def __init__(self, elcr_mask: int):
         self.elcr_mask = elcr_mask
@@ -278,7 +282,7 @@ class _PicPin(IrqLine):
         self._pic._set_irq(self.irq, level)
 
 
-class I8259Pair:
+class I8259Pair(Stateful):
     """Master + slave 8259A as wired on the PC/AT, plus the PIIX ELCR.
 
     Bus devices: `master` (2 ports at 0x20), `slave` (2 ports at 0xa0), `elcr_device` (2 ports at
@@ -288,6 +292,9 @@ class I8259Pair:
     `on_intr_change(level)` (settable attribute) is called whenever INTR changes.
     Device side: `pin(n)` is the IrqLine for IRQ n (0-15).
     """
+
+    # The pins' levels are the chips' `pins`; `intr` is the INTR output as last computed.
+    STATE = ("chips", "intr", "spurious", "acknowledged", "ignored_irq2", "_pins")
 
     def __init__(self, on_intr_change: Callable[[bool], None] | None = None):
         self.chips = (_Chip(ELCR_MASK[0]), _Chip(ELCR_MASK[1]))

@@ -50,6 +50,7 @@ from typing import Callable
 
 from pykvm.x86.layout import KiB, MiB, ram_regions
 from pykvm.devices.isa import ByteRegisters
+from pykvm.devices.state import Stateful
 
 INDEX = 0   # port 0x70
 DATA = 1    # port 0x71
@@ -118,13 +119,17 @@ def _valid(f: dict[str, int]) -> bool:
             and 0 <= f["hour"] < 24 and 0 <= f["min"] < 60 and 0 <= f["sec"] < 60)
 
 
-class CmosRtc(ByteRegisters):
+class CmosRtc(ByteRegisters, Stateful):
     """MC146818 RTC + CMOS RAM. `clock()` returns POSIX seconds (default `time.time`).
 
     Public attributes: `cmos` (the 128 bytes; time registers in it are not used, time is computed on
     read), `index` (last index written, without the NMI bit), `nmi_disabled`, `offset` (guest time minus
     host time, seconds), `bad_time_writes`.
     """
+
+    # `offset` is guest time minus host wall time: a restored RTC goes on from the host's clock,
+    # as a PC's battery-backed clock does after the machine was switched off.
+    STATE = ("cmos", "index", "nmi_disabled", "offset", "_frozen", "bad_time_writes")
 
     def __init__(self, memory_size: int, clock: Callable[[], float] = time.time):
         self.clock = clock

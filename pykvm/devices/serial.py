@@ -57,6 +57,7 @@ from collections import deque
 from typing import Callable
 
 from pykvm.devices.shared import SharesRegisters
+from pykvm.devices.state import Stateful
 from pykvm.irq import IrqLine
 from pykvm.devices.isa import ByteRegisters
 
@@ -150,7 +151,7 @@ def _loopback_lines(mcr: int) -> int:
     return lines
 
 
-class Serial16550(ByteRegisters, SharesRegisters):
+class Serial16550(ByteRegisters, SharesRegisters, Stateful):
     """A 16550A UART. `out(bytes)` receives what the guest transmits; `feed(bytes)` is what it receives.
 
     Public state (plain attributes, see the module docstring): the registers, `rx` (the receive FIFO,
@@ -162,6 +163,10 @@ class Serial16550(ByteRegisters, SharesRegisters):
 
     # Registers the C fast path reads (pykvm/devices/shared.py).
     SHARED = (("ier", "ier"), ("lcr", "lcr"), ("mcr", "mcr"), ("lsr", "lsr"))
+    # What a snapshot keeps (pykvm/devices/state.py).
+    STATE = ("ier", "lcr", "mcr", "lsr", "modem_lines", "msr", "scr", "dll", "dlm", "fcr",
+             "thr_ipending", "rbr", "rx", "backlog", "bytes_out", "bytes_in", "overruns",
+             "rx_dropped", "bad_accesses", "irq")
 
     def __init__(self, irq: IrqLine, out: Callable[[bytes], None],
                  rx_backlog: int = DEFAULT_RX_BACKLOG):

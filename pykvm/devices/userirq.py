@@ -58,6 +58,7 @@ from typing import Callable, NamedTuple
 from pykvm.devices.i8254 import PORT_SYSTEM_CONTROL_B, I8254Pit, SystemControlPortB
 from pykvm.devices.i8259 import I8259Pair
 from pykvm.irq import IrqLine
+from pykvm.devices.state import Stateful
 
 PORT_PIT = 0x40
 
@@ -113,7 +114,7 @@ class _DeadlineTimer:
             self._thread.join(1.0)
 
 
-class UserIrqChip:
+class UserIrqChip(Stateful):
     """PIC pair + PIT + port 0x61, and the injection decisions for a KVM vCPU without an irqchip.
 
     `pic`, `pit`, `port61`: the device models. `irq_line(n)`: the IrqLine for ISA IRQ n (what
@@ -121,6 +122,8 @@ class UserIrqChip:
     0x4d0-0x4d1, 0x40-0x43 and 0x61. `before_run`, `wait_for_interrupt`, `wake`: see the module
     docstring. `close()` stops the deadline timer thread.
     """
+
+    STATE = ("pic", "pit", "port61", "injected", "windows_requested")
 
     def __init__(self, kick: Callable[[], None] | None = None,
                  clock: Callable[[], float] = time.monotonic):

@@ -113,6 +113,7 @@ class VirtioBlk(VirtioDevice):
 
     device_id = VIRTIO_ID_BLOCK
     name = "virtio-blk"
+    STATE = VirtioDevice.STATE + ("requests",)
 
     def __init__(self, disk: BlockBackend, *, serial: str | bytes | None = None,
                  readonly: bool | None = None, queue_size: int = QUEUE_SIZE,

@@ -36,6 +36,7 @@ MAX_TX_CHAIN = 1 << 20
 class VirtioConsole(VirtioDevice):
     device_id = VIRTIO_ID_CONSOLE
     name = "virtio-console"
+    STATE = VirtioDevice.STATE + ("_pending", "_pending_len", "dropped_input")
 
     def __init__(self, output: Callable[[bytes], None], max_pending: int = 1 << 20):
         super().__init__([QUEUE_SIZE, QUEUE_SIZE], VIRTIO_CONSOLE_F_EMERG_WRITE)

@@ -31,6 +31,7 @@ import logging
 import threading
 from typing import Callable, Sequence
 
+from pykvm.devices.state import Stateful
 from pykvm.memory import GuestMemory
 
 from .queue import DescChain, VirtQueue
@@ -63,13 +64,15 @@ VIRTIO_INT_VRING = 1
 VIRTIO_INT_CONFIG = 2
 
 
-class VirtioDevice:
+class VirtioDevice(Stateful):
     """Base class of the device models. Subclasses set `device_id`, pass their queue sizes and
     feature bits, and override `config_bytes`, `process_queue` and, where needed, `on_activate`,
     `on_reset`, `write_config_bytes`, `accept_features`."""
 
     device_id = 0
     name = "virtio"
+    # Negotiated features and the queues; subclasses add their own (STATE + (...)).
+    STATE = ("driver_features", "active", "config_generation", "queues")
 
     def __init__(self, queue_sizes: Sequence[int], features: int = 0):
         self.queues = [VirtQueue(n) for n in queue_sizes]
@@ -200,7 +203,7 @@ class VirtioDevice:
         return sum(q.errors for q in self.queues)
 
 
-class VirtioTransport:
+class VirtioTransport(Stateful):
     """What every transport shares, whatever its registers look like: the device status state
     machine (2.1, 3.1.1), feature negotiation (2.2), the selected queue's set-up and the interrupt
     status bits. virtio-mmio (mmio.py) and virtio-pci (pci.py) map their registers onto these.
@@ -214,6 +217,9 @@ class VirtioTransport:
     """
 
     transport_name = "virtio"
+    # A transport's state includes its device's (restored together, under one snapshot entry).
+    STATE = ("status", "interrupt_status", "device_features_sel", "driver_features_sel",
+             "queue_sel", "_driver_features", "device")
 
     def _init_transport(self, device: VirtioDevice, mem: GuestMemory) -> None:
         self.device = device

@@ -85,6 +85,7 @@ class VirtioMmio(VirtioTransport):
     negotiation are `VirtioTransport`'s (device.py), shared with virtio-pci."""
 
     transport_name = "virtio-mmio"
+    STATE = VirtioTransport.STATE + ("shm_sel", "irq")
 
     def __init__(self, device: VirtioDevice, mem: GuestMemory, irq: IrqLine):
         self.irq = irq

@@ -82,6 +82,9 @@ def random_mac() -> bytes:
 class VirtioNet(VirtioDevice):
     device_id = VIRTIO_ID_NET
     name = "virtio-net"
+    # The MAC is the guest's identity: a clone is given a new one after restore (pykvm/snapshot).
+    STATE = VirtioDevice.STATE + ("mac", "link_up", "_rx_frame", "rx_frames", "tx_frames",
+                                  "rx_dropped")
 
     def __init__(self, backend: NetBackend, mac: str | bytes | None = None,
                  queue_size: int = QUEUE_SIZE):

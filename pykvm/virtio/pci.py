@@ -148,6 +148,7 @@ class VirtioPci(PciDevice, VirtioTransport):
     point at them. INTx follows the ISR. Add it to a `PciBus` (or use `attach_pci`)."""
 
     transport_name = "virtio-pci"
+    STATE = PciDevice.STATE + VirtioTransport.STATE
 
     def __init__(self, device: VirtioDevice, mem: GuestMemory):
         dev_id = device.device_id

@@ -34,6 +34,7 @@ import logging
 import struct
 from dataclasses import dataclass, field
 
+from pykvm.devices.state import Stateful
 from pykvm.memory import GuestMemory, GuestMemoryError
 
 log = logging.getLogger("pykvm.virtio")
@@ -172,13 +173,17 @@ class DescChain:
         return all(self.queue.mem.contains(a, n) for a, n in self.readable if n)
 
 
-class VirtQueue:
+class VirtQueue(Stateful):
     """The device's view of one split virtqueue.
 
     The transport writes `size`, `desc_addr`, `avail_addr`, `used_addr` and `ready` from the
     driver's register writes, checking them with `check()` before setting `ready`. The device
     model calls `pop()` for each new chain and `add_used()` when done, then asks `needs_interrupt()`.
     `mem` is given by the device when the transport connects it."""
+
+    # The rings live in guest RAM (saved with it); the device side is these indices and addresses.
+    STATE = ("size", "ready", "desc_addr", "avail_addr", "used_addr", "last_avail", "next_used",
+             "broken", "indirect", "errors")
 
     def __init__(self, max_size: int):
         if not 0 < max_size <= MAX_QUEUE_SIZE or max_size & (max_size - 1):

@@ -24,6 +24,7 @@ QUEUE_SIZE = 64
 class VirtioRng(VirtioDevice):
     device_id = VIRTIO_ID_RNG
     name = "virtio-rng"
+    STATE = VirtioDevice.STATE + ("bytes_given",)
 
     def __init__(self, source: Callable[[int], bytes] = os.urandom, max_request: int = 64 * 1024):
         super().__init__([QUEUE_SIZE])

@@ -38,6 +38,7 @@ Shortcuts, admitted:
 from __future__ import annotations
 
 from pykvm.devices.ide.disk import SECTOR, BlockBackend, DiskError
+from pykvm.devices.state import Stateful
 
 # Status register.
 BSY = 0x80
@@ -99,9 +100,14 @@ def _ata_string(text: str, length: int) -> bytes:
     return bytes(out)
 
 
-class AtaDrive:
+class AtaDrive(Stateful):
     """An ATA disk on a backend (pykvm.devices.ide.disk). The channel (controller.py) routes
     register accesses here; `irq_pending` is this drive's INTRQ request."""
+
+    # The disk's contents are not device state: the VMM reattaches the same image.
+    STATE = ("multiple", "write_cache", "read_ahead", "host_errors", "commands", "aborted",
+             "irq_pending", "buf", "pos", "_xfer", "_ext", "hob", "regs", "device", "error",
+             "status")
 
     def __init__(self, backend: BlockBackend, serial: str = "PYKVM0000000001",
                  model: str = "PYKVM HARDDISK", firmware: str = "1.0"):

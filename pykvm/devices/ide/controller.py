@@ -39,6 +39,7 @@ from __future__ import annotations
 from pykvm.devices.ide.ata import BSY, DEV_SLAVE, AtaDrive
 from pykvm.devices.pci.device import PciDevice
 from pykvm.irq import IrqLine
+from pykvm.devices.state import Stateful
 
 CTL_NIEN = 0x02
 CTL_SRST = 0x04
@@ -49,9 +50,16 @@ PRIMARY = (0x1F0, 0x3F6)
 SECONDARY = (0x170, 0x376)
 
 
-class IdeChannel:
+class IdeChannel(Stateful):
     """One ATA channel: bus device for the 8 command-block ports (offsets 0-7); `control` is the bus
     device for the control block port (offset 0). `drives` = [master, slave], None where absent."""
+
+    STATE = ("selected", "devctl", "bad_accesses", "irq", "_present")
+
+    @property
+    def _present(self) -> tuple:
+        """The drives attached (a restored channel has the same ones, rebuilt by the VMM)."""
+        return tuple(d for d in self.drives if d is not None)
 
     def __init__(self, irq: IrqLine, master: AtaDrive | None = None,
                  slave: AtaDrive | None = None):
@@ -177,6 +185,8 @@ class _ControlPort:
 class PiixIde(PciDevice):
     """The PIIX3 IDE function with its two channels. `register_on(pio)` claims the legacy ports;
     add it to a PciBus (any slot) so Linux's ata_piix binds to it."""
+
+    STATE = PciDevice.STATE + ("primary", "secondary")
 
     def __init__(self, primary: IdeChannel, secondary: IdeChannel):
         super().__init__(0x8086, 0x7010, 0x010180)

@@ -44,6 +44,7 @@ from pykvm.bus import BusOverlapError
 from pykvm.devices.pci.device import HEADER_MULTIFUNCTION, HEADER_TYPE, INTERRUPT_LINE, \
     COMMAND, COMMAND_IO, COMMAND_MEMORY, PciDevice
 from pykvm.irq import IrqLine
+from pykvm.devices.state import Stateful
 from pykvm.x86 import layout
 
 PORT_CONFIG_ADDRESS = 0xCF8
@@ -77,8 +78,10 @@ class _BarWindow:
         self.device.bar_write(self.index, offset, size, value)
 
 
-class ConfigMechanism1:
+class ConfigMechanism1(Stateful):
     """Bus device for ports 0xcf8-0xcff (offsets 0-7)."""
+
+    STATE = ("address",)
 
     def __init__(self, pci: "PciBus"):
         self.pci = pci
@@ -136,7 +139,7 @@ class ConfigMechanism1:
             dev.config_write(reg, size, value)
 
 
-class PciBus:
+class PciBus(Stateful):
     """PCI bus 0: slots 0-31 x functions 0-7, a host bridge in slot 0.
 
     `config_port` is the bus device to register at 0xcf8 (8 ports): `register_on(pio_bus)` does it.
@@ -146,6 +149,14 @@ class PciBus:
     decoding; with `mmio` / `pio` buses given, BAR windows are (un)registered on them as well.
     `on_reset()` is called for a CPU reset through port 0xcf9.
     """
+
+    # Every function's state is saved with the bus, in slot order (the VMM that restores builds
+    # the same bus, with the same functions in the same slots).
+    STATE = ("reset_control", "bar_conflicts", "config_port", "_plugged")
+
+    @property
+    def _plugged(self) -> tuple:
+        return tuple(self.devices())
 
     def __init__(self, *, mmio=None, pio=None, on_bar_change: BarChange | None = None,
                  on_reset: Callable[[], None] | None = None,

@@ -40,6 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pykvm.irq import IrqLine, NullIrqLine
+from pykvm.devices.state import Stateful
 
 VENDOR_ID = 0x00
 DEVICE_ID = 0x02
@@ -99,13 +100,17 @@ class Bar:
         return self.kind == "io"
 
 
-class PciDevice:
+class PciDevice(Stateful):
     """One PCI function (type 00h header). See the module docstring for the register model.
 
     Constructor: IDs and class code (24 bits: base class << 16 | subclass << 8 | prog-if),
     `interrupt_pin` (0 none, 1-4 INTA#-INTD#). Then `add_bar(...)` and `add_capability(...)` before
     the device is added to a PciBus. Attributes the bus sets: `pci_bus`, `slot`, `function`, `irq`.
     """
+
+    # Configuration space holds all a function's programmable state (BARs, command, capabilities);
+    # the masks and BAR sizes are fixed at construction.
+    STATE = ("config", "_irq_level", "irq")
 
     def __init__(self, vendor_id: int, device_id: int, class_code: int, *, revision: int = 0,
                  subsystem_vendor_id: int = 0, subsystem_id: int = 0, interrupt_pin: int = 0):
@@ -230,6 +235,13 @@ class PciDevice:
                 if old != new:
                     self.pci_bus._bar_changed(self, i, old, new)
         self.config_written(offset, size)
+
+    def after_restore(self) -> None:
+        # The BARs may sit elsewhere than where the bus mapped them: map them where they are now.
+        if self.pci_bus is not None:
+            for i, bar in enumerate(self.bars):
+                if bar is not None:
+                    self.pci_bus._bar_changed(self, i, None, self.bar_address(i))
 
     def config_written(self, offset: int, size: int) -> None:
         """Hook: a config write at offset/size has landed."""
