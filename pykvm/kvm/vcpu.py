@@ -310,6 +310,60 @@ class Vcpu:
         ioctl(self.fd, lib.KVM_TRANSLATE, tr, "KVM_TRANSLATE")
         return tr.physical_address if tr.valid else None
 
+    # ---- the rest of the vCPU's state, for snapshots (pykvm/snapshot/) ----
+    def get_xcrs(self):
+        """KVM_GET_XCRS: the extended control registers (XCR0 says which XSAVE components are on)."""
+        xcrs = ffi.new("struct kvm_xcrs *")
+        ioctl(self.fd, lib.KVM_GET_XCRS, xcrs, "KVM_GET_XCRS")
+        return xcrs
+
+    def set_xcrs(self, xcrs) -> None:
+        ioctl(self.fd, lib.KVM_SET_XCRS, xcrs, "KVM_SET_XCRS")
+
+    def get_lapic(self):
+        """KVM_GET_LAPIC: the local APIC's 1 KiB register page, as the guest's MMIO sees it
+        (Intel SDM Vol. 3, 11.4.1; needs the in-kernel irqchip)."""
+        lapic = ffi.new("struct kvm_lapic_state *")
+        ioctl(self.fd, lib.KVM_GET_LAPIC, lapic, "KVM_GET_LAPIC")
+        return lapic
+
+    def set_lapic(self, lapic) -> None:
+        ioctl(self.fd, lib.KVM_SET_LAPIC, lapic, "KVM_SET_LAPIC")
+
+    def get_mp_state(self) -> int:
+        """KVM_GET_MP_STATE: runnable, halted, waiting for INIT/SIPI, ... (KVM_MP_STATE_*)."""
+        mp = ffi.new("struct kvm_mp_state *")
+        ioctl(self.fd, lib.KVM_GET_MP_STATE, mp, "KVM_GET_MP_STATE")
+        return mp.mp_state
+
+    def set_mp_state(self, state: int) -> None:
+        mp = ffi.new("struct kvm_mp_state *", {"mp_state": state})
+        ioctl(self.fd, lib.KVM_SET_MP_STATE, mp, "KVM_SET_MP_STATE")
+
+    def get_debugregs(self):
+        """KVM_GET_DEBUGREGS: DR0-3, DR6, DR7."""
+        dr = ffi.new("struct kvm_debugregs *")
+        ioctl(self.fd, lib.KVM_GET_DEBUGREGS, dr, "KVM_GET_DEBUGREGS")
+        return dr
+
+    def set_debugregs(self, dr) -> None:
+        ioctl(self.fd, lib.KVM_SET_DEBUGREGS, dr, "KVM_SET_DEBUGREGS")
+
+    def complete_io(self) -> None:
+        """Finish an exit's instruction without running on: after a port-I/O or MMIO exit, KVM
+        completes the instruction (stores an `in`'s data, advances RIP) only at the next KVM_RUN.
+        With `immediate_exit` set, that KVM_RUN does just this and returns EINTR at once
+        (Documentation/virt/kvm/api.rst, "immediate_exit"): the registers are then whole."""
+        self.kvm_run.immediate_exit = 1
+        try:
+            reason = _run(self._c)
+        finally:
+            self.kvm_run.immediate_exit = 0
+        if reason >= 0:        # an exit before entering the guest (nothing left to complete)
+            return
+        if reason not in (-EINTR, -EAGAIN):
+            raise KvmError(-reason, "KVM_RUN")
+
     def set_single_step(self, enable: bool) -> None:
         dbg = ffi.new("struct kvm_guest_debug *")
         if enable:

@@ -122,12 +122,26 @@ class Vm:
         ec = ffi.new("struct kvm_enable_cap *", {"cap": cap, "args": list(args) + [0] * (4 - len(args))})
         ioctl(self.fd, lib.KVM_ENABLE_CAP, ec, "KVM_ENABLE_CAP")
 
+    def get_pit2(self):
+        """KVM_GET_PIT2: the in-kernel i8254's three channels (counts, modes, latches, gates)."""
+        pit = ffi.new("struct kvm_pit_state2 *")
+        ioctl(self.fd, lib.KVM_GET_PIT2, pit, "KVM_GET_PIT2")
+        return pit
+
+    def set_pit2(self, pit) -> None:
+        ioctl(self.fd, lib.KVM_SET_PIT2, pit, "KVM_SET_PIT2")
+
     # ---- clock ----
     def get_clock(self) -> int:
         """The guest's kvmclock time base in nanoseconds."""
+        return self.get_clock_data().clock
+
+    def get_clock_data(self):
+        """KVM_GET_CLOCK as the struct: `clock` (ns) and `flags` (KVM_CLOCK_TSC_STABLE: the
+        guest's clock follows the host TSC on every vCPU alike)."""
         data = ffi.new("struct kvm_clock_data *")
         ioctl(self.fd, lib.KVM_GET_CLOCK, data, "KVM_GET_CLOCK")
-        return data.clock
+        return data
 
     def set_clock(self, ns: int) -> None:
         data = ffi.new("struct kvm_clock_data *", {"clock": ns})
