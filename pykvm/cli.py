@@ -10,6 +10,8 @@ Exit status of `pykvm boot` (also in the README):
     3    kernel panic
     4    timeout (--timeout passed without any of the above)
     130  interrupted (Ctrl-C, Ctrl-A x)
+    (v << 1) | 1  with --debug-exit: the guest wrote v to isa-debug-exit, as QEMU exits (the shell
+         sees it modulo 256; v = 0 gives 1, like a VMM error, again as in QEMU)
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ def cmd_boot(args) -> int:
         net_tap = name or "pykvm%d"
     _check_boot_args(args)
     memory = parse_size(args.memory)
+    test_devices = _test_devices(args)
     vm = LinuxVM(args.kernel, initrd=args.initrd, append=args.append or "", memory=memory,
                  decompress=not args.no_decompress, pvm_workarounds=not args.no_pvm_workarounds and None,
                  until=args.until, fast_path=not args.no_fast_path, disk=args.disk,
@@ -96,6 +99,8 @@ def cmd_boot(args) -> int:
                  console="hvc0" if args.hvc else "ttyS0", irqchip=args.irqchip,
                  disk_bus=args.disk_bus)
     with vm:
+        from .testdevs import add_test_devices
+        add_test_devices(vm.machine, **test_devices)
         profiler = None
         if args.profile:
             from .profile import GuestProfiler
@@ -143,7 +148,24 @@ def cmd_boot(args) -> int:
         if stop.reason is StopReason.ERROR and gap is not None:
             from . import pvm
             _say(pvm.describe_gap(vm.machine, gap))
+        if stop.reason == "debug-exit":
+            return stop.status & 0xFF
         return STOP_STATUS.get(stop.reason, EXIT_VMM_ERROR)
+
+
+def _test_devices(args) -> dict:
+    """--debug-exit, --fw-cfg, --testdev, checked before anything is built: the keyword arguments
+    of pykvm.testdevs.add_test_devices (fw_cfg and port 0x8900 are always added)."""
+    from .devices.debug_exit import parse_spec
+    from .testdevs import parse_fw_cfg
+    debug_exit = None
+    if args.debug_exit is not None:
+        try:
+            debug_exit = parse_spec(args.debug_exit)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    return dict(debug_exit=debug_exit, testdev=args.testdev,
+                fw_cfg_files=[parse_fw_cfg(spec) for spec in args.fw_cfg])
 
 
 def _terminal_sink(out, raw: bool):
@@ -210,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--profile", metavar="SYSTEM_MAP",
                       help="sample the guest's RIP every 10 ms and print the hottest kernel "
                            "functions at the end (- for raw addresses)")
+    boot.add_argument("--debug-exit", nargs="?", const="", metavar="PORT[,SIZE]",
+                      help="QEMU's isa-debug-exit (default 0xf4,4): a write of v ends pykvm "
+                           "with exit status (v << 1) | 1")
+    boot.add_argument("--fw-cfg", action="append", default=[], metavar="name=opt/X,file=PATH",
+                      help="a fw_cfg file item, as QEMU's -fw_cfg (or string=TEXT); repeatable")
+    boot.add_argument("--testdev", action="store_true",
+                      help="QEMU's pc-testdev: scratch ports 0xe0/0xe8, IRQ lines at 0x2000")
     boot.set_defaults(fn=cmd_boot)
     return p
 

@@ -23,6 +23,8 @@ class StopReason(enum.StrEnum):
     TIMEOUT = "timeout"          # the VMM's time limit passed
     INTERRUPTED = "interrupted"  # Ctrl-C, or stop() from the VMM
     ERROR = "error"              # the VMM could not go on
+    DEBUG_EXIT = "debug-exit"    # QEMU's isa-debug-exit: status is the process exit status,
+                                 # (value << 1) | 1 (pykvm/devices/debug_exit.py)
 
 
 @dataclass(frozen=True)

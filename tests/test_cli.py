@@ -130,3 +130,15 @@ def test_terminal_sink_adds_cr_in_raw_mode():
     out = io.BytesIO()
     _terminal_sink(out, raw=True)(b"a\nb\n")
     assert out.getvalue() == b"a\r\nb\r\n"
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--debug-exit", "0xf4,3"], "1, 2 or 4"),
+    (["--fw-cfg", "etc/x,string=1"], "opt/"),
+    (["--fw-cfg", "opt/x,file=/nonexistent/f"], "cannot read"),
+])
+def test_bad_test_device_options_are_one_line_errors(tmp_path, args, words):
+    k = tmp_path / "kernel"
+    k.write_bytes(b"\0" * 4096)
+    p = pykvm("boot", str(k), *args, "--console", "none")
+    assert p.returncode == 2 and words in one_line_error(p)
