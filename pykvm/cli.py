@@ -30,6 +30,9 @@ STOP_STATUS = {
     StopReason.PANIC: EXIT_PANIC, StopReason.TIMEOUT: EXIT_TIMEOUT,
     StopReason.INTERRUPTED: EXIT_INTERRUPTED,
     StopReason.SHUTDOWN: EXIT_VMM_ERROR, StopReason.ERROR: EXIT_VMM_ERROR,
+    # The guest chose the status: cmd_boot returns stop.status (QEMU's (v << 1) | 1) instead; this
+    # entry only stands where the status is lost (a stop without one).
+    StopReason.DEBUG_EXIT: EXIT_VMM_ERROR,
 }
 
 
@@ -148,7 +151,7 @@ def cmd_boot(args) -> int:
         if stop.reason is StopReason.ERROR and gap is not None:
             from . import pvm
             _say(pvm.describe_gap(vm.machine, gap))
-        if stop.reason == "debug-exit":
+        if stop.reason == StopReason.DEBUG_EXIT and stop.status is not None:
             return stop.status & 0xFF
         return STOP_STATUS.get(stop.reason, EXIT_VMM_ERROR)
 

@@ -13,7 +13,6 @@ guest then ends with QEMU's status (v << 1) | 1 rather than pykvm's "exit" stop.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .devices import pc_testdev as T
 from .devices.bochs_shutdown import PORT as BOCHS_PORT, BochsShutdown
@@ -56,10 +55,8 @@ def parse_fw_cfg(spec: str) -> tuple[str, bytes]:
         raise MachineError(str(e)) from None
     if text is not None:
         return name, text.encode()
-    try:
-        return name, Path(path).read_bytes()
-    except OSError as e:
-        raise MachineError(f"--fw-cfg {name}: cannot read {path}: {e.strerror}") from None
+    from .cli_checks import MAX_INITRD, read_input     # FIFO-safe, size-limited, one-line errors
+    return name, read_input(path, f"--fw-cfg {name} file", MAX_INITRD)
 
 
 def add_test_devices(machine: Machine, *, debug_exit: tuple[int, int] | None = None,

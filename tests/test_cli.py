@@ -135,7 +135,7 @@ def test_terminal_sink_adds_cr_in_raw_mode():
 @pytest.mark.parametrize("args,words", [
     (["--debug-exit", "0xf4,3"], "1, 2 or 4"),
     (["--fw-cfg", "etc/x,string=1"], "opt/"),
-    (["--fw-cfg", "opt/x,file=/nonexistent/f"], "cannot read"),
+    (["--fw-cfg", "opt/x,file=/nonexistent/f"], "does not exist"),
 ])
 def test_bad_test_device_options_are_one_line_errors(tmp_path, args, words):
     k = tmp_path / "kernel"
