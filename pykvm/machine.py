@@ -344,10 +344,9 @@ def _shutdown(m: Machine, e: E.Shutdown) -> Stop | None:
 
 
 def _system_event(m: Machine, e: E.SystemEvent) -> Stop | None:
-    from .kvm._lib import lib
-    if e.type == lib.KVM_SYSTEM_EVENT_RESET:
+    if e.kind is E.SystemEventKind.RESET:
         return Stop(StopReason.RESET, message="the guest asked for a reset")
-    if e.type == lib.KVM_SYSTEM_EVENT_CRASH:
+    if e.kind is E.SystemEventKind.CRASH:
         return Stop(StopReason.PANIC, message="the guest reported a crash")
     return Stop(StopReason.POWEROFF, message="the guest powered off")
 

@@ -20,16 +20,10 @@ import fcntl
 import os
 import struct
 
-from pykvm.kvm._lib import lib
-
 # The tun driver's ioctls and flags, from <linux/if_tun.h> through the compiled binding.
-IFF_TAP = lib.IFF_TAP              # Ethernet frames (IFF_TUN would be IP packets)
-IFF_NO_PI = lib.IFF_NO_PI          # no 4-byte packet-information prefix
-IFF_VNET_HDR = lib.IFF_VNET_HDR    # each frame carries a struct virtio_net_hdr
-TUNSETIFF = lib.TUNSETIFF
-TUNGETFEATURES = lib.TUNGETFEATURES
-TUNSETVNETHDRSZ = lib.TUNSETVNETHDRSZ
-IFNAMSIZ = lib.IFNAMSIZ
+from pykvm.kvm.headers import (IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, IFNAMSIZ, TUNGETFEATURES,
+                               TUNSETIFF, TUNSETVNETHDRSZ)
+
 _IFREQ = struct.Struct("16sH22x")     # struct ifreq: name, then the flags member of the union
 
 VNET_HDR_LEN = 12

@@ -4,13 +4,27 @@
     Vm    (KVM_CREATE_VM)  -> create_vcpu() -> Vcpu
     Vcpu  (KVM_CREATE_VCPU) -> run() -> a typed exit (pykvm.kvm.exits)
 
-A failed ioctl raises `KvmError` naming the ioctl. Only this package touches the compiled module.
+A failed ioctl raises `KvmError` naming the ioctl. Only this package touches the compiled module
+(`_lib`): the C run loop (`fastpath`) and header constants others need (`headers`) live here too.
+`exits` and `errors` are plain Python, and importing this package loads the compiled module only
+when `Kvm`, `Vm`, `Vcpu` or `KICK_SIGNAL` is first asked for, so the exit handlers and the pure half
+of pykvm.pvm work (and are tested) without it.
 """
 
-from .errors import KvmError, KvmUnavailable
-from .system import Kvm
-from .vm import Vm
-from .vcpu import Vcpu, KICK_SIGNAL
 from . import exits
+from .errors import KvmError, KvmUnavailable
 
 __all__ = ["Kvm", "Vm", "Vcpu", "KvmError", "KvmUnavailable", "KICK_SIGNAL", "exits"]
+
+
+def __getattr__(name):
+    if name == "Kvm":
+        from .system import Kvm
+        return Kvm
+    if name == "Vm":
+        from .vm import Vm
+        return Vm
+    if name in ("Vcpu", "KICK_SIGNAL"):
+        from . import vcpu
+        return getattr(vcpu, name)
+    raise AttributeError(f"module 'pykvm.kvm' has no attribute {name!r}")

@@ -8,10 +8,16 @@ deal with plain Python objects: `IoOut(port=0x3f8, size=1, count=1, data=b"A")`.
 Exits that expect an answer (a port read, an MMIO read) carry `data`: a writable window into the
 `kvm_run` page. The handler fills it in, and KVM completes the guest's `in`/`mov` with those bytes on
 the next KVM_RUN. In tests, `data` is just a `memoryview` of a `bytearray`.
+
+Where KVM reports a kind as a number from its header (a system event's type, an internal error's
+suberror), `Vcpu` also decodes it into the plain values here (`SystemEventKind`,
+`InternalError.emulation`), so that the exit handlers and the pure half of pykvm.pvm need no
+compiled binding: this module imports nothing from it.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 
@@ -67,20 +73,32 @@ class Shutdown(Exit):
     """A triple fault (or `ud2`-style shutdown): a real PC resets here."""
 
 
+class SystemEventKind(enum.Enum):
+    """KVM_SYSTEM_EVENT_SHUTDOWN, _RESET, _CRASH; anything else (a newer kernel's kinds) is OTHER."""
+
+    SHUTDOWN = "shutdown"
+    RESET = "reset"
+    CRASH = "crash"
+    OTHER = "other"
+
+
 @dataclass(slots=True)
 class SystemEvent(Exit):
-    """PSCI-style shutdown/reset/crash (KVM_SYSTEM_EVENT_*)."""
+    """PSCI-style shutdown/reset/crash: `kind` decoded from `type`, the raw KVM_SYSTEM_EVENT_*."""
 
-    type: int
+    kind: SystemEventKind
+    type: int = -1
 
 
 @dataclass(slots=True)
 class InternalError(Exit):
     """KVM could not go on. `suberror` KVM_INTERNAL_ERROR_EMULATION means its instruction emulator
-    met an instruction it does not know: on KVM-PVM hosts, pykvm.pvm completes some of those."""
+    met an instruction it does not know (`emulation` is then True): on KVM-PVM hosts, pykvm.pvm
+    completes some of those."""
 
     suberror: int
     data: tuple[int, ...]
+    emulation: bool = False
 
 
 @dataclass(slots=True)

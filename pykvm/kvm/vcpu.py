@@ -39,6 +39,9 @@ _MMIO = struct.Struct("=Q8xIB")   # phys_addr, (data[8]), len, is_write
 # instructions per exit (callgrind); object.__new__ and four slot stores cost ~500.
 _IoOut, _IoIn = E.IoOut, E.IoIn
 _new = object.__new__
+_SYSTEM_EVENT_KINDS = {lib.KVM_SYSTEM_EVENT_SHUTDOWN: E.SystemEventKind.SHUTDOWN,
+                       lib.KVM_SYSTEM_EVENT_RESET: E.SystemEventKind.RESET,
+                       lib.KVM_SYSTEM_EVENT_CRASH: E.SystemEventKind.CRASH}
 
 
 def _check_layout() -> None:
@@ -189,9 +192,11 @@ class Vcpu:
             return E.Shutdown()
         if reason == lib.KVM_EXIT_INTERNAL_ERROR:
             i = run.internal
-            return E.InternalError(i.suberror, tuple(i.data[k] for k in range(min(i.ndata, 16))))
+            return E.InternalError(i.suberror, tuple(i.data[k] for k in range(min(i.ndata, 16))),
+                                   i.suberror == lib.KVM_INTERNAL_ERROR_EMULATION)
         if reason == lib.KVM_EXIT_SYSTEM_EVENT:
-            return E.SystemEvent(run.system_event.type)
+            t = run.system_event.type
+            return E.SystemEvent(_SYSTEM_EVENT_KINDS.get(t, E.SystemEventKind.OTHER), t)
         if reason == lib.KVM_EXIT_FAIL_ENTRY:
             return E.FailEntry(run.fail_entry.hardware_entry_failure_reason)
         if reason == lib.KVM_EXIT_IRQ_WINDOW_OPEN:
