@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from pykvm import pvm
+from pykvm.pvm import gaps
 from pykvm.pvm import (AC, AF, CF, OF, PF, SF, ZF, PageFault, complete_instruction,
                        decode, effective_address, host_kind, linear_address, popcnt)
 
@@ -293,14 +294,14 @@ def test_unsupported_instruction():
 def test_exit_instruction_bytes():
     """KVM puts the bytes it fetched in the exit (flag bit 0, then size + 15 bytes). The data is
     what this host's KVM-PVM returned for `ldmxcsr [0x200000]; hlt`."""
-    e = pvm._exit_insn_bytes(type("X", (), {"data": (1, 2305843168474435343, 62464, 4096, 0)}))
+    e = gaps._exit_insn_bytes(type("X", (), {"data": (1, 2305843168474435343, 62464, 4096, 0)}))
     assert e == bytes.fromhex("0fae1425000020 00f4 000000000000")
-    assert pvm._exit_insn_bytes(type("X", (), {"data": (0, 0, 0)})) == b""
+    assert gaps._exit_insn_bytes(type("X", (), {"data": (0, 0, 0)})) == b""
 
 
 def test_pages_split_at_boundaries():
-    assert list(pvm._pages(0x1ffa, 15)) == [(0x1ffa, 6), (0x2000, 9)]
-    assert list(pvm._pages(0x1000, 4)) == [(0x1000, 4)]
+    assert list(gaps._pages(0x1ffa, 15)) == [(0x1ffa, 6), (0x2000, 9)]
+    assert list(gaps._pages(0x1000, 4)) == [(0x1000, 4)]
 
 
 REX_REGS = list(range(16))
@@ -344,7 +345,7 @@ def test_fetch_and_access_across_a_page_boundary():
     mem.write(0x5ffc, code[:4])
     mem.write(0x2000, code[4:])
     regs = regs_with(rip=0x7000_0ffc)
-    got = pvm._fetch(vcpu, mem, regs, 64, None)
+    got = gaps._fetch(vcpu, mem, regs, 64, None)
     assert got[:9] == code and len(got) == pvm.MAX_INSN
     # a data access that straddles the same boundary
     mem.write(0x5ffe, b"\x11\x22")
@@ -359,9 +360,9 @@ def test_fetch_and_access_across_a_page_boundary():
     assert e.value.linear == 0x7000_1000 and e.value.write
     assert mem.read(0x5ffe, 2) == b"ab"
     # fetch stops at the unmapped page; with nothing readable it falls back to the exit's bytes
-    assert pvm._fetch(vcpu, mem, regs, 64, None) == b"\xf3\x48ab"   # (the data test's bytes)
+    assert gaps._fetch(vcpu, mem, regs, 64, None) == b"\xf3\x48ab"   # (the data test's bytes)
     exit = type("X", (), {"data": (1, 0x90c3 << 8 | 2, 0)})
-    assert pvm._fetch(FakeVcpu({}), mem, regs, 64, exit) == b"\xc3\x90"
+    assert gaps._fetch(FakeVcpu({}), mem, regs, 64, exit) == b"\xc3\x90"
 
 
 def test_describe_other_internal_errors():
@@ -573,6 +574,7 @@ def test_stuck_vmcall_completed_after_kicks_on_kvm(nr):
     gets KVM_RUN back, with RIP still on the vmcall. StuckVmcall completes it on the second look."""
     import threading
     from pykvm.kvm import exits as E
+    from pykvm.kvm.headers import KVM_ENOSYS
     from pykvm.machine import handle_exit
     kind = _kvm_or_skip()
     if kind != pvm.KVM_PVM:
@@ -601,8 +603,8 @@ def test_stuck_vmcall_completed_after_kicks_on_kvm(nr):
                 if isinstance(e, E.IoOut) and e.port == 0xf4:
                     break
                 assert handle_exit(m, e) is None, e
-            assert bytes(log.data) == bytes([-pvm.KVM_ENOSYS & 0xff])   # al after the vmcall
-            assert m.vcpu.get_regs().rax == 2**64 - pvm.KVM_ENOSYS
+            assert bytes(log.data) == bytes([-KVM_ENOSYS & 0xff])   # al after the vmcall
+            assert m.vcpu.get_regs().rax == 2**64 - KVM_ENOSYS
             assert dict(m.stats.pvm_gaps) == {"vmcall": 1}
             assert interrupted >= 2
     finally:

@@ -1,0 +1,49 @@
+"""What a KVM-PVM host needs from a VMM: detection, kernel arguments, and completing emulation gaps.
+
+KVM-PVM ("pagetable-based virtual machine", kernel module `kvm_pvm`) gives a /dev/kvm with the normal
+API on machines that have no VT-x / AMD-V, typically because they are VMs themselves. Guest CPL3 runs
+natively; guest CPL0 is executed instruction by instruction by KVM's x86 emulator (~0.5-1 us each).
+Where that emulator has no entry for an instruction, KVM_RUN returns KVM_EXIT_INTERNAL_ERROR with
+suberror KVM_INTERNAL_ERROR_EMULATION and RIP still at the instruction (/work/shared/HOST-KVM.md).
+
+This package:
+
+1. tells which kind of host this is: `host_kind()`, and what a user should expect: `host_notice()`;
+2. lists the kernel arguments that steer a Linux guest around the gaps: `pvm_kernel_args()`;
+3. completes a few gaps in the VMM: `complete_gap(machine, exit)`, registered in
+   `machine.internal_error_handlers`. It reads RIP and the segment state, translates RIP with
+   KVM_TRANSLATE, reads the instruction bytes from guest memory, decodes them with iced-x86 and does
+   what the CPU would have done:
+
+       int3                 RIP += 1, then inject #BP (a trap: the handler sees the next RIP)
+       fwait / wait         a no-op (pending x87 exceptions are not modelled)
+       ldmxcsr / vldmxcsr   MXCSR <- m32, through KVM_GET/SET_XSAVE (not KVM_GET/SET_FPU: see below)
+       stmxcsr / vstmxcsr   m32 <- MXCSR
+       clac / stac          RFLAGS.AC <- 0 / 1
+       popcnt r, r/m        r <- number of set bits; ZF = (source == 0); OF SF AF CF PF <- 0
+
+   Anything else is left alone (returns False) and `describe_gap()` names it for the VMM's error.
+
+The package is split three ways: `host.py` (which host, what to expect, kernel arguments; plain
+Python), `instructions.py` (pure functions over bytes and a register dict: `decode`,
+`effective_address`, `linear_address`, `popcnt`, `complete_instruction`, testable with no /dev/kvm)
+and `gaps.py`, the KVM side (`complete_gap`, `describe_gap`, `StuckVmcall`), which only reads the
+vCPU's state into such a dict and writes the resulting `Completion` back. None of them imports the
+compiled binding at load time.
+
+Other things measured here: `fxsave` at CPL0 is not a gap but raises #UD in the guest; KVM_GET_FPU
+does not report MXCSR (see _get_xsave); each completed gap costs ~130 us.
+
+Shortcuts, admitted: segment limits and page permissions (a store to a read-only page) are not
+checked; a pending unmasked x87 exception does not turn `fwait` into #MF; RFLAGS.TF single-stepping over
+a completed instruction does not raise #DB; the VEX forms do not check XCR0. None of these matter to
+a Linux kernel booting here.
+"""
+
+# The public names, as `from pykvm import pvm; pvm.host_kind()` has always found them.
+from .host import AMD_V, INTEL_VTX, KVM_PVM, UNKNOWN, host_kind, host_notice, pvm_kernel_args
+from .instructions import (AC, AF, BP, CF, CR4_OSXSAVE, GP, GPRS, MAX_INSN, NM, OF, PF, PF_, SF,
+                           SUPPORTED, UD, ZF, Completion, PageFault, complete_instruction, decode,
+                           effective_address, format_instruction, linear_address, mnemonic, popcnt,
+                           write_gpr)
+from .gaps import StuckVmcall, complete_gap, describe_gap, read_linear, write_linear
