@@ -20,6 +20,7 @@ from . import cli_checks, pvm
 from .boot import BootError, load_linux
 from .boot.cmdline import Cmdline
 from .console import ConsoleLog
+from .halt import watch_for_final_halt
 from .machine import Machine, MachineError
 from .stop import Stop, StopReason
 from .pc import add_pc_devices
@@ -36,9 +37,12 @@ DEFAULT_ARGS = [
 ]
 
 PANIC_LINE = r"Kernel panic - not syncing"
-# With no ACPI to switch the power off, `poweroff -f` ends in kernel_power_off() printing this and
-# then halting (or panicking when init exits): for the VMM it is the end of the run.
+# `poweroff` when the kernel can cut the power (ACPI): kernel_power_off() prints this first. With
+# no power-off hardware the reboot syscall turns a power-off into a halt (kernel/reboot.c).
 POWEROFF_LINE = r"reboot: Power down"
+# `halt`, and `poweroff` when the kernel has no way to cut the power (no ACPI): kernel_halt() prints
+# this, then every CPU executes hlt with interrupts off (pykvm.halt sees that state too).
+HALT_LINE = r"reboot: System halted"
 
 DISK_BUSES = ("virtio-mmio", "virtio-pci", "ide")
 
@@ -159,10 +163,14 @@ class LinuxVM:
             # vmcall it is stuck on (pykvm.pvm.StuckVmcall).
             self.machine.interrupted_handlers.append(pvm.StuckVmcall().check)
             self.machine.watchdog_period = 1.0
+        # The final hlt stays inside KVM with the in-kernel irqchip: look at the vCPU on a kick.
+        watch_for_final_halt(self.machine)
         self.console.on_line(PANIC_LINE, lambda m: self.machine.request_stop(
             Stop(StopReason.PANIC, message="the kernel panicked")))
         self.console.on_line(POWEROFF_LINE, lambda m: self.machine.request_stop(
             Stop(StopReason.POWEROFF, message="the guest powered off")))
+        self.console.on_line(HALT_LINE, lambda m: self.machine.request_stop(
+            Stop(StopReason.HALT, message="the guest halted the system")))
         if until:
             self.console.on_line(until, lambda m: self.machine.request_stop(
                 Stop(StopReason.UNTIL, message=f"console matched {until!r}")))

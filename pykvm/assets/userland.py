@@ -12,9 +12,9 @@ The tree is::
 /init mounts proc, sysfs and devtmpfs, prints :data:`USERLAND_MARKER` on the
 console, and then reads the kernel command line:
 
-* ``pykvm.poweroff``: ``poweroff -f``. pykvm's test kernel has no ACPI, so the
-  kernel prints ``reboot: Power down`` and then, having nowhere to go, halts;
-  a VMM should treat that line (or a HLT with interrupts off) as the end.
+* ``pykvm.poweroff``: ``poweroff -f``. With no power-off hardware (no ACPI
+  tables) the kernel turns it into a halt: ``reboot: System halted``, then a
+  HLT with interrupts off, which pykvm treats as the end (pykvm.halt).
 * ``pykvm.reboot``: ``reboot -f`` (keyboard-controller reset, port 0x64 <- 0xfe).
 * otherwise: an interactive shell on the console.
 
