@@ -280,6 +280,30 @@ class LinuxVM:
         else:
             self.devices.feed_serial(data)
 
+    def shell(self, command: str, timeout: float = 120.0, check: bool = False):
+        """Run a command line in the guest's shell on its console (COM1 or hvc0) and return a
+        CommandResult(output, status); check=True raises CommandFailed on a non-zero status. The
+        VM must be start()ed; the first call waits for a shell to answer (pykvm/testing/shell.py
+        has the protocol and its limits)."""
+        if not self.machine.running:
+            raise MachineError("shell() needs a running guest: start() it first")
+        if getattr(self, "_shell", None) is None:
+            from .testing.shell import GuestShell
+            self._shell = GuestShell(self.send, self.console)
+        return self._shell.run(command, timeout=timeout, check=check)
+
+    def poweroff(self, timeout: float = 120.0, command: str = "poweroff -f") -> Stop:
+        """Type `command` into the guest's shell and wait for the machine to stop; the Stop (reason
+        "poweroff", or "halt" where the kernel has no way to cut the power). TimeoutError if it
+        does not stop within `timeout` seconds."""
+        if self.machine.running:
+            self.send(command + "\n")
+        stop = self.wait(timeout)
+        if stop is None:
+            raise TimeoutError(f"the guest did not stop within {timeout:g} s of {command!r}; "
+                               f"console ended with:\n{self.console.tail()}")
+        return stop
+
     @property
     def stats(self) -> dict:
         m = self.machine
