@@ -61,17 +61,15 @@ def halted_for_good(vcpus: Iterable[VcpuState]) -> bool:
 def read_vcpu_state(vcpu) -> VcpuState:
     """The state of a vCPU that is not inside KVM_RUN (in-kernel irqchip), from three ioctls; the
     registers and events are read only when the vCPU is halted or parked."""
-    from .kvm._lib import lib
-    mp = vcpu.get_mp_state()
-    parked = mp in (lib.KVM_MP_STATE_INIT_RECEIVED, lib.KVM_MP_STATE_UNINITIALIZED)
-    if mp != lib.KVM_MP_STATE_HALTED and not parked:
+    activity = vcpu.activity()                      # KVM_GET_MP_STATE
+    if activity not in ("halted", "waiting-for-sipi"):
         return VcpuState(halted=False, interrupts_enabled=True)
     rflags = vcpu.get_regs().rflags
     nmi = vcpu.get_vcpu_events().nmi
-    return VcpuState(halted=mp == lib.KVM_MP_STATE_HALTED,
+    return VcpuState(halted=activity == "halted",
                      interrupts_enabled=bool(rflags & RFLAGS_IF),
                      nmi_pending=bool(nmi.pending or nmi.injected),
-                     waiting_for_sipi=parked)
+                     waiting_for_sipi=activity == "waiting-for-sipi")
 
 
 class HaltWatch:

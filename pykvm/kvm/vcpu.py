@@ -341,6 +341,16 @@ class Vcpu:
         ioctl(self.fd, lib.KVM_GET_MP_STATE, mp, "KVM_GET_MP_STATE")
         return mp.mp_state
 
+    def activity(self) -> str:
+        """KVM_GET_MP_STATE decoded for code outside the binding: "halted", "waiting-for-sipi"
+        (an AP before INIT/SIPI), "runnable", or "other" (stopped, check-stop, ...)."""
+        mp = self.get_mp_state()
+        if mp == lib.KVM_MP_STATE_HALTED:
+            return "halted"
+        if mp in (lib.KVM_MP_STATE_UNINITIALIZED, lib.KVM_MP_STATE_INIT_RECEIVED):
+            return "waiting-for-sipi"
+        return "runnable" if mp == lib.KVM_MP_STATE_RUNNABLE else "other"
+
     def set_mp_state(self, state: int) -> None:
         mp = ffi.new("struct kvm_mp_state *", {"mp_state": state})
         ioctl(self.fd, lib.KVM_SET_MP_STATE, mp, "KVM_SET_MP_STATE")
