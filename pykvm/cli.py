@@ -2,6 +2,8 @@
 
     pykvm info                         what this host's KVM offers
     pykvm boot KERNEL [DISK] [...]     boot a Linux kernel with its console on the terminal
+    pykvm selftest [-- COMMAND ...]    pykvm (or COMMAND) on a real AMD-V /dev/kvm, in the AMD-V lane:
+                                       QEMU TCG with SVM (exit statuses: pykvm/lane/selftest.py)
 
 Exit status of `pykvm boot` (also in the README):
     0    the guest powered off, halted, rebooted, or --until matched
@@ -171,6 +173,14 @@ def _test_devices(args) -> dict:
                 fw_cfg_files=[parse_fw_cfg(spec) for spec in args.fw_cfg])
 
 
+def cmd_selftest(args) -> int:
+    from .lane.selftest import selftest
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if args.timeout <= 0:
+        raise UsageError(f"--timeout {args.timeout:g}: must be positive")
+    return selftest(command, timeout=args.timeout, keep=args.keep)
+
+
 def _terminal_sink(out, raw: bool):
     """Guest console bytes to our stdout. A terminal in raw mode needs CR before LF. If stdout goes
     away (a closed pipe: `pykvm boot ... | head`), the guest keeps running and its output is
@@ -243,6 +253,18 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--testdev", action="store_true",
                       help="QEMU's pc-testdev: scratch ports 0xe0/0xe8, IRQ lines at 0x2000")
     boot.set_defaults(fn=cmd_boot)
+
+    selftest = sub.add_parser("selftest", help="run a check (or COMMAND) on AMD-V in the AMD-V lane",
+                              description="Boot the AMD-V lane (Debian's kernel under QEMU TCG with SVM, "
+                              "this host's / read-only over 9p) and check pykvm there: `pykvm info` says "
+                              "AMD-V and the test kernel reaches userland. With COMMAND, run it there in "
+                              "the current directory instead; its exit status is ours.")
+    selftest.add_argument("--timeout", type=float, default=900, help="stop the lane after this many "
+                          "seconds (exit status 124; default 900)")
+    selftest.add_argument("--keep", action="store_true", help="keep the run directory (the writable "
+                          "share, with the L1 console and the command's output)")
+    selftest.add_argument("command", nargs=argparse.REMAINDER, help="command to run instead of the check")
+    selftest.set_defaults(fn=cmd_selftest)
     return p
 
 
@@ -253,9 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     from .kvm import KvmError, KvmUnavailable
     from .host.tap import TapError
     from .machine import MachineError
+    from .lane import LaneUnavailable
     try:
         return args.fn(args)
-    except (UsageError, MachineError, BootError, KvmUnavailable, AssetError, TapError) as e:
+    except (UsageError, MachineError, BootError, KvmUnavailable, AssetError, TapError, LaneUnavailable) as e:
         _say(f"error: {e}")
         return EXIT_BAD_INPUT
     except KvmError as e:

@@ -27,6 +27,12 @@ def needs_kvm(test):
     return pytest.mark.skipif(reason is not None, reason=reason or "")(test)
 
 
+def pytest_configure(config):
+    # @pytest.mark.amdv: tests that need guest userland run directly on VT-x/AMD-V hosts and in the
+    # AMD-V lane (QEMU TCG) elsewhere (pykvm/lane/pytest_plugin.py).
+    config.pluginmanager.import_plugin("pykvm.lane.pytest_plugin")
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if "kvm" in getattr(item, "fixturenames", ()):

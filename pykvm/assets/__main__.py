@@ -1,4 +1,4 @@
-"""``python -m pykvm.assets [test-kernel|cloud-kernel|initramfs|tiny-initramfs|disk|all] [--print-path]``.
+"""``python -m pykvm.assets [test-kernel|cloud-kernel|initramfs|tiny-initramfs|disk|lane|all] [--print-path]``.
 
 Builds or fetches the named default assets (all of them by default) and
 prints where they are in the cache. Progress goes to stderr; with
@@ -15,7 +15,7 @@ from . import debian
 from .cache import cache_root
 from .errors import AssetError
 
-ASSETS = ["test-kernel", "cloud-kernel", "initramfs", "tiny-initramfs", "disk"]
+ASSETS = ["test-kernel", "cloud-kernel", "initramfs", "tiny-initramfs", "disk", "lane"]
 ALIASES = {"kernel": "test-kernel"}
 
 
@@ -33,6 +33,10 @@ def _paths(name: str) -> list[tuple[str, str]]:
         return [("tiny-initramfs", str(initramfs(tiny=True)))]
     if name == "disk":
         return [("disk", str(disk_image()))]
+    if name == "lane":  # the AMD-V lane's L1 machine (pykvm/lane)
+        from .l1 import l1_initramfs, l1_kernel
+        k = l1_kernel()
+        return [("lane L1 kernel", str(k.vmlinuz)), ("lane L1 initramfs", str(l1_initramfs(k)))]
     raise AssertionError(name)
 
 

@@ -1,0 +1,67 @@
+"""``pykvm selftest``'s default check, as it runs inside L1: ``python -m pykvm.lane.check KERNEL INITRD``.
+
+1. ``pykvm info`` must say the host (L1) is AMD-V (or VT-x: the check also runs on real hardware);
+2. ``pykvm boot`` must take the test kernel to its busybox userland (the marker line is printed by
+   /init, from guest user mode: on a KVM-PVM host this is where a boot stops short).
+
+Each step prints what it ran and its verdict; the exit status is 0 when both pass, else 1.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from .. import pvm
+from ..assets.userland import USERLAND_MARKER
+
+BOOT_TIMEOUT = 300
+
+
+def _run(argv: list[str], timeout: float, *, show: bool) -> subprocess.CompletedProcess[str]:
+    """Run one pykvm command; print its output if ``show``, else only on failure (its last lines)."""
+    print("$ pykvm " + " ".join(argv[3:]), flush=True)
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        p = subprocess.CompletedProcess(argv, 124, out, f"timed out after {timeout:g} s")
+    if show:
+        print(p.stdout, end="", flush=True)
+    elif p.returncode != 0:
+        print("\n".join((p.stdout + p.stderr).splitlines()[-30:]), flush=True)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m pykvm.lane.check KERNEL INITRD", file=sys.stderr)
+        return 2
+    kernel, initrd = args
+    py = [sys.executable, "-m", "pykvm.cli"]
+    failed = 0
+
+    info = _run([*py, "info"], 120, show=True)
+    kinds = [line.split(":", 1)[1].strip() for line in info.stdout.splitlines() if line.startswith("host kind:")]
+    if info.returncode == 0 and kinds and kinds[0] in (pvm.AMD_V, pvm.INTEL_VTX):
+        print(f"selftest: ok: /dev/kvm here is {kinds[0]}", flush=True)
+    else:
+        failed += 1
+        print(f"selftest: FAILED: pykvm info (exit {info.returncode}) reports host kind "
+              f"{kinds[0] if kinds else '?'}, not {pvm.AMD_V}: {info.stderr.strip()}", flush=True)
+
+    boot = _run([*py, "boot", kernel, "--initrd", initrd, "--memory", "64M", "--until", USERLAND_MARKER,
+                 "--timeout", str(BOOT_TIMEOUT), "--console", "stdio"], BOOT_TIMEOUT + 60, show=False)
+    if boot.returncode == 0 and USERLAND_MARKER in boot.stdout:
+        print("selftest: ok: the test kernel reached its busybox userland", flush=True)
+    else:
+        failed += 1
+        last = (boot.stderr.strip().splitlines() or ["no message"])[-1]
+        print(f"selftest: FAILED: pykvm boot exited {boot.returncode} before {USERLAND_MARKER!r}: {last}",
+              flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
