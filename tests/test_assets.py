@@ -264,10 +264,12 @@ def test_fragment_asks_for_what_pykvm_needs():
     for needed in ["64BIT", "SERIAL_8250_CONSOLE", "PCI", "VIRTIO_MMIO", "VIRTIO_MMIO_CMDLINE_DEVICES",
                    "VIRTIO_PCI", "VIRTIO_BLK", "VIRTIO_NET", "IP_PNP", "VIRTIO_CONSOLE", "HW_RANDOM_VIRTIO",
                    "ATA_PIIX", "BLK_DEV_SD", "EXT4_FS", "BLK_DEV_INITRD", "RD_GZIP", "DEVTMPFS_MOUNT",
-                   "PROC_FS", "SYSFS", "BINFMT_ELF", "BINFMT_SCRIPT", "PVH", "EARLY_PRINTK"]:
+                   "PROC_FS", "SYSFS", "BINFMT_ELF", "BINFMT_SCRIPT", "PVH", "EARLY_PRINTK",
+                   # --cpus N, the ACPI tables, and gdb reading kernel structures
+                   "SMP", "ACPI", "DEBUG_INFO_DWARF_TOOLCHAIN_DEFAULT"]:
         assert frag.get(f"CONFIG_{needed}") == "y", needed
     for harmful in ["MODULES", "PTP_1588_CLOCK_KVM", "RANDOMIZE_BASE", "UNWINDER_ORC", "FTRACE", "KPROBES",
-                    "KVM_GUEST", "SMP"]:
+                    "KVM_GUEST"]:
         assert frag.get(f"CONFIG_{harmful}") == "n", harmful
 
 
