@@ -97,12 +97,18 @@ def cmd_boot(args) -> int:
     _check_boot_args(args)
     memory = parse_size(args.memory)
     test_devices = _test_devices(args)
-    vm = LinuxVM(args.kernel, initrd=args.initrd, append=args.append or "", memory=memory,
-                 decompress=not args.no_decompress, pvm_workarounds=not args.no_pvm_workarounds and None,
-                 until=args.until, fast_path=not args.no_fast_path, disk=args.disk,
-                 readonly=args.readonly, snapshot=args.snapshot, rng=args.rng, net_tap=net_tap,
-                 console="hvc0" if args.hvc else "ttyS0", irqchip=args.irqchip,
-                 disk_bus=args.disk_bus)
+    from .multiboot_vm import looks_multiboot
+    if looks_multiboot(args.kernel):
+        vm = _multiboot_vm(args, memory)
+    elif args.module:
+        raise UsageError(f"--module is for multiboot kernels; {args.kernel} has no multiboot header")
+    else:
+        vm = LinuxVM(args.kernel, initrd=args.initrd, append=args.append or "", memory=memory,
+                     decompress=not args.no_decompress, pvm_workarounds=not args.no_pvm_workarounds and None,
+                     until=args.until, fast_path=not args.no_fast_path, disk=args.disk,
+                     readonly=args.readonly, snapshot=args.snapshot, rng=args.rng, net_tap=net_tap,
+                     console="hvc0" if args.hvc else "ttyS0", irqchip=args.irqchip,
+                     disk_bus=args.disk_bus)
     with vm:
         from .testdevs import add_test_devices
         add_test_devices(vm.machine, **test_devices)
@@ -156,6 +162,26 @@ def cmd_boot(args) -> int:
         if stop.reason == StopReason.DEBUG_EXIT and stop.status is not None:
             return stop.status & 0xFF
         return STOP_STATUS.get(stop.reason, EXIT_VMM_ERROR)
+
+
+def _multiboot_vm(args, memory: int):
+    """A multiboot kernel (pykvm/multiboot_vm.py): --initrd and --module FILE[,ARGS] are its
+    modules; the Linux-only options are refused."""
+    from . import cli_checks
+    from .multiboot_vm import MultibootVM
+    for flag, given in (("DISK", args.disk), ("--net", args.net), ("--rng", args.rng),
+                        ("--hvc", args.hvc), ("--profile", args.profile)):
+        if given:
+            raise UsageError(f"{flag} is not supported with a multiboot kernel")
+    modules = []
+    for spec in args.module:
+        path, _, margs = spec.partition(",")
+        cli_checks.input_file(path, "--module", cli_checks.MAX_INITRD)
+        modules.append((path, margs))
+    return MultibootVM(args.kernel, append=args.append or "", initrd=args.initrd, modules=modules,
+                       memory=memory, until=args.until, irqchip=args.irqchip,
+                       fast_path=not args.no_fast_path,
+                       pvm_workarounds=not args.no_pvm_workarounds and None)
 
 
 def _test_devices(args) -> dict:
@@ -245,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--profile", metavar="SYSTEM_MAP",
                       help="sample the guest's RIP every 10 ms and print the hottest kernel "
                            "functions at the end (- for raw addresses)")
+    boot.add_argument("--module", action="append", default=[], metavar="FILE[,ARGS]",
+                      help="a boot module for a multiboot kernel (repeatable; --initrd is the first)")
     boot.add_argument("--debug-exit", nargs="?", const="", metavar="PORT[,SIZE]",
                       help="QEMU's isa-debug-exit (default 0xf4,4): a write of v ends pykvm "
                            "with exit status (v << 1) | 1")

@@ -26,10 +26,12 @@ import struct
 from dataclasses import dataclass
 
 MAGIC = b"\x7fELF"
+ELFCLASS32 = 1
 ELFCLASS64 = 2
 ELFDATA2LSB = 1
 EV_CURRENT = 1
 ET_EXEC = 2
+EM_386 = 3
 EM_X86_64 = 62
 PT_LOAD = 1
 PT_NOTE = 4
@@ -39,6 +41,11 @@ PT_NOTE = 4
 _EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
 # p_type, p_flags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align
 _PHDR = struct.Struct("<IIQQQQQQ")
+# The 32-bit forms (Elf32_Ehdr, Elf32_Phdr): the same fields with 4-byte addresses and offsets,
+# and p_flags moved after p_memsz.
+_EHDR32 = struct.Struct("<16sHHIIIIIHHHHHH")
+_PHDR32 = struct.Struct("<IIIIIIII")     # p_type, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz,
+                                         # p_flags, p_align
 
 # For error messages: what a file built for another machine was built for (<elf.h>).
 MACHINE_NAMES = {3: "EM_386", 8: "EM_MIPS", 20: "EM_PPC", 21: "EM_PPC64", 22: "EM_S390",
@@ -88,27 +95,43 @@ def read_elf64(data: bytes) -> Elf64:
     """Parse the file header and program headers of a 64-bit little-endian ELF file. Raises
     ElfFormatError, one line, for anything else, for headers that run past the end of `data`, and
     for a PT_LOAD segment whose file bytes lie past the end or exceed its memory size."""
+    return read_elf(data, classes=(ELFCLASS64,))
+
+
+def read_elf(data: bytes, classes: tuple[int, ...] = (ELFCLASS32, ELFCLASS64)) -> Elf64:
+    """read_elf64 for 32-bit (ELFCLASS32) files too: the result has the same shape either way
+    (multiboot kernels are usually 32-bit ELF files; pykvm/boot/multiboot.py)."""
     if data[:4] != MAGIC:
         raise ElfFormatError(f"not an ELF file (starts with {bytes(data[:4]).hex()}, "
                              f"wanted {MAGIC.hex()})")
-    if len(data) < _EHDR.size:
-        raise ElfFormatError(f"truncated ELF header ({len(data)} bytes of {_EHDR.size})")
+    cls = data[4] if len(data) > 4 else 0
+    if len(data) < _EHDR32.size or (cls == ELFCLASS64 and len(data) < _EHDR.size):
+        raise ElfFormatError(f"truncated ELF header ({len(data)} bytes of "
+                             f"{_EHDR32.size if cls == ELFCLASS32 else _EHDR.size})")
+    if cls not in classes:
+        raise ElfFormatError(f"ELF class {cls} ({ {1: 32, 2: 64}.get(cls, '?') }-bit), not "
+                             + " or ".join(f"{32 * c}-bit" for c in classes))
+    ehdr, phdr = (_EHDR, _PHDR) if cls == ELFCLASS64 else (_EHDR32, _PHDR32)
+    if len(data) < ehdr.size:
+        raise ElfFormatError(f"truncated ELF header ({len(data)} bytes of {ehdr.size})")
     (ident, e_type, machine, version, entry, phoff, _shoff, _flags, _ehsize, phentsize, phnum,
-     _shentsize, _shnum, _shstrndx) = _EHDR.unpack_from(data, 0)
-    if ident[4] != ELFCLASS64:
-        raise ElfFormatError(f"ELF class {ident[4]} ({32 if ident[4] == 1 else '?'}-bit), "
-                             "not 64-bit")
+     _shentsize, _shnum, _shstrndx) = ehdr.unpack_from(data, 0)
     if ident[5] != ELFDATA2LSB:
         raise ElfFormatError("big-endian ELF file, not little-endian")
     if version != EV_CURRENT:
         raise ElfFormatError(f"ELF version {version}, not {EV_CURRENT}")
-    if phnum and phentsize != _PHDR.size:
-        raise ElfFormatError(f"program header entries of {phentsize} bytes, not {_PHDR.size}")
-    if phoff + phnum * _PHDR.size > len(data):
+    if phnum and phentsize != phdr.size:
+        raise ElfFormatError(f"program header entries of {phentsize} bytes, not {phdr.size}")
+    if phoff + phnum * phdr.size > len(data):
         raise ElfFormatError(f"truncated: program headers at {phoff:#x} (x{phnum}) run past the "
                              f"end of the {len(data):#x}-byte file")
-    segments = tuple(ProgramHeader(*_PHDR.unpack_from(data, phoff + i * _PHDR.size))
-                     for i in range(phnum))
+    if cls == ELFCLASS64:
+        segments = tuple(ProgramHeader(*_PHDR.unpack_from(data, phoff + i * _PHDR.size))
+                         for i in range(phnum))
+    else:
+        segments = tuple(ProgramHeader(t, fl, off, va, pa, fs, ms, al) for t, off, va, pa, fs, ms, fl, al
+                         in (_PHDR32.unpack_from(data, phoff + i * _PHDR32.size)
+                             for i in range(phnum)))
     for i, p in enumerate(segments):
         if p.type != PT_LOAD:
             continue

@@ -117,6 +117,48 @@ def setup_real_mode(vcpu, cs_selector: int, ip: int, sp: int = 0) -> None:
     vcpu.set_regs(regs)
 
 
+# The GDT for a 32-bit protected-mode entry (multiboot), also at layout.BOOT_GDT.
+GDT32_CODE, GDT32_DATA, GDT32_TSS = 1, 2, 3
+BOOT_GDT32 = [
+    gdt_entry(0, 0, 0),                 # null descriptor
+    gdt_entry(0xc09b, 0, 0xfffff),      # 32-bit code: P, DPL0, S, execute/read, accessed; G, D
+    gdt_entry(0xc093, 0, 0xfffff),      # data: P, DPL0, S, read/write, accessed; G, D/B
+    gdt_entry(0x808b, 0, 0xfffff),      # TSS: P, 32-bit busy TSS (KVM wants a usable TR)
+]
+
+
+def setup_protected_mode(vcpu, mem, *, entry: int, eax: int = 0, ebx: int = 0) -> None:
+    """32-bit protected mode with paging off and flat 4 GiB segments, as the Multiboot
+    specification's "Machine state" (0.6.96, section 3.2) asks: CS a 32-bit read/execute code
+    segment with offset 0 and limit 0xffffffff, DS/ES/FS/GS/SS 32-bit read/write data segments
+    likewise, CR0.PG clear and CR0.PE set, EFLAGS.VM and IF clear, EAX/EBX as the caller says.
+    The spec lets GDTR and IDTR be invalid; we load a real flat GDT anyway (a kernel that reloads
+    a selector before installing its own GDT then still works) and an empty IDT."""
+    gdt = b"".join(struct.pack("<Q", e) for e in BOOT_GDT32)
+    mem.write(layout.BOOT_GDT, gdt)
+    mem.write_int(layout.BOOT_IDT, 8, 0)
+    sregs = vcpu.get_sregs()
+    sregs.gdt.base = layout.BOOT_GDT
+    sregs.gdt.limit = len(gdt) - 1
+    sregs.idt.base = layout.BOOT_IDT
+    sregs.idt.limit = 0
+    _set_segment(sregs.cs, segment_from_gdt(BOOT_GDT32[GDT32_CODE], GDT32_CODE * 8))
+    data = segment_from_gdt(BOOT_GDT32[GDT32_DATA], GDT32_DATA * 8)
+    for seg in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
+        _set_segment(seg, data)
+    _set_segment(sregs.tr, segment_from_gdt(BOOT_GDT32[GDT32_TSS], GDT32_TSS * 8))
+    sregs.cr0 = (sregs.cr0 | CR0_PE | CR0_ET) & ~CR0_PG
+    sregs.cr4 &= ~CR4_PAE
+    sregs.efer &= ~(EFER_LME | EFER_LMA)
+    vcpu.set_sregs(sregs)
+    regs = vcpu.get_regs()
+    regs.rip = entry
+    regs.rax = eax
+    regs.rbx = ebx
+    regs.rflags = 0x2          # IF and VM clear; bit 1 is reserved and always 1
+    vcpu.set_regs(regs)
+
+
 def setup_long_mode(vcpu, mem, *, entry: int, cr3: int, rsi: int = 0, rsp: int = layout.BOOT_STACK) -> None:
     """64-bit mode with paging on, as the Linux 64-bit boot protocol requires:
 
