@@ -332,12 +332,27 @@ class AtaDrive(Stateful):
         chunk = self.buf[self.pos:self.pos + size]
         self.pos += size
         if self.pos >= len(self.buf):
-            if self._xfer is not None and self._xfer[1] > 0:
-                self._next_read_block()
-            else:
-                self._xfer = None
-                self.status = DRDY | DSC
+            self._end_of_read_block()
         return int.from_bytes(chunk.ljust(size, b"\xff"), "little")
+
+    def data_read_string(self, n: int) -> bytes | None:
+        """`n` bytes of a data-in transfer at once (one `rep insw`), if they lie within the current
+        DRQ block; None otherwise, and the caller goes word by word. Same effect as n/2 reads."""
+        if not self.status & DRQ or self._xfer is not None and self._xfer[2] \
+                or self.pos + n > len(self.buf):
+            return None
+        chunk = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        if self.pos >= len(self.buf):
+            self._end_of_read_block()
+        return chunk
+
+    def _end_of_read_block(self) -> None:
+        if self._xfer is not None and self._xfer[1] > 0:
+            self._next_read_block()
+        else:
+            self._xfer = None
+            self.status = DRDY | DSC
 
     def data_write(self, size: int, value: int) -> bool:
         """Take `size` bytes into the DRQ buffer; False if no data-out transfer is in progress."""
@@ -347,20 +362,36 @@ class AtaDrive(Stateful):
         self.buf[self.pos:self.pos + min(size, room)] = value.to_bytes(size, "little")[:room]
         self.pos += size
         if self.pos >= len(self.buf):
-            lba, remaining, _, block = self._xfer
-            n = len(self.buf) // SECTOR
-            try:
-                self.backend.write(lba * SECTOR, bytes(self.buf))
-            except (DiskError, OSError):
-                self.host_errors += 1
-                self._fail(ABRT, lba, self._ext)
-                return True
-            self._xfer = (lba + n, remaining - n, True, block)
-            if remaining - n > 0:
-                self._next_write_block(first=False)
-            else:
-                self._complete()
+            self._end_of_write_block()
         return True
+
+    def data_write_string(self, data: bytes) -> bool:
+        """A whole `rep outsw` at once, if it lies within the current DRQ block; False otherwise
+        (nothing taken: the caller goes word by word). Same effect as len(data)/2 writes."""
+        n = len(data)
+        if not self.status & DRQ or self._xfer is None or not self._xfer[2] \
+                or self.pos + n > len(self.buf):
+            return False
+        self.buf[self.pos:self.pos + n] = data
+        self.pos += n
+        if self.pos >= len(self.buf):
+            self._end_of_write_block()
+        return True
+
+    def _end_of_write_block(self) -> None:
+        lba, remaining, _, block = self._xfer
+        n = len(self.buf) // SECTOR
+        try:
+            self.backend.write(lba * SECTOR, bytes(self.buf))
+        except (DiskError, OSError):
+            self.host_errors += 1
+            self._fail(ABRT, lba, self._ext)
+            return
+        self._xfer = (lba + n, remaining - n, True, block)
+        if remaining - n > 0:
+            self._next_write_block(first=False)
+        else:
+            self._complete()
 
     # --- IDENTIFY DEVICE [ATA7 vol 1, 6.17, Table 16] ---
     def identify(self) -> bytes:

@@ -126,6 +126,25 @@ class IdeChannel(Stateful):
                     drive.write_register(offset, value)
         self._update_irq()
 
+    # --- string I/O on the data register (pykvm.bus: one `rep insw`/`rep outsw` per call) ---
+    def read_string(self, offset: int, size: int, count: int, buf) -> bool:
+        drive = self.drive
+        if offset != 0 or drive is None:
+            return False
+        data = drive.data_read_string(size * count)
+        if data is None:
+            return False
+        buf[:len(data)] = data
+        self._update_irq()
+        return True
+
+    def write_string(self, offset: int, size: int, data) -> bool:
+        drive = self.drive
+        if offset != 0 or drive is None or not drive.data_write_string(bytes(data)):
+            return False
+        self._update_irq()
+        return True
+
     def _command(self, cmd: int) -> None:
         if self.devctl & CTL_SRST:
             return                             # in reset: commands are not accepted

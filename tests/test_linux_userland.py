@@ -1,0 +1,198 @@
+"""The user stories that need guest userland: the busybox shell through vm.shell, poweroff and reboot,
+userland disk writes checked by the host, --snapshot, virtio-net, virtio-rng, hvc0, the Python
+irqchip, and Debian's stock kernel.
+
+Marked ``amdv``: they run directly on VT-x/AMD-V hosts, and in the AMD-V lane (QEMU TCG,
+pykvm/lane) on KVM-PVM hosts, where guest user mode cannot run. Each boot covers several stories
+to keep the lane's time down; timings under TCG mean nothing, so nothing here is timed.
+"""
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from pykvm import LinuxVM
+from pykvm.assets import USERLAND_MARKER, cloud_kernel, disk_image, initramfs, test_kernel
+from pykvm.halt import HaltWatch
+
+pytestmark = [pytest.mark.amdv, pytest.mark.kvm, pytest.mark.linux]
+
+TIMEOUT = 600            # per step; generous for a loaded machine under TCG
+MEMORY = "64M"
+WRITE_MIB = 6            # "several MiB" of userland writes per disk story
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    return test_kernel().bzimage
+
+
+def sbin(tool):
+    path = shutil.which(tool) or shutil.which(tool, path="/sbin:/usr/sbin")
+    if path is None:
+        pytest.skip(f"needs {tool} (Debian: e2fsprogs)")
+    return path
+
+
+def booted(vm):
+    vm.start(timeout=3 * TIMEOUT)
+    vm.console.expect(USERLAND_MARKER, timeout=TIMEOUT)
+    return vm
+
+
+def test_shell_on_hvc0_reads_virtio_rng_and_powers_off(kernel):
+    """The shell on the virtio console; /dev/hwrng backed by virtio-rng; `poweroff -f` with no
+    kernel message on the console (loglevel=0), so the end is seen in the vCPU's state alone."""
+    with LinuxVM(kernel, initrd=initramfs(), memory=MEMORY, console="hvc0", rng=True,
+                 append="loglevel=0") as vm:
+        booted(vm)
+        r = vm.shell("echo $((6 * 7)); uname -r")      # arithmetic: no echo of the typed line
+        assert r.status == 0 and r.output.splitlines()[0] == "42", r
+        assert r.output.splitlines()[1].endswith("-pykvm"), r
+        assert vm.shell("false").status == 1
+        missing = vm.shell("ls /no/such/file")
+        assert missing.status != 0 and "No such file" in missing.output
+        assert vm.shell("readlink /proc/$$/fd/0").output == "/dev/hvc0\n"   # the shell's tty
+        assert vm.devices.serial.bytes_out == 0           # nothing went to COM1
+
+        rng = vm.virtio[-1]
+        assert rng.name == "virtio-rng"
+        assert vm.shell("cat /sys/class/misc/hw_random/rng_current").output.startswith("virtio_rng")
+        given = rng.bytes_given
+        r = vm.shell("head -c 4096 /dev/hwrng | wc -c; head -c 16 /dev/hwrng | od -An -tx1")
+        lines = r.output.splitlines()
+        assert r.status == 0 and lines[0].strip() == "4096"
+        assert rng.bytes_given >= given + 4096 + 16       # read through our device, not a pool
+        assert len(set(lines[1].split())) > 4              # 16 random bytes are not all alike
+
+        stop = vm.poweroff(timeout=TIMEOUT)
+    assert stop.reason == "halt" and stop.message == HaltWatch.MESSAGE, stop
+    assert "System halted" not in vm.console.text
+
+
+@pytest.mark.parametrize("irqchip, arg, reason", [
+    ("kernel", "pykvm.poweroff", "halt"),
+    ("kernel", "pykvm.reboot", "reset"),
+    ("user", "pykvm.poweroff", "halt"),       # the Python 8259/8254: userland, and the Hlt exit
+])
+def test_cli_poweroff_and_reboot_end_with_status_0(kernel, tmp_path, irqchip, arg, reason):
+    log = tmp_path / "console.log"
+    p = subprocess.run(
+        [sys.executable, "-m", "pykvm.cli", "boot", str(kernel), "--initrd", str(initramfs()),
+         "--append", arg, "--irqchip", irqchip, "--memory", MEMORY, "--timeout", str(TIMEOUT),
+         "--console", str(log)],
+        capture_output=True, text=True, timeout=TIMEOUT + 120, stdin=subprocess.DEVNULL)
+    text = log.read_text(errors="replace")
+    assert USERLAND_MARKER in text, text[-2000:]
+    assert p.returncode == 0, p.stderr + text[-2000:]
+    assert f"stopped: {reason}" in p.stderr, p.stderr
+
+
+def debugfs(image, request):
+    p = subprocess.run([sbin("debugfs"), "-R", request, str(image)], capture_output=True)
+    assert p.returncode == 0, p.stderr
+    return p.stdout
+
+
+@pytest.mark.parametrize("disk_bus", ["virtio-mmio", "virtio-pci", "ide"])
+def test_userland_writes_reach_the_ext4_image(kernel, tmp_path, disk_bus):
+    """Several MiB written and synced by guest userland; the host finds a clean filesystem and the
+    same bytes (by checksum, read with debugfs, no mount needed)."""
+    image = tmp_path / "root.ext4"
+    shutil.copyfile(disk_image(), image)
+    with LinuxVM(kernel, disk=image, disk_bus=disk_bus, append="rw", memory=MEMORY) as vm:
+        booted(vm)
+        assert vm.shell("cat /etc/pykvm-disk", check=True).output.startswith("pykvm test disk")
+        r = vm.shell(f"dd if=/dev/urandom of=/written.bin bs=1M count={WRITE_MIB} 2>/dev/null && "
+                     "mkdir -p /pykvm && echo from the guest > /pykvm/note && sync && "
+                     "sha256sum /written.bin", timeout=TIMEOUT, check=True)
+        guest_sum = r.output.split()[0]
+        # What a clean shutdown does before the power goes: the journal is written back, the
+        # filesystem marked clean (`poweroff -f` skips init's unmounting).
+        vm.shell("mount -o remount,ro /", timeout=TIMEOUT, check=True)
+        stop = vm.poweroff(timeout=TIMEOUT)
+    assert stop.reason in ("halt", "poweroff"), stop
+    fsck = subprocess.run([sbin("e2fsck"), "-fn", str(image)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    out = tmp_path / "written.bin"
+    debugfs(image, f"dump /written.bin {out}")
+    assert out.stat().st_size == WRITE_MIB << 20
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == guest_sum
+    assert debugfs(image, "cat /pykvm/note") == b"from the guest\n"
+
+
+def test_snapshot_leaves_the_image_byte_identical_with_the_python_irqchip(kernel, tmp_path):
+    """--snapshot under guest writes (the Python 8259/8254 drive this boot: userland on irqchip=user,
+    and its final hlt is a Hlt exit)."""
+    image = tmp_path / "root.ext4"
+    shutil.copyfile(disk_image(), image)
+    before = hashlib.sha256(image.read_bytes()).hexdigest()
+    with LinuxVM(kernel, disk=image, snapshot=True, irqchip="user", append="rw",
+                 memory=MEMORY) as vm:
+        booted(vm)
+        vm.shell("dd if=/dev/zero of=/scratch bs=1M count=2 2>/dev/null && sync", timeout=TIMEOUT,
+                 check=True)
+        assert vm.shell("wc -c < /scratch").output.strip() == str(2 << 20)
+        stop = vm.poweroff(timeout=TIMEOUT)
+    assert stop.reason == "halt", stop
+    assert vm.stats["interrupts_injected"]          # the Python PIC delivered the interrupts
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == before
+
+
+# --- virtio-net: guest userland pings the host end of a tap ------------------------------------
+
+HOST_IP, GUEST_IP = "10.78.0.1", "10.78.0.2"
+CLONE_NEWNET = 0x40000000            # <linux/sched.h>
+
+
+class PrivateNetns:
+    """This thread in a fresh network namespace (unshare), and back (setns) on exit: the tap, and
+    the `ip` commands started from this thread, live there, not in the host's network."""
+
+    def __enter__(self):
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        if self.libc.unshare(CLONE_NEWNET) != 0:
+            os.close(self.home)
+            raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
+        return self
+
+    def __exit__(self, *exc):
+        if self.libc.setns(self.home, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns back to the original network namespace")
+        os.close(self.home)
+
+
+def test_guest_userland_pings_the_host_over_virtio_net(kernel):
+    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun") or not shutil.which("ip"):
+        pytest.skip("needs root, /dev/net/tun and iproute2 for a tap in a private network namespace")
+    with PrivateNetns():
+        with LinuxVM(kernel, initrd=initramfs(), memory=MEMORY, net_tap="pykvmtap%d") as vm:
+            tap = vm.virtio[-1].backend.name          # the kernel numbered it (pykvmtap%d)
+            subprocess.run(["ip", "addr", "add", f"{HOST_IP}/24", "dev", tap], check=True)
+            subprocess.run(["ip", "link", "set", tap, "up"], check=True)
+            booted(vm)
+            vm.shell(f"ip addr add {GUEST_IP}/24 dev eth0 && ip link set eth0 up", check=True)
+            r = vm.shell(f"ping -c 3 -W 10 {HOST_IP}", timeout=TIMEOUT)
+            assert r.status == 0, r.output
+            assert re.search(r"3 packets transmitted, [1-3] packets received", r.output), r.output
+            neigh = subprocess.run(["ip", "neigh", "show", GUEST_IP], capture_output=True, text=True)
+            assert "lladdr" in neigh.stdout          # the host learnt the guest's MAC by ARP
+            vm.poweroff(timeout=TIMEOUT)
+
+
+# --- Debian's stock kernels ---------------------------------------------------------------------
+
+def test_debian_cloud_kernel_reaches_userland_with_no_extra_arguments():
+    with LinuxVM(cloud_kernel(), initrd=initramfs(), memory="256M") as vm:
+        assert "initcall_blacklist" not in str(vm.cmdline)
+        booted(vm)
+        assert vm.shell("uname -r", check=True).output.strip().endswith("-cloud-amd64")
+        stop = vm.poweroff(timeout=TIMEOUT)
+    assert stop.reason in ("halt", "poweroff"), stop
