@@ -303,10 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     from .kvm import KvmError, KvmUnavailable
     from .host.tap import TapError
     from .machine import MachineError
-    from .lane import LaneUnavailable
+    from .lane import LaneError
     try:
         return args.fn(args)
-    except (UsageError, MachineError, BootError, KvmUnavailable, AssetError, TapError, LaneUnavailable) as e:
+    except (UsageError, MachineError, BootError, KvmUnavailable, AssetError, TapError, LaneError) as e:
         _say(f"error: {e}")
         return EXIT_BAD_INPUT
     except KvmError as e:

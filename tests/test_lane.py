@@ -6,6 +6,7 @@ import shutil
 import stat
 import struct
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -316,3 +317,26 @@ def test_where_amdv_tests_run(kind, usable, inner, has_qemu, switch, mode, words
     got, reason = where_to_run(kind, kvm_usable=usable, inner=inner, qemu=has_qemu, switch=switch)
     assert got == mode
     assert words in reason
+
+
+def test_a_working_directory_the_lane_hides_is_refused(tmp_path):
+    from pykvm.lane.qemu import LaneError
+    from pykvm.lane.runner import check_cwd
+    run_dir = Path("/tmp/pykvm-lane-x")
+    for hidden in ("/tmp", "/tmp/work", "/run/user/0", "/dev/shm/x"):
+        with pytest.raises(LaneError, match=f"cannot run in {hidden}: the lane mounts a fresh /"):
+            check_cwd(Path(hidden), run_dir)
+    check_cwd(Path("/tmp/pykvm-lane-x/basetemp"), run_dir)  # the share is there
+    check_cwd(Path("/work/checkout"), run_dir)
+    check_cwd(Path("/temporary"), run_dir)
+
+
+def test_selftest_from_a_hidden_directory_exits_2_with_one_line(tmp_path):
+    if shutil.which(qemu.QEMU) is None:
+        pytest.skip(f"{qemu.QEMU} is not installed: the QEMU check comes first")
+    hidden = Path("/tmp")
+    p = subprocess.run([sys.executable, "-m", "pykvm.cli", "selftest", "--", "true"], capture_output=True,
+                       text=True, cwd=hidden, timeout=120, env={**os.environ, "PYKVM_QUIET": "1"})
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip() == ("pykvm: error: cannot run in /tmp: the lane mounts a fresh /tmp over the "
+                                "host's, so start from a directory outside /tmp, /run and /dev")

@@ -61,7 +61,8 @@ def run_host_pytest(tmp_path, *args, env_extra=None):
     (tmp_path / "conftest.py").write_text(CONFTEST)
     (tmp_path / "test_sample.py").write_text(textwrap.dedent(TESTS))
     (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    amdv: lane\n")
-    env = {"PATH": "/usr/bin:/bin", "PYKVM_QUIET": "1", "COLUMNS": "200", **(env_extra or {})}
+    env = {"PATH": "/usr/bin:/bin", "PYKVM_QUIET": "1", "COLUMNS": "200", "TMPDIR": str(tmp_path),
+           **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", *args],
                           cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
 

@@ -21,7 +21,7 @@ Users: ``pykvm selftest [-- COMMAND]`` (:mod:`.selftest`), and the ``amdv`` pyte
 the lane is for behaviour, never for performance figures.
 """
 
-from .qemu import LaneUnavailable
+from .qemu import LaneError, LaneUnavailable
 from .runner import LANE_FAILED, LANE_TIMEOUT, LaneResult, cleanup, run
 
-__all__ = ["LANE_FAILED", "LANE_TIMEOUT", "LaneResult", "LaneUnavailable", "cleanup", "run"]
+__all__ = ["LANE_FAILED", "LANE_TIMEOUT", "LaneError", "LaneResult", "LaneUnavailable", "cleanup", "run"]

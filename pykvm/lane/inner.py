@@ -19,15 +19,16 @@ def report_record(report) -> dict:
         "nodeid": report.nodeid, "when": report.when, "outcome": report.outcome,
         "duration": report.duration, "sections": [list(s) for s in report.sections],
         "longrepr": None, "skip": None, "wasxfail": getattr(report, "wasxfail", None),
-        "message": None,
+        "crash": None,
     }
     if report.skipped and isinstance(report.longrepr, tuple):
         path, lineno, reason = report.longrepr
         record["skip"] = [str(path), lineno, str(reason)]
     elif report.longrepr is not None:
         record["longrepr"] = report.longreprtext
-        crash = getattr(report.longrepr, "reprcrash", None)  # the one line the summary shows
-        record["message"] = getattr(crash, "message", None)
+        crash = getattr(report.longrepr, "reprcrash", None)  # the one line --tb=line and -r show
+        if crash is not None:
+            record["crash"] = [str(crash.path), crash.lineno, crash.message]
     return record
 
 

@@ -84,16 +84,20 @@ def _prepare_assets() -> None:
 
 
 class InnerFailure:
-    """An inner test's failure text as a host report's longrepr, with the one-line crash message
-    that the short summary (``-r``) shows, as pytest's own tracebacks have."""
+    """An inner test's failure text as a host report's longrepr, with the crash location and
+    message that ``--tb=line`` and the short summary (``-r``) show, as pytest's own tracebacks have."""
 
-    class _Crash:
-        def __init__(self, message: str) -> None:
-            self.message = message
+    class _Crash:  # what pytest's ReprFileLocation offers
+        def __init__(self, path: str, lineno: int, message: str) -> None:
+            self.path, self.lineno, self.message = path, lineno, message
 
-    def __init__(self, text: str, message: str | None) -> None:
+        def __str__(self) -> str:
+            return f"{self.path}:{self.lineno}: {self.message}"
+
+    def __init__(self, text: str, crash: list | None, where: tuple[str, int]) -> None:
         self.text = text
-        self.reprcrash = self._Crash(message or (text.strip().splitlines() or [""])[-1])
+        path, lineno, message = crash or (*where, (text.strip().splitlines() or [""])[0])
+        self.reprcrash = self._Crash(path, lineno, message)
 
     def toterminal(self, tw) -> None:
         for line in self.text.splitlines():
@@ -148,7 +152,7 @@ class LanePlugin:
         opt = self.config.option
         argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "pykvm.lane.inner",
                 f"--rootdir={self.config.rootpath}", f"--basetemp={run_dir / 'basetemp'}",
-                "-v" if opt.verbose > 0 else "-q", "-rN"]
+                "-v", "-rN"]  # -v: a timed-out run's output names the test it was in
         argv.append("--color=yes" if self.config.get_terminal_writer().hasmarkup else "--color=no")
         if self.config.inipath is not None:
             argv.append(f"--config-file={self.config.inipath}")
@@ -213,11 +217,12 @@ class LanePlugin:
             return TestReport(item.nodeid, item.location, keywords, outcome, longrepr, when,
                               sections=list(sections), duration=duration, user_properties=[])
 
+        where = (str(item.path), (item.location[1] or 0) + 1)
         records = (self.reports or {}).get(item.nodeid)
         if self.error is not None or not records:
             text = self._missing_text()
             return [make("setup", "passed", None),
-                    make("call", "failed", InnerFailure(text, text.splitlines()[0]), self._lane_sections()),
+                    make("call", "failed", InnerFailure(text, None, where), self._lane_sections()),
                     make("teardown", "passed", None)]
         out = []
         for rec in records:
@@ -226,7 +231,7 @@ class LanePlugin:
                 path, lineno, reason = rec["skip"]
                 longrepr = (path, lineno, reason)
             elif rec["longrepr"] is not None:
-                longrepr = InnerFailure(rec["longrepr"], rec.get("message"))
+                longrepr = InnerFailure(rec["longrepr"], rec.get("crash"), where)
             else:
                 longrepr = None
             if rec["outcome"] == "failed":

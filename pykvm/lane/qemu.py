@@ -32,7 +32,11 @@ SHARE_TAG = "pykvm-share"
 SHARE_ARG = "pykvm.share"
 
 
-class LaneUnavailable(Exception):
+class LaneError(Exception):
+    """The lane cannot do what was asked; the message is one line saying why."""
+
+
+class LaneUnavailable(LaneError):
     """The lane cannot run on this host (the message says why and what to install)."""
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..assets.cache import cache_root
 from ..assets.progress import Progress
-from .qemu import command_line, qemu_binary
+from .qemu import LaneError, command_line, qemu_binary
 
 # How a run can end without the job's status:
 LANE_FAILED = 125  # QEMU or L1 failed before or while running the job (as env(1)/chroot(1): 125)
@@ -35,6 +35,9 @@ LANE_TIMEOUT = 124  # the timeout passed (as timeout(1))
 INNER_ENV = "PYKVM_LANE_INNER"  # set to 1 in the job's environment
 _STATUS_LINE = re.compile(r"pykvm-lane: exit status (\d+)")
 _HARMLESS = ("TCG doesn't support requested feature",)
+# What L1's /init mounts fresh over the host's tree (l1-init.sh): the host's own files there are
+# not visible in the lane, so a command cannot start in them.
+HIDDEN = ("/proc", "/sys", "/dev", "/run", "/tmp")
 
 
 @dataclass
@@ -80,6 +83,16 @@ def job_environment(base: Mapping[str, str], run_dir: Path) -> dict[str, str]:
     return env
 
 
+def check_cwd(cwd: Path, run_dir: Path) -> None:
+    """Refuse a working directory that L1 cannot see (under :data:`HIDDEN`, outside the share)."""
+    if cwd == run_dir or run_dir in cwd.parents:
+        return
+    for hidden in HIDDEN:
+        if cwd == Path(hidden) or Path(hidden) in cwd.parents:
+            raise LaneError(f"cannot run in {cwd}: the lane mounts a fresh {hidden} over the host's, "
+                            "so start from a directory outside /tmp, /run and /dev")
+
+
 def new_run_dir() -> Path:
     """A fresh run directory (the writable share), readable by the QEMU process."""
     path = Path(tempfile.mkdtemp(prefix="pykvm-lane-"))
@@ -95,17 +108,18 @@ def run(argv: Sequence[str], *, cwd: str | Path | None = None, env: Mapping[str,
     The assets are fetched or built first (on this host: the cache is read-only in L1).
     ``output`` gets the job's output as it arrives. ``run_dir`` is created if not given; the caller
     removes it (:func:`cleanup`) once it has what it needs. Raises ``LaneUnavailable`` when QEMU is
-    missing and ``AssetError`` when an asset cannot be had.
+    missing, ``LaneError`` for a ``cwd`` L1 cannot see, ``AssetError`` when an asset cannot be had.
     """
     from ..assets.l1 import l1_initramfs, l1_kernel
 
     progress = progress or Progress("lane")
     qemu = qemu_binary()
+    cwd = Path(cwd or os.getcwd()).resolve()
+    check_cwd(cwd, run_dir.resolve() if run_dir is not None else Path("/nonexistent"))
     kernel = l1_kernel(progress=progress)
     initrd = l1_initramfs(kernel, progress=progress)
     run_dir = run_dir or new_run_dir()
     (run_dir / "tmp").mkdir(exist_ok=True)
-    cwd = Path(cwd or os.getcwd()).resolve()
     (run_dir / "job.sh").write_text(job_script(argv, cwd, job_environment(env or os.environ, run_dir)))
     for stale in ("status", "output.log", "l1-console.log", "qemu.log"):
         (run_dir / stale).unlink(missing_ok=True)

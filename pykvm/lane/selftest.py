@@ -16,9 +16,11 @@ Exit status (also in the README):
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from ..assets.progress import Progress
-from .runner import cleanup, run
+from .qemu import qemu_binary
+from .runner import check_cwd, cleanup, run
 
 L1_CONSOLE_TAIL = 30
 
@@ -33,6 +35,8 @@ def _stdout(chunk: bytes) -> None:
 
 def selftest(command: list[str], *, timeout: float, keep: bool = False) -> int:
     progress = Progress("selftest")
+    qemu_binary()  # before building anything: say at once what is missing
+    check_cwd(Path.cwd().resolve(), Path("/nonexistent"))
     if not command:
         from ..assets import initramfs, test_kernel
         kernel, initrd = test_kernel(progress=progress), initramfs(progress=progress)
