@@ -80,6 +80,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_boot(args) -> int:
+    from .config import BootConfig, DeviceConfig, LinuxConfig, MachineConfig
     from .linux import LinuxVM, parse_size
     from .host.terminal import Terminal
     from .stop import Stop
@@ -103,12 +104,16 @@ def cmd_boot(args) -> int:
     elif args.module:
         raise UsageError(f"--module is for multiboot kernels; {args.kernel} has no multiboot header")
     else:
-        vm = LinuxVM(args.kernel, initrd=args.initrd, append=args.append or "", memory=memory,
-                     decompress=not args.no_decompress, pvm_workarounds=not args.no_pvm_workarounds and None,
-                     until=args.until, fast_path=not args.no_fast_path, disk=args.disk,
-                     readonly=args.readonly, snapshot=args.snapshot, rng=args.rng, net_tap=net_tap,
-                     console="hvc0" if args.hvc else "ttyS0", irqchip=args.irqchip,
-                     disk_bus=args.disk_bus)
+        config = LinuxConfig(
+            BootConfig(args.kernel, initrd=args.initrd, append=args.append or "",
+                       decompress=not args.no_decompress),
+            MachineConfig(memory=memory, irqchip=args.irqchip, fast_path=not args.no_fast_path,
+                          pvm_workarounds=not args.no_pvm_workarounds and None),
+            DeviceConfig(disk=args.disk, disk_bus=args.disk_bus, readonly=args.readonly,
+                         snapshot=args.snapshot, rng=args.rng, net_tap=net_tap,
+                         console="hvc0" if args.hvc else "ttyS0"),
+            until=args.until)
+        vm = LinuxVM(config)
     with vm:
         from .testdevs import add_test_devices
         add_test_devices(vm.machine, **test_devices)
@@ -226,6 +231,7 @@ def _terminal_sink(out, raw: bool):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import DISK_BUSES, IRQCHIPS
     p = argparse.ArgumentParser(prog="pykvm", description="A virtual machine monitor in Python on Linux KVM.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -239,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("kernel", help="bzImage or vmlinux")
     boot.add_argument("disk", nargs="?", help="raw disk image: the guest's /dev/vda (virtio-blk), "
                       "root=/dev/vda unless --append gives a root=")
-    boot.add_argument("--disk-bus", choices=("virtio-mmio", "virtio-pci", "ide"), default="virtio-mmio",
+    boot.add_argument("--disk-bus", choices=DISK_BUSES, default="virtio-mmio",
                       help="how the disk is attached: virtio-blk over virtio-mmio (/dev/vda, the "
                       "default) or virtio-pci (/dev/vda), or IDE (/dev/sda)")
     boot.add_argument("--readonly", action="store_true", help="the guest cannot write the disk")
@@ -261,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="let the kernel decompress itself (classic bzImage boot)")
     boot.add_argument("--no-pvm-workarounds", action="store_true",
                       help="on KVM-PVM hosts, do not add kernel arguments or complete emulation gaps")
-    boot.add_argument("--irqchip", choices=("kernel", "user"), default="kernel",
+    boot.add_argument("--irqchip", choices=IRQCHIPS, default="kernel",
                       help="interrupt controllers and PIT in KVM (default) or in pykvm's Python models")
     boot.add_argument("--no-fast-path", action="store_true",
                       help="handle every exit in Python (no C run loop): slower, for teaching")

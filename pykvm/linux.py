@@ -19,6 +19,7 @@ import os
 from . import cli_checks, pvm
 from .boot import BootError, load_linux
 from .boot.cmdline import Cmdline
+from .config import LinuxConfig
 from .console import ConsoleLog
 from .halt import watch_for_final_halt
 from .machine import Machine, MachineError
@@ -26,7 +27,6 @@ from .stop import Stop, StopReason
 from .pc import add_pc_devices
 from .x86 import cpu, layout, mptable
 
-DEFAULT_MEMORY = 256 * layout.MiB
 
 # What every pykvm guest gets unless the user says otherwise (Cmdline.add_default).
 DEFAULT_ARGS = [
@@ -44,7 +44,6 @@ POWEROFF_LINE = r"reboot: Power down"
 # this, then every CPU executes hlt with interrupts off (pykvm.halt sees that state too).
 HALT_LINE = r"reboot: System halted"
 
-DISK_BUSES = ("virtio-mmio", "virtio-pci", "ide")
 
 # On KVM-PVM hosts every kernel instruction is emulated, so pure busywork at boot costs seconds.
 # These arguments skip some without changing what the guest can do (each measured here):
@@ -70,46 +69,32 @@ def _read_file(path: str | os.PathLike, what: str) -> bytes:
 
 
 class LinuxVM:
-    """A Linux guest on a one-vCPU PC.
+    """A Linux guest on a one-vCPU PC, built from a `LinuxConfig` (pykvm/config.py):
 
-    kernel: bzImage or ELF vmlinux path. initrd: optional initramfs path. append: extra kernel
-    arguments. memory: bytes or "256M". decompress: unpack a bzImage's payload on the host (fast;
-    False keeps the kernel's own decompressor). pvm_workarounds: None = when the host is KVM-PVM.
-    until: stop (reason "until") when a console line matches this regex. fast_path: answer the hot
-    port I/O (serial console polling, POST port) in C; False sends every exit through Python.
+        LinuxVM(LinuxConfig(BootConfig("bzImage"), MachineConfig(memory="1G")))
+        LinuxVM("bzImage", memory="1G", disk="root.img")      # the same, as flat keywords
 
-    Virtio devices (over virtio-mmio): disk (a raw image; `readonly`, or `snapshot` to leave it
-    untouched) becomes /dev/vda and `root=/dev/vda` unless `append` names a root; rng adds a
-    virtio-rng; net_tap connects a virtio-net to that host tap device; console="hvc0" puts the
-    kernel console on a virtio-console instead of COM1.
+    The keywords are the configuration's field names (each group's docstring says what they mean);
+    given with a config, they replace its fields. The result is `self.config`."""
 
-    disk_bus: "virtio-mmio" (/dev/vda), "virtio-pci" (/dev/vda, found by PCI scan) or "ide" (the
-    PIIX IDE controller's primary master, /dev/sda, with `root=/dev/sda`).
-
-    irqchip: "kernel" (KVM's in-kernel PIC/IOAPIC/LAPIC/PIT, the fast default) or "user" (pykvm's
-    Python i8259 pair and i8254; the kernel gets `nolapic noapic`: with no in-kernel irqchip KVM
-    emulates no local APIC, so the guest must take the 8259's interrupts directly)."""
-
-    def __init__(self, kernel: str | os.PathLike, *, initrd: str | os.PathLike | None = None,
-                 append: str = "", memory: int | str = DEFAULT_MEMORY, decompress: bool = True,
-                 pvm_workarounds: bool | None = None, until: str | None = None,
-                 fast_path: bool = True, disk: str | os.PathLike | None = None,
-                 readonly: bool = False, snapshot: bool = False, rng: bool = False,
-                 net_tap: str | None = None, console: str = "ttyS0", ioeventfd: bool = True,
-                 irqchip: str = "kernel", disk_bus: str = "virtio-mmio"):
-        self.memory = parse_size(memory)
-        if self.memory < layout.MIN_MEMORY:
-            raise MachineError(f"{self.memory >> 20} MiB of memory is too little for Linux: "
-                               f"give at least {layout.MIN_MEMORY >> 20} MiB (--memory)")
-        kernel_bytes = _read_file(kernel, "kernel")
-        initrd_bytes = _read_file(initrd, "initrd") if initrd else None
+    def __init__(self, kernel: str | os.PathLike | LinuxConfig, **options):
+        if isinstance(kernel, LinuxConfig):
+            config = kernel.replace(**options) if options else kernel
+        else:
+            config = LinuxConfig.from_options(kernel, **options)
+        self.config = config
+        boot, hw, dev = config.boot, config.machine, config.devices
+        pvm_workarounds, irqchip, console = hw.pvm_workarounds, hw.irqchip, dev.console
+        self.memory = hw.memory
+        kernel_bytes = _read_file(boot.kernel, "kernel")
+        initrd_bytes = _read_file(boot.initrd, "initrd") if boot.initrd else None
 
         self.host_kind = pvm.host_kind()
         if pvm_workarounds is None:
             pvm_workarounds = self.host_kind == "KVM-PVM"
         self.pvm_workarounds = pvm_workarounds
 
-        self.cmdline = Cmdline(append)
+        self.cmdline = Cmdline(boot.append)
         if console == "hvc0":
             self.cmdline.add_default("console", "hvc0")
         if irqchip == "user":
@@ -125,34 +110,30 @@ class LinuxVM:
                     self.cmdline.add(key, value or None)
                     self.added_pvm_args.append(arg)
 
-        if disk_bus not in DISK_BUSES:
-            raise MachineError(f"unknown disk bus {disk_bus!r}: one of {', '.join(DISK_BUSES)}")
-        if console not in ("ttyS0", "hvc0"):
-            raise MachineError(f"unknown console {console!r}: ttyS0 (COM1) or hvc0 (virtio)")
         self.console = ConsoleLog()
         self.virtio: list = []          # the virtio devices, in attach order
         self.disk = None
-        self.machine = Machine(self.memory, irqchip=irqchip, fast_path=fast_path)
+        self.machine = Machine(self.memory, irqchip=irqchip, fast_path=hw.fast_path)
         try:
             self.devices = add_pc_devices(self.machine, self.console)
             self.pci = self._add_pci()
-            if disk is not None:
-                self.disk = self._open_disk(disk, readonly, snapshot)
-            if disk_bus == "ide":
+            if dev.disk is not None:
+                self.disk = self._open_disk(dev.disk, dev.readonly, dev.snapshot)
+            if dev.disk_bus == "ide":
                 self._add_ide()
-            elif disk_bus == "virtio-pci" and self.disk is not None:
+            elif dev.disk_bus == "virtio-pci" and self.disk is not None:
                 from .virtio import VirtioBlk
                 from .virtio.attach import attach_pci
                 # On the PCI bus: the kernel finds it by scanning, no command line argument.
-                attach_pci(self.machine, self.pci, VirtioBlk(self.disk, readonly=readonly))
+                attach_pci(self.machine, self.pci, VirtioBlk(self.disk, readonly=dev.readonly))
                 self.cmdline.add_default("root", "/dev/vda")
-            self._add_virtio(self.disk if disk_bus == "virtio-mmio" else None, readonly, rng,
-                             net_tap, console, ioeventfd)
+            self._add_virtio(self.disk if dev.disk_bus == "virtio-mmio" else None, dev.readonly,
+                             dev.rng, dev.net_tap, console, dev.ioeventfd)
             self._add_clock_args()
             if irqchip == "kernel":
                 self._write_mptable()
             self.plan = load_linux(self.machine.mem, kernel_bytes, str(self.cmdline),
-                                   initrd=initrd_bytes, decompress=decompress)
+                                   initrd=initrd_bytes, decompress=boot.decompress)
             self._setup_vcpu()
         except BaseException:
             self.close()
@@ -171,6 +152,7 @@ class LinuxVM:
             Stop(StopReason.POWEROFF, message="the guest powered off")))
         self.console.on_line(HALT_LINE, lambda m: self.machine.request_stop(
             Stop(StopReason.HALT, message="the guest halted the system")))
+        until = config.until
         if until:
             self.console.on_line(until, lambda m: self.machine.request_stop(
                 Stop(StopReason.UNTIL, message=f"console matched {until!r}")))

@@ -1,0 +1,165 @@
+"""What a Linux VM is made of, as plain values: `LinuxConfig` and its three groups.
+
+    LinuxConfig
+        boot:    BootConfig     kernel, initrd, append, decompress          what to load
+        machine: MachineConfig  memory, irqchip, fast_path, pvm_workarounds the hardware and the VMM
+        devices: DeviceConfig   disk, disk_bus, readonly, snapshot, rng,    what is plugged in
+                                net_tap, console, ioeventfd
+        until:   str | None     stop (reason "until") when a console line matches this regex
+
+`LinuxVM(config)` builds a VM from one; `pykvm boot` makes one from its arguments, a test suite's
+fixture from its parameters, and a snapshot stores one (`to_dict()`, `LinuxConfig.from_dict()`:
+JSON-able). Each group checks its values when it is made, so a bad value fails with one line
+(`InputError`) before anything is built.
+
+Every field name is unique across the groups, so one flat set of keywords names them all:
+`LinuxConfig.from_options(kernel, memory="1G", disk="root.img")` routes each keyword to its group.
+That is what `LinuxVM("bzImage", memory="1G", ...)` does with its keyword arguments: a thin layer
+kept because short calls read best that way in tests and examples (a misspelt keyword is a
+TypeError, as for any function).
+
+Where a new option goes: a property of the machine or of how pykvm runs it (vCPUs, ACPI, ...) is a
+field of MachineConfig; a device the guest sees is a field of DeviceConfig; anything about the
+kernel image and its command line is a field of BootConfig. Give it a default that keeps today's
+behaviour, check it in the group's `__post_init__`, and it is at once a LinuxVM keyword, a value
+the CLI can set, and part of what a snapshot records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+from . import cli_checks
+from .cli_checks import InputError
+from .x86 import layout
+
+DEFAULT_MEMORY = 256 * layout.MiB
+IRQCHIPS = ("kernel", "user")
+DISK_BUSES = ("virtio-mmio", "virtio-pci", "ide")
+CONSOLES = ("ttyS0", "hvc0")
+
+
+def _path(value) -> str | None:
+    return None if value is None else os.fspath(value)
+
+
+def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise InputError(f"unknown {name} {value!r}: one of {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class BootConfig:
+    """kernel: bzImage or ELF vmlinux path. initrd: optional initramfs path. append: extra kernel
+    arguments. decompress: unpack a bzImage's payload on the host (fast; False keeps the kernel's
+    own decompressor)."""
+
+    kernel: str
+    initrd: str | None = None
+    append: str = ""
+    decompress: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kernel", _path(self.kernel))
+        object.__setattr__(self, "initrd", _path(self.initrd))
+        object.__setattr__(self, "append", self.append or "")
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """memory: bytes or "256M" (always bytes after). irqchip: "kernel" (KVM's PIC/IOAPIC/LAPIC/PIT,
+    the fast default) or "user" (pykvm's Python i8259 pair and i8254; the kernel gets
+    `nolapic noapic`). fast_path: answer the hot port I/O (serial console polling, POST port) in C;
+    False sends every exit through Python. pvm_workarounds: None = when the host is KVM-PVM."""
+
+    memory: int = DEFAULT_MEMORY
+    irqchip: str = "kernel"
+    fast_path: bool = True
+    pvm_workarounds: bool | None = None
+
+    def __post_init__(self) -> None:
+        memory = cli_checks.size(self.memory)
+        if memory < layout.MIN_MEMORY:
+            raise InputError(f"{memory >> 20} MiB of memory is too little for Linux: "
+                             f"give at least {layout.MIN_MEMORY >> 20} MiB (--memory)")
+        object.__setattr__(self, "memory", memory)
+        _one_of("irqchip", self.irqchip, IRQCHIPS)
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """disk: a raw image path (`readonly`, or `snapshot` to leave it untouched), on `disk_bus`
+    "virtio-mmio" (/dev/vda), "virtio-pci" (/dev/vda, found by PCI scan) or "ide" (the PIIX IDE
+    primary master, /dev/sda); the root= argument follows unless `append` names a root. rng: a
+    virtio-rng. net_tap: a virtio-net on that host tap device. console: "ttyS0" (COM1) or "hvc0"
+    (a virtio-console). ioeventfd: virtio-mmio kicks caught by KVM, served off the vCPU thread."""
+
+    disk: str | None = None
+    disk_bus: str = "virtio-mmio"
+    readonly: bool = False
+    snapshot: bool = False
+    rng: bool = False
+    net_tap: str | None = None
+    console: str = "ttyS0"
+    ioeventfd: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "disk", _path(self.disk))
+        _one_of("disk bus", self.disk_bus, DISK_BUSES)
+        _one_of("console", self.console, CONSOLES)
+        if self.readonly and self.snapshot:
+            raise InputError("readonly and snapshot exclude each other: pick one")
+
+
+_GROUPS = {"boot": BootConfig, "machine": MachineConfig, "devices": DeviceConfig}
+
+
+@dataclass(frozen=True)
+class LinuxConfig:
+    boot: BootConfig
+    machine: MachineConfig = field(default_factory=MachineConfig)
+    devices: DeviceConfig = field(default_factory=DeviceConfig)
+    until: str | None = None
+
+    @classmethod
+    def from_options(cls, kernel: str | os.PathLike, **options) -> "LinuxConfig":
+        """A config from flat keywords (LinuxVM's), each routed to the group that has the field."""
+        return cls(BootConfig(kernel)).replace(**options)
+
+    def replace(self, **options) -> "LinuxConfig":
+        """A copy with some fields changed, named flat as in from_options."""
+        changes: dict[str, dict] = {}
+        top = {}
+        for name, value in options.items():
+            group = _FIELD_GROUP.get(name)
+            if group is None:
+                if name != "until":
+                    raise TypeError(f"unknown LinuxVM option {name!r}")
+                top[name] = value
+            else:
+                changes.setdefault(group, {})[name] = value
+        for group, values in changes.items():
+            top[group] = dataclasses.replace(getattr(self, group), **values)
+        return dataclasses.replace(self, **top)
+
+    def to_dict(self) -> dict:
+        """Plain values only (JSON-able): {"boot": {...}, "machine": {...}, "devices": {...},
+        "until": ...}."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LinuxConfig":
+        groups = {name: kind(**data.get(name, {})) for name, kind in _GROUPS.items()
+                  if name != "boot"}
+        return cls(BootConfig(**data["boot"]), **groups, until=data.get("until"))
+
+
+# field name -> the group that has it (names are unique across groups: checked here, at import).
+_FIELD_GROUP: dict[str, str] = {}
+for _group, _kind in _GROUPS.items():
+    for _f in dataclasses.fields(_kind):
+        assert _f.name not in _FIELD_GROUP and _f.name != "until", _f.name
+        _FIELD_GROUP[_f.name] = _group
+del _group, _kind, _f

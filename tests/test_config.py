@@ -1,0 +1,37 @@
+"""LinuxConfig: flat keywords routed to their groups, checks at construction, a dict round trip."""
+
+import json
+
+import pytest
+
+from pykvm.cli_checks import InputError
+from pykvm.config import BootConfig, DeviceConfig, LinuxConfig, MachineConfig
+
+
+def test_flat_keywords_land_in_their_groups():
+    c = LinuxConfig.from_options("bzImage", memory="1G", disk="root.img", disk_bus="ide",
+                                 append="quiet", until="Run /init")
+    assert c.boot == BootConfig("bzImage", append="quiet")
+    assert c.machine == MachineConfig(memory=1 << 30)
+    assert c.devices == DeviceConfig(disk="root.img", disk_bus="ide")
+    assert c.until == "Run /init"
+    assert c.replace(rng=True).devices.rng and not c.devices.rng
+
+
+def test_dict_round_trip_is_json_able():
+    c = LinuxConfig.from_options("bzImage", initrd="init.cpio", irqchip="user", net_tap="tap0")
+    assert LinuxConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+@pytest.mark.parametrize("options", [dict(memory="1M"), dict(memory="lots"), dict(disk_bus="scsi"),
+                                     dict(console="ttyS1"), dict(irqchip="none"),
+                                     dict(readonly=True, snapshot=True)])
+def test_bad_values_fail_with_one_line_when_made(options):
+    with pytest.raises(InputError) as e:
+        LinuxConfig.from_options("bzImage", **options)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_keyword_is_a_type_error():
+    with pytest.raises(TypeError, match="disck"):
+        LinuxConfig.from_options("bzImage", disck="root.img")
