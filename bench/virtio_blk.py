@@ -178,11 +178,8 @@ def guest_io(path: Path, size: int, request: int = REQUEST, segment: int = SEGME
         def setup(m):
             m.add_pio(MARKER_PORT, 1, marker, "bench-marker")
             seen["dev"] = VirtioBlk(disk)
-            attach_mmio(m, seen["dev"], 0, ioeventfd=ioeventfd)
-            transport = m.mmio.find(layout.VIRTIO_MMIO_BASE).device
-            notifier = getattr(transport, "notifier", None)
-            if notifier is not None:
-                m.on_stop.append(lambda stop: notifier.close())
+            attached = attach_mmio(m, seen["dev"], 0, ioeventfd=ioeventfd)
+            m.on_stop.append(lambda stop: attached.close())
 
         r = run_firmware("virtio_blk", args=[1, layout.VIRTIO_MMIO_BASE, size, request, segment,
                                              depth, MARKER_PORT, int(write)],

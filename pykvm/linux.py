@@ -111,7 +111,7 @@ class LinuxVM:
                     self.added_pvm_args.append(arg)
 
         self.console = ConsoleLog()
-        self.virtio: list = []          # the virtio devices, in attach order
+        self.attached: list = []        # VirtioAttachment of each virtio device, in attach order
         self.disk = None
         self.machine = Machine(self.memory, irqchip=irqchip, fast_path=hw.fast_path)
         try:
@@ -125,7 +125,8 @@ class LinuxVM:
                 from .virtio import VirtioBlk
                 from .virtio.attach import attach_pci
                 # On the PCI bus: the kernel finds it by scanning, no command line argument.
-                attach_pci(self.machine, self.pci, VirtioBlk(self.disk, readonly=dev.readonly))
+                self.attached.append(attach_pci(self.machine, self.pci,
+                                                VirtioBlk(self.disk, readonly=dev.readonly)))
                 self.cmdline.add_default("root", "/dev/vda")
             self._add_virtio(self.disk if dev.disk_bus == "virtio-mmio" else None, dev.readonly,
                              dev.rng, dev.net_tap, console, dev.ioeventfd)
@@ -222,8 +223,14 @@ class LinuxVM:
             from .host.tap import Tap
             devices.append(VirtioNet(Tap(net_tap)))
         for index, device in enumerate(devices):
-            self.cmdline.add(*attach_mmio(self.machine, device, index, ioeventfd=ioeventfd).split("=", 1))
-            self.virtio.append(device)
+            attached = attach_mmio(self.machine, device, index, ioeventfd=ioeventfd)
+            self.cmdline.add(*attached.kernel_arg.split("=", 1))
+            self.attached.append(attached)
+
+    @property
+    def virtio(self) -> list:
+        """The virtio devices, in attach order."""
+        return [a.device for a in self.attached]
 
     def _setup_vcpu(self) -> None:
         vcpu = self.machine.vcpu
@@ -244,9 +251,8 @@ class LinuxVM:
         self.machine.start(timeout)
 
     def _start_backends(self) -> None:
-        for device in self.virtio:
-            if hasattr(device, "start"):      # virtio-net: a thread moving frames from the tap
-                device.start()
+        for attached in self.attached:
+            attached.start()
 
     def wait(self, timeout: float | None = None) -> Stop | None:
         return self.machine.wait(timeout)
@@ -306,22 +312,14 @@ class LinuxVM:
         machine = getattr(self, "machine", None)
         if machine is not None and machine.running:
             machine.stop()
-        for device in getattr(self, "virtio", []):
-            transport = machine.mmio.find(self._mmio_base(device)) if machine else None
-            notifier = getattr(transport.device, "notifier", None) if transport else None
-            if notifier is not None:
-                notifier.close()
-            if hasattr(device, "close"):
-                device.close()
+        for attached in getattr(self, "attached", []):
+            attached.close()
         if self.disk is not None:
             self.disk.flush()
             self.disk.close()
         if machine is not None:
             machine.close()
         self.console.close()
-
-    def _mmio_base(self, device) -> int:
-        return layout.VIRTIO_MMIO_BASE + self.virtio.index(device) * layout.VIRTIO_MMIO_SIZE
 
     def __enter__(self) -> "LinuxVM":
         return self

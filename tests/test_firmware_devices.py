@@ -59,13 +59,11 @@ def run_virtio_blk(path, args, *, snapshot=False, ioeventfd=False, readonly=Fals
     with DiskImage(path, snapshot=snapshot, readonly=readonly) as disk:
         def setup(m):
             dev = VirtioBlk(disk, serial="pykvm-fw-disk")
-            arg = attach_mmio(m, dev, 0, ioeventfd=ioeventfd)
-            transport = m.mmio.find(layout.VIRTIO_MMIO_BASE).device
-            seen.update(arg=arg, dev=dev, transport=transport)
-            notifier = getattr(transport, "notifier", None)
-            if notifier is not None:
-                seen["notifier"] = notifier
-                m.on_stop.append(lambda stop: notifier.close())
+            attached = attach_mmio(m, dev, 0, ioeventfd=ioeventfd)
+            seen.update(arg=attached.kernel_arg, dev=dev, transport=attached.transport)
+            if attached.notifier is not None:
+                seen["notifier"] = attached.notifier
+            m.on_stop.append(lambda stop: attached.close())
 
         # The virtio-mmio transport drives an interrupt line, so the machine needs an irqchip;
         # the guest never enables interrupts and polls the used ring instead.

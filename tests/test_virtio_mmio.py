@@ -228,6 +228,8 @@ class FakeMachine:
     def irq_line(self, gsi):
         return self.lines.setdefault(gsi, RecordingIrqLine())
 
+    edge_irq_line = irq_line
+
 
 class BusPort:
     """The transport as the guest reaches it: through the machine's MMIO bus at an address."""
@@ -244,7 +246,7 @@ class BusPort:
 
 def test_attach_mmio_registers_and_announces():
     m = FakeMachine()
-    args = [attach_mmio(m, VirtioRng(), i) for i in range(3)]
+    args = [attach_mmio(m, VirtioRng(), i).kernel_arg for i in range(3)]
     assert args[0] == "virtio_mmio.device=4K@0xd0000000:5"
     assert args[2] == "virtio_mmio.device=4K@0xd0002000:7"
     assert virtio_mmio_irq(3) == 9 and layout.IRQ_RTC not in VIRTIO_IRQS
@@ -263,8 +265,9 @@ def test_ioeventfd_notifier():
     vm = FakeVm()
     m = FakeMachine(vm)
     dev = VirtioRng()
-    attach_mmio(m, dev, 0, ioeventfd=True)
+    attached = attach_mmio(m, dev, 0, ioeventfd=True)
     t = m.mmio.find(layout.VIRTIO_MMIO_BASE).device
+    assert t is attached.transport and attached.irq == 5
     assert set(vm.ioeventfds) == {(layout.VIRTIO_MMIO_BASE + R.QUEUE_NOTIFY, 0)}
     drv = MmioDriver(t, m.mem)
     drv.init()
@@ -279,20 +282,20 @@ def test_ioeventfd_notifier():
         with dev.lock:
             used = q.take_used()
         time.sleep(0.01)
-    assert used == [(h, 8)] and t.notifier.kicks == 1
-    t.notifier.close()
-    assert vm.ioeventfds == {}
+    assert used == [(h, 8)] and attached.notifier.kicks == 1
+    attached.close()
+    assert vm.ioeventfds == {} and attached.notifier is None
 
 
 def test_attach_on_a_real_machine_with_ioeventfd(kvm):
     from pykvm.machine import Machine
     with Machine(32 * layout.MiB, kvm=kvm) as m:
         dev = VirtioRng()
-        assert attach_mmio(m, dev, 0, ioeventfd=True) == "virtio_mmio.device=4K@0xd0000000:5"
-        t = m.mmio.find(layout.VIRTIO_MMIO_BASE).device
+        attached = attach_mmio(m, dev, 0, ioeventfd=True)
+        assert attached.kernel_arg == "virtio_mmio.device=4K@0xd0000000:5"
         assert m.mmio.read(layout.VIRTIO_MMIO_BASE, 4) == R.MMIO_MAGIC
-        assert len(t.notifier.fds) == 1      # KVM_IOEVENTFD accepted the registration
-        t.notifier.close()
+        assert len(attached.notifier.fds) == 1      # KVM_IOEVENTFD accepted the registration
+        attached.close()
 
 
 def test_corrupt_avail_index_sets_needs_reset():

@@ -64,7 +64,7 @@ def on_bus(device=None):
     does."""
     m = FakeMachine()
     dev = device or VirtioRng()
-    t = attach_pci(m, m.pci, dev)
+    t = attach_pci(m, m.pci, dev).transport
     drv = PciDriver(PciConfigPorts(m.pio, t.slot), m.mmio, m.mem)
     return m, dev, t, drv
 
@@ -269,11 +269,12 @@ def test_pci_cfg_access_capability():
 
 def test_attach_pci_picks_distinct_irqs_and_sets_elcr():
     m = FakeMachine()
-    ts = [attach_pci(m, m.pci, VirtioRng()) for _ in range(3)]
+    ts = [attach_pci(m, m.pci, VirtioRng()).transport for _ in range(3)]
     assert [t.config[INTERRUPT_LINE] for t in ts] == [11, 10, 9]
     assert m.userirq.pic.level_triggered == {9, 10, 11}
     assert [t.slot for t in ts] == [1, 2, 3]
-    assert attach_pci(m, m.pci, VirtioRng(), irq=5).config[INTERRUPT_LINE] == 5
+    attached = attach_pci(m, m.pci, VirtioRng(), irq=5)
+    assert attached.transport.config[INTERRUPT_LINE] == 5 and attached.irq == 5
 
 
 def test_attach_pci_on_a_real_machine_sets_the_kernel_pic_elcr(kvm):
@@ -282,7 +283,7 @@ def test_attach_pci_on_a_real_machine_sets_the_kernel_pic_elcr(kvm):
     with Machine(32 * layout.MiB, kvm=kvm) as m:
         pci = PciBus(mmio=m.mmio, pio=m.pio)
         pci.register_on(m.pio)
-        t = attach_pci(m, pci, VirtioRng())
+        t = attach_pci(m, pci, VirtioRng()).transport
         elcr = m.vm.get_irqchip(lib.KVM_IRQCHIP_PIC_SLAVE).chip.pic.elcr
         assert elcr & (1 << (11 - 8))
         drv = PciDriver(PciConfigPorts(m.pio, t.slot), m.mmio, m.mem, ram_start=0x10_0000)

@@ -8,7 +8,9 @@ How a virtio device comes to life in a pykvm guest:
    nothing of KVM or of how the guest reaches it.
 2. A *transport* makes it reachable. `attach_mmio(machine, device, index)` (attach.py) wraps it in
    `VirtioMmio` (mmio.py), a page of registers on the machine's MMIO bus, wires an interrupt line,
-   and returns the kernel argument `virtio_mmio.device=4K@0xd0000000:5` that tells Linux where it is.
+   and returns a `VirtioAttachment` that holds the kernel argument
+   `virtio_mmio.device=4K@0xd0000000:5` telling Linux where it is; the VMM keeps the attachment and
+   closes it. (`attach_pci` puts it on the PCI bus instead, where Linux finds it by scanning.)
 3. Linux's virtio_mmio driver probes the page (magic "virt", version 2), resets the device, sets
    ACKNOWLEDGE and DRIVER, reads the offered features, writes the subset it accepts, sets
    FEATURES_OK and checks it stuck, lays out each queue in its RAM (descriptor table, available
@@ -24,7 +26,7 @@ How a virtio device comes to life in a pykvm guest:
 `mock.py` is the driver's side of all this, for tests with no guest.
 """
 
-from .attach import attach_mmio, attach_pci
+from .attach import VirtioAttachment, attach_mmio, attach_pci
 from .blk import VirtioBlk
 from .console import VirtioConsole
 from .device import VirtioDevice
@@ -34,5 +36,5 @@ from .net import VirtioNet
 from .queue import ChainError, DescChain, VirtQueue
 from .rng import VirtioRng
 
-__all__ = ["attach_mmio", "attach_pci", "VirtioPci", "ChainError", "DescChain", "VirtioBlk", "VirtioConsole", "VirtioDevice",
+__all__ = ["VirtioAttachment", "attach_mmio", "attach_pci", "VirtioPci", "ChainError", "DescChain", "VirtioBlk", "VirtioConsole", "VirtioDevice",
            "VirtioMmio", "VirtioNet", "VirtioRng", "VirtQueue"]

@@ -1,11 +1,18 @@
 """Putting a virtio device on a machine.
 
-    cmdline_args.append(attach_mmio(machine, VirtioBlk(DiskImage("disk.img")), 0))
+    attached = attach_mmio(machine, VirtioBlk(DiskImage("disk.img")), 0)
+    cmdline.add(*attached.kernel_arg.split("=", 1))
+    ...
+    attached.close()          # the ioeventfd thread, then the device's own resources
+
+Both ways of attaching return a `VirtioAttachment`: the device, its transport, its IRQ, the kernel
+argument (virtio-mmio) and the ioeventfd notifier (if any). Whoever attaches keeps it, `start()`s it
+before running the guest and `close()`s it after (LinuxVM does).
 
 `attach_mmio` wraps the device in a virtio-mmio transport, registers it on `machine.mmio` at
-`layout.VIRTIO_MMIO_BASE + index * VIRTIO_MMIO_SIZE` with the interrupt line `machine.irq_line(irq)`,
-and returns the kernel argument that tells Linux it is there (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES):
-`virtio_mmio.device=4K@0xd0000000:5`. Linux has no other way to find a virtio-mmio device on x86
+`layout.VIRTIO_MMIO_BASE + index * VIRTIO_MMIO_SIZE` with the interrupt line
+`machine.edge_irq_line(irq)`, and gives the kernel argument that tells Linux it is there
+(CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES): `virtio_mmio.device=4K@0xd0000000:5`. Linux has no other way to find a virtio-mmio device on x86
 (there is no bus to enumerate; ARM machines describe them in the device tree instead).
 
 Interrupts: with no MP table or ACPI, Linux drives the two 8259 PICs and only ISA IRQs 0-15 exist.
@@ -19,7 +26,7 @@ KVM itself (KVM_IOEVENTFD with the queue index as datamatch): the vCPU does not 
 signalled, and a thread (`IoEventNotifier`) calls the device's notify under the device lock. Without
 it, a kick is an MMIO exit handled on the vCPU thread, which is simpler and always works.
 
-    transport = attach_pci(machine, pci_bus, VirtioBlk(DiskImage("disk.img")))
+    transport = attach_pci(machine, pci_bus, VirtioBlk(DiskImage("disk.img"))).transport
 
 `attach_pci` puts the device on a `PciBus` as a modern virtio-pci function (pci.py) instead: Linux
 finds it by enumerating PCI, so there is no kernel argument. The bus assigns its BAR (as firmware
@@ -38,6 +45,7 @@ from __future__ import annotations
 import os
 import select
 import threading
+from dataclasses import dataclass
 
 from pykvm.x86 import layout
 
@@ -59,18 +67,38 @@ def virtio_mmio_irq(index: int) -> int:
     return VIRTIO_IRQS[index]
 
 
-def attach_mmio(machine, device: VirtioDevice, index: int, *, ioeventfd: bool = False) -> str:
-    """Put `device` on `machine` as virtio-mmio device number `index`; returns the kernel
-    argument announcing it. The transport is `machine.mmio.find(base).device`."""
+@dataclass
+class VirtioAttachment:
+    """A virtio device as it sits on a machine."""
+
+    device: VirtioDevice
+    transport: VirtioMmio | VirtioPci
+    irq: int
+    kernel_arg: str | None = None            # virtio-mmio: how Linux learns of it
+    notifier: "IoEventNotifier | None" = None  # virtio-mmio with ioeventfd
+
+    def start(self) -> None:
+        self.device.start()
+
+    def close(self) -> None:
+        """Stop the notifier thread (no more kicks reach the device), then close the device."""
+        if self.notifier is not None:
+            self.notifier.close()
+            self.notifier = None
+        self.device.close()
+
+
+def attach_mmio(machine, device: VirtioDevice, index: int, *,
+                ioeventfd: bool = False) -> VirtioAttachment:
+    """Put `device` on `machine` as virtio-mmio device number `index`."""
     base = layout.VIRTIO_MMIO_BASE + index * layout.VIRTIO_MMIO_SIZE
     irq = virtio_mmio_irq(index)
     # Edge-triggered at the PIC/IOAPIC (see above): KVM_IRQFD where the machine offers it.
-    line = machine.edge_irq_line(irq) if hasattr(machine, "edge_irq_line") else machine.irq_line(irq)
-    transport = VirtioMmio(device, machine.mem, line)
+    transport = VirtioMmio(device, machine.mem, machine.edge_irq_line(irq))
     machine.mmio.register(base, layout.VIRTIO_MMIO_SIZE, transport, f"{device.name}#{index}")
-    if ioeventfd and getattr(machine, "vm", None) is not None:
-        transport.notifier = IoEventNotifier(machine.vm, transport, base)
-    return f"virtio_mmio.device=4K@{base:#x}:{irq}"
+    notifier = IoEventNotifier(machine.vm, transport, base) if ioeventfd else None
+    return VirtioAttachment(device, transport, irq, f"virtio_mmio.device=4K@{base:#x}:{irq}",
+                            notifier)
 
 
 # PCI INTx IRQs, from the top down (virtio-mmio takes VIRTIO_IRQS from the bottom up).
@@ -87,25 +115,24 @@ def _pci_irq(pci_bus) -> int:
 
 
 def attach_pci(machine, pci_bus, device: VirtioDevice, *, irq: int | None = None,
-               slot: int | None = None) -> VirtioPci:
-    """Put `device` on `pci_bus` as a virtio-pci function; returns the transport. `irq`: the ISA
-    IRQ its INTA# is routed to (default: the highest of PCI_IRQS no other PCI device on the bus
-    uses). The IRQ is set level-triggered at the machine's PIC."""
+               slot: int | None = None) -> VirtioAttachment:
+    """Put `device` on `pci_bus` as a virtio-pci function. `irq`: the ISA IRQ its INTA# is routed
+    to (default: the highest of PCI_IRQS no other PCI device on the bus uses). The IRQ is set
+    level-triggered at the machine's PIC."""
     if irq is None:
         irq = _pci_irq(pci_bus)
     transport = VirtioPci(device, machine.mem)
     pci_bus.add(transport, slot=slot, irq=irq, irq_line=machine.irq_line(irq))
     set_level_triggered(machine, irq)
-    return transport
+    return VirtioAttachment(device, transport, irq)
 
 
 def set_level_triggered(machine, irq: int) -> None:
     """Mark ISA IRQ `irq` level-triggered in the ELCR of whichever 8259 the machine has, as a PC
     BIOS does for the IRQs it routes PCI INTx# to (Linux without a PIRQ table never does)."""
-    userirq = getattr(machine, "userirq", None)
-    if userirq is not None:
-        userirq.pic.set_level_triggered(irq)
-    elif getattr(machine, "irqchip", None) == "kernel":
+    if machine.userirq is not None:
+        machine.userirq.pic.set_level_triggered(irq)
+    elif machine.irqchip == "kernel":
         machine.vm.set_level_triggered(irq)
 
 

@@ -86,6 +86,14 @@ class VirtioDevice(Stateful):
         self._interrupt: Callable[[int], None] = lambda cause: None
         self._needs_reset: Callable[[], None] = lambda: None
 
+    # ---- the device's own life: LinuxVM calls these through the attachment (attach.py) ----
+    def start(self) -> None:
+        """Start what runs beside the vCPU (virtio-net: a thread moving frames from its tap).
+        Most devices have nothing to start."""
+
+    def close(self) -> None:
+        """Release what the device holds on the host (threads, file descriptors)."""
+
     # ---- called by the transport ----
     def connect(self, mem: GuestMemory, interrupt: Callable[[int], None],
                 needs_reset: Callable[[], None]) -> None:
