@@ -11,6 +11,10 @@ after the stream giving the uncompressed size, which the kernel's pre-boot decom
 lib/decompress_unlz4.c under PREBOOT reads it at input + in_len - 4). So every decoder here stops at the
 end of its stream and ignores what follows. The relocations that trail the ELF do no harm: pykvm loads
 the kernel at its link address, where no relocation is needed, and the ELF loader reads by offset.
+
+Every decoder stops at `limit` bytes of output (MAX_VMLINUX unless told otherwise): a few KiB of
+hostile input can describe GiBs (a zstd RLE block or a gzip stream of zeros), and the ELF is held
+in host memory whole. A stripped x86-64 vmlinux is tens of MiB (Debian's: ~60).
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ _MAGICS = (
 
 LZ4_LEGACY_MAGIC = 0x184C2102
 LZ4_LEGACY_BLOCK = 8 << 20     # the legacy format's fixed uncompressed block size (lz4 -l)
+MAX_VMLINUX = 512 << 20        # the most a payload may decompress to
+_OUT_CHUNK = 16 << 20         # zlib/bz2/lzma output produced at a time
+_ZSTD_SLICE = 1024             # zstd input fed at a time: <= 32 MiB of output per slice
 
 
 def detect_compression(payload: bytes) -> str:
@@ -49,16 +56,28 @@ def detect_compression(payload: bytes) -> str:
                     f"(gzip/bzip2/xz/lzma/lz4/zstd): the image is corrupt or uses a new format")
 
 
-def decompress_payload(payload: bytes) -> tuple[str, bytes]:
-    """Decompress a bzImage payload; return (compression name, vmlinux bytes)."""
+class TooLarge(BootError):
+    pass
+
+
+def _too_large(name: str, limit: int) -> BootError:
+    return TooLarge(f"{name} payload decompresses to more than {limit >> 20} MiB, more than any "
+                    f"vmlinux: the image is corrupt or hostile")
+
+
+def decompress_payload(payload: bytes, limit: int = MAX_VMLINUX) -> tuple[str, bytes]:
+    """Decompress a bzImage payload; return (compression name, vmlinux bytes). Output beyond
+    `limit` bytes is refused (BootError) without being produced."""
     kind = detect_compression(payload)
     if kind == "none":
+        if len(payload) > limit:
+            raise _too_large(kind, limit)
         return kind, bytes(payload)
     if kind == "lzo":
         raise BootError("payload is LZO-compressed, which pykvm cannot decompress on the host: "
                         "load with decompress=False or use a gzip/xz/lz4/zstd kernel")
     try:
-        out = _DECODERS[kind](payload)
+        out = _DECODERS[kind](payload, limit)
     except BootError:
         raise
     except Exception as e:  # each library raises its own error type for corrupt input
@@ -69,24 +88,56 @@ def decompress_payload(payload: bytes) -> tuple[str, bytes]:
 
 
 def _stream(name: str, make):
-    """A decoder for a format with an end-of-stream marker: decode up to it, ignore what follows."""
-    def decode(data: bytes) -> bytes:
+    """A decoder for a format with an end-of-stream marker: decode up to it, ignore what follows.
+    zlib, bz2 and lzma decompressors take max_length: output comes _OUT_CHUNK at a time and is
+    counted, so a bomb costs at most `limit` plus one chunk of host memory."""
+    def decode(data: bytes, limit: int) -> bytes:
         d = make()
-        out = d.decompress(data)
+        out, total, pending, idle = [], 0, data, 0
+        while not d.eof:
+            chunk = d.decompress(pending, max_length=_OUT_CHUNK)
+            # zlib hands back the input it did not get to; bz2/lzma keep it inside.
+            pending = getattr(d, "unconsumed_tail", b"")
+            total += len(chunk)
+            if total > limit:
+                raise _too_large(name, limit)
+            out.append(chunk)
+            starved = not pending if hasattr(d, "unconsumed_tail") else d.needs_input
+            idle = idle + 1 if not chunk else 0
+            if (starved and not chunk) or idle > 2:
+                break
         if not d.eof:
             raise BootError(f"{name} payload ends before its stream does: the image is truncated")
-        return out
+        return b"".join(out)
     return decode
 
 
-def _lz4_legacy(data: bytes) -> bytes:
+def _zstd(data: bytes, limit: int) -> bytes:
+    """zstd's decompressobj has no max_length: feed it small slices and count. `zstd -22 --ultra`
+    (the kernel's choice) uses windows up to 128 MiB and may omit the content size."""
+    d = zstandard.ZstdDecompressor(max_window_size=1 << 31).decompressobj()
+    out, total = [], 0
+    for pos in range(0, len(data), _ZSTD_SLICE):
+        chunk = d.decompress(data[pos:pos + _ZSTD_SLICE])
+        total += len(chunk)
+        if total > limit:
+            raise _too_large("zstd", limit)
+        out.append(chunk)
+        if d.eof:
+            break
+    if not d.eof:
+        raise BootError("zstd payload ends before its stream does: the image is truncated")
+    return b"".join(out)
+
+
+def _lz4_legacy(data: bytes, limit: int) -> bytes:
     """The LZ4 legacy frame the kernel uses (lz4 -l): magic, then blocks of [le32 size][size bytes].
 
     Each block decompresses to at most 8 MiB. The stream has no end marker: it ends with the input,
     which for a bzImage is followed by the 4-byte size_append trailer. A block size equal to the magic
     starts a further concatenated frame.
     """
-    out = []
+    out, total = [], 0
     pos, end = 4, len(data)
     while pos < end:
         if end - pos == 4 and out:
@@ -100,7 +151,11 @@ def _lz4_legacy(data: bytes) -> bytes:
         if size > end - pos:
             raise BootError(f"lz4 block of {size} bytes at payload offset {pos - 4:#x} runs past the "
                             f"payload's end: the image is truncated")
-        out.append(lz4.block.decompress(data[pos:pos + size], uncompressed_size=LZ4_LEGACY_BLOCK))
+        block = lz4.block.decompress(data[pos:pos + size], uncompressed_size=LZ4_LEGACY_BLOCK)
+        total += len(block)
+        if total > limit:
+            raise _too_large("lz4", limit)
+        out.append(block)
         pos += size
     if not out:
         raise BootError("lz4 payload has no blocks: the image is truncated")
@@ -115,9 +170,6 @@ _DECODERS = {
     # stream header. FORMAT_ALONE (.lzma) has an end marker or a stored size.
     "xz": _stream("xz", lambda: lzma.LZMADecompressor(format=lzma.FORMAT_XZ)),
     "lzma": _stream("lzma", lambda: lzma.LZMADecompressor(format=lzma.FORMAT_ALONE)),
-    # `zstd -22 --ultra` (the kernel's choice) uses windows up to 128 MiB and may omit the content
-    # size; a streaming decompressor handles both.
-    "zstd": _stream("zstd", lambda: zstandard.ZstdDecompressor(max_window_size=1 << 31)
-                    .decompressobj()),
+    "zstd": _zstd,
     "lz4": _lz4_legacy,
 }
