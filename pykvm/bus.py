@@ -33,6 +33,9 @@ class Device(Protocol):
     def write(self, offset: int, size: int, value: int) -> None: ...
 
 
+UNCLAIMED_LOG_MAX = 1024
+
+
 class BusOverlapError(ValueError):
     """Two devices claimed the same addresses (a VMM configuration bug)."""
 
@@ -57,7 +60,11 @@ class Bus:
         self._bases: list[int] = []
         self._ranges: list[Range] = []
         self.unclaimed = 0
-        self.unclaimed_log: dict[int, int] = {}  # address -> count, for the exit tracer
+        # address -> count, for the exit tracer: the first UNCLAIMED_LOG_MAX distinct addresses;
+        # accesses to further ones are only counted in unclaimed_other (a guest sweeping the whole
+        # MMIO space must not grow the VMM by a dict entry per address).
+        self.unclaimed_log: dict[int, int] = {}
+        self.unclaimed_other = 0
         # Addresses seen before -> (device, base): a guest hits the same few ports over and over,
         # and a dict lookup is cheaper than a bisection on every exit.
         self._hits: dict[int, tuple[Any, int]] = {}
@@ -97,7 +104,13 @@ class Bus:
 
     def _miss(self, addr: int) -> None:
         self.unclaimed += 1
-        self.unclaimed_log[addr] = self.unclaimed_log.get(addr, 0) + 1
+        log = self.unclaimed_log
+        if addr in log:
+            log[addr] += 1
+        elif len(log) < UNCLAIMED_LOG_MAX:
+            log[addr] = 1
+        else:
+            self.unclaimed_other += 1
 
     def _lookup(self, addr: int) -> tuple[Any, int] | None:
         hit = self._hits.get(addr)

@@ -6,6 +6,11 @@ tees them to sinks (the terminal, a file), and lets a test suite wait for a line
     vm.console.expect(r"Run /init as init process", timeout=60)
 
 `expect` searches everything since the last match (like pexpect), so awaiting lines in order works.
+
+What is kept is bounded: the last `keep` bytes (4 MiB by default, far more than a Linux boot log),
+because the guest decides how much it prints and a guest printing forever must not make the VMM
+grow forever. Older output is dropped from the front (`dropped` counts it); the whole log goes only
+where the user asked for it, a file or the terminal (`tee`, `tee_file`), as it arrives.
 """
 
 from __future__ import annotations
@@ -25,20 +30,33 @@ class ExpectTimeout(TimeoutError):
         self.tail = tail
 
 
+DEFAULT_KEEP = 4 << 20
+
+
 class ConsoleLog:
-    def __init__(self) -> None:
+    def __init__(self, keep: int = DEFAULT_KEEP) -> None:
+        if keep < 4096:
+            raise ValueError("a console log keeps at least 4 KiB")
+        self.keep = keep
         self._buf = bytearray()
-        self._pos = 0                       # where the next expect() starts searching
+        self._base = 0                      # stream offset of _buf[0]: bytes dropped so far
+        self._pos = 0                       # stream offset where the next expect() starts searching
         self._cond = threading.Condition()
         self._sinks: list[Callable[[bytes], object]] = []
         self._watchers: list[tuple[re.Pattern, Callable[[re.Match], None]]] = []
-        self._scan = 0                      # how far watchers have looked
+        self._scan = 0                      # stream offset: how far watchers have looked
         self.closed = False
 
     # ---- input side (devices) ----
     def write(self, data: bytes) -> None:
         with self._cond:
             self._buf += data
+            # Trim in steps of a quarter of `keep`, so that a byte-at-a-time console does not
+            # move the whole buffer on every write.
+            if len(self._buf) > self.keep + (self.keep >> 2):
+                drop = len(self._buf) - self.keep
+                del self._buf[:drop]
+                self._base += drop
             self._cond.notify_all()
         for sink in self._sinks:
             sink(data)
@@ -67,9 +85,10 @@ class ConsoleLog:
         self._watchers.append((re.compile(pattern.encode()), fn))
 
     def _check_watchers(self) -> None:
-        end = self._buf.rfind(b"\n") + 1
-        chunk = bytes(self._buf[self._scan:end])
-        self._scan = end
+        with self._cond:
+            end = self._buf.rfind(b"\n") + 1
+            chunk = bytes(self._buf[max(self._scan - self._base, 0):end])
+            self._scan = self._base + end
         for line in chunk.splitlines():
             for pattern, fn in self._watchers:
                 m = pattern.search(line)
@@ -78,7 +97,13 @@ class ConsoleLog:
 
     # ---- queries ----
     @property
+    def dropped(self) -> int:
+        """Bytes of output no longer kept (the oldest), beyond the last `keep`."""
+        return self._base
+
+    @property
     def data(self) -> bytes:
+        """The kept output: everything, unless more than `keep` bytes came (see `dropped`)."""
         return bytes(self._buf)
 
     @property
@@ -97,9 +122,12 @@ class ConsoleLog:
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                m = rx.search(self._buf, self._pos)
-                if m:
-                    self._pos = m.end()
+                start = max(self._pos - self._base, 0)
+                if rx.search(self._buf, start):
+                    # Match again on a copy: a match on the bytearray would read its groups from
+                    # a buffer that trimming shifts later.
+                    m = rx.search(bytes(self._buf), start)
+                    self._pos = self._base + m.end()
                     return m
                 left = deadline - time.monotonic()
                 if left <= 0 or self.closed:

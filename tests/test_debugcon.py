@@ -64,3 +64,15 @@ def test_on_a_bus_at_pc_ports():
     assert out == b"A" and post.code == 0x55 and statuses == [0]
     assert bus.read(PORT_DEBUG, 1) == 0xE9
     assert bus.unclaimed == 0
+
+
+def test_rep_outsb_reaches_debugcon_as_one_string():
+    """Bus.write_from hands a string to a device with write_string in one call."""
+    got = []
+    bus = Bus("pio")
+    con = DebugCon(got.append)
+    bus.register(0xE9, 1, con)
+    bus.write_from(0xE9, 1, memoryview(b"hello, world"), 12)
+    assert got == [b"hello, world"] and con.bytes_out == 12
+    bus.write_from(0xE9, 2, memoryview(b"abcd"), 2)       # words: all bytes, in order
+    assert b"".join(got[1:]) == b"abcd" and con.bytes_out == 16

@@ -50,6 +50,13 @@ class DebugCon(Stateful):
             self.out((value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
         self.bytes_out += size
 
+    def write_string(self, offset: int, size: int, data: memoryview) -> bool:
+        """`rep outs`: the whole string at once (pykvm.bus.Bus.write_from); every width prints
+        all its bytes in order, as write() does, so the items need not be split."""
+        self.out(bytes(data))
+        self.bytes_out += len(data)
+        return True
+
 
 class PostCode(SharesRegisters, Stateful):
     """Port 0x80. `code` is the last POST code written (0 before any); `writes` counts writes.

@@ -1,0 +1,83 @@
+"""A guest that tries to make the VMM grow: firmware/hostile.c floods a virtio-console and sweeps
+unclaimed MMIO. The VMM's resident memory, measured against a small run of the same guest in the
+same test, must stay bounded (generous bounds, far below what keeping everything would take)."""
+
+import pytest
+
+from conftest import KVM_MARKS
+from pykvm.bus import UNCLAIMED_LOG_MAX
+from pykvm.console import ConsoleLog
+from pykvm.devices.debugcon import DebugCon, ExitPort
+from pykvm.machine import Stop
+from pykvm.testing.firmware import build, firmware_machine, prepare
+from pykvm.virtio import VirtioConsole, attach_mmio
+from pykvm.x86 import layout
+
+pytestmark = KVM_MARKS
+MiB = 1 << 20
+
+
+def rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def run_hostile(args, console=None):
+    """Run firmware/hostile.c; return (stop, machine stats dict, RSS at the stop, console)."""
+    console = console if console is not None else ConsoleLog()
+    seen = {}
+    with firmware_machine(16 * MiB, irqchip="kernel") as m:
+        m.add_pio(layout.PORT_DEBUG, 1, DebugCon(console.write), "debugcon")
+        attach_mmio(m, VirtioConsole(console.write), 0)
+        m.add_pio(layout.PORT_EXIT, 4, ExitPort(lambda s: m.request_stop(Stop("exit", s))), "exit")
+        prepare(m, build("hostile"), args=args)
+        # Measured while the machine (and its guest RAM) still exists, as in the baseline.
+        m.on_stop.append(lambda stop: seen.update(rss=rss(), unclaimed=m.mmio.unclaimed,
+                                                  log=len(m.mmio.unclaimed_log) + len(m.pio.unclaimed_log),
+                                                  other=m.mmio.unclaimed_other + m.pio.unclaimed_other,
+                                                  pio=m.pio.unclaimed))
+        stop = m.run(timeout=120)
+    assert stop.reason == "exit" and stop.status == 0, (stop, console.tail())
+    return stop, seen, console
+
+
+def test_console_flood_keeps_a_bounded_tail_and_the_file_gets_everything(tmp_path):
+    log = tmp_path / "console.log"
+    run_hostile([0, 1 * MiB])                       # warm up: code, caches, one full buffer
+    _, base, _ = run_hostile([0, 1 * MiB])
+    with open(log, "wb") as f:
+        console = ConsoleLog()
+        console.tee_file(f)
+        total = 96 * MiB
+        _, seen, console = run_hostile([0, total], console)
+    growth = seen["rss"] - base["rss"]
+    assert growth < 24 * MiB, f"RSS grew {growth >> 20} MiB for a {total >> 20} MiB flood"
+    kept = len(console.data)
+    assert console.keep <= kept <= console.keep * 5 // 4 + 4096
+    assert console.dropped + kept == total + len(b"hostile: done mode 0\n")
+    assert console.data.count(b"console flood") > kept // 70
+    assert console.text.endswith("hostile: done mode 0\n")
+    assert log.stat().st_size == console.dropped + kept     # the file asked for has it all
+
+
+def test_console_expect_still_works_after_trimming():
+    console = ConsoleLog(keep=4096)
+    console.write(b"x" * 10000 + b"\nfirst marker\n")
+    assert console.expect("first marker").group() == b"first marker"
+    console.write(b"y" * 10000 + b"\nsecond marker\n")
+    assert console.dropped > 0
+    assert console.expect("second marker").group() == b"second marker"
+    assert not console.contains("first marker")
+
+
+def test_unclaimed_mmio_sweep_is_counted_not_logged_per_address():
+    _, base, _ = run_hostile([1, 2000])
+    n = 40_000
+    _, seen, _ = run_hostile([1, n])
+    assert seen["unclaimed"] == n
+    assert seen["log"] <= UNCLAIMED_LOG_MAX * 2 and seen["other"] >= n - UNCLAIMED_LOG_MAX
+    growth = seen["rss"] - base["rss"]
+    assert growth < 4 * MiB, f"RSS grew {growth >> 20} MiB for {n} unclaimed addresses"
