@@ -2,6 +2,8 @@
 unclaimed MMIO. The VMM's resident memory, measured against a small run of the same guest in the
 same test, must stay bounded (generous bounds, far below what keeping everything would take)."""
 
+import os
+
 import pytest
 
 from conftest import KVM_MARKS
@@ -81,3 +83,39 @@ def test_unclaimed_mmio_sweep_is_counted_not_logged_per_address():
     assert seen["log"] <= UNCLAIMED_LOG_MAX * 2 and seen["other"] >= n - UNCLAIMED_LOG_MAX
     growth = seen["rss"] - base["rss"]
     assert growth < 4 * MiB, f"RSS grew {growth >> 20} MiB for {n} unclaimed addresses"
+
+
+def run_disk_writer(path, total, *, snapshot):
+    """firmware/virtio_blk.c mode 1, writing: `total` bytes in 1 MiB requests, 4 per notify, then
+    a FLUSH. Returns the RSS at the stop and the result."""
+    from pykvm.host.disk import DiskImage
+    from pykvm.testing.firmware import run_firmware
+    from pykvm.virtio import VirtioBlk
+
+    seen = {}
+    with DiskImage(path, snapshot=snapshot) as disk:
+        def setup(m):
+            attach_mmio(m, VirtioBlk(disk), 0)
+            m.on_stop.append(lambda stop: seen.update(rss=rss()))
+        r = run_firmware("virtio_blk", args=[1, layout.VIRTIO_MMIO_BASE, total, MiB, 256 << 10, 4,
+                                             0, 1], setup=setup, irqchip="kernel", timeout=120,
+                         memory=32 * MiB)
+        written = disk.overlay.written if snapshot else None
+    assert r.status == 0, r.text
+    return seen["rss"], written
+
+
+def test_snapshot_overlay_does_not_grow_the_vmm(tmp_path):
+    """A guest writing 192 MiB to a --snapshot disk: the overlay goes to a sparse temporary file,
+    so the VMM's RSS grows by far less than what was written, and the image is untouched."""
+    img = tmp_path / "disk.img"
+    with open(img, "wb") as f:
+        f.truncate(256 * MiB)                   # sparse: reading it costs nothing
+    run_disk_writer(img, 4 * MiB, snapshot=True)            # warm up
+    base, _ = run_disk_writer(img, 4 * MiB, snapshot=True)
+    total = 192 * MiB
+    after, written = run_disk_writer(img, total, snapshot=True)
+    assert written == total // 4096
+    growth = after - base
+    assert growth < 48 * MiB, f"RSS grew {growth >> 20} MiB for {total >> 20} MiB of guest writes"
+    assert os.stat(img).st_blocks == 0          # still all holes: nothing reached the image

@@ -8,10 +8,11 @@
     discard(offset, n)           the guest no longer needs these bytes (a hint; may do nothing)
     size                         bytes
 
-With `snapshot=True` the file is opened read-only and every write goes to an in-memory overlay of
-4 KiB chunks instead, so the image stays byte-identical however the guest scribbles on it (QEMU's
-`-snapshot`). Shortcut, admitted: the overlay lives in host RAM and grows with what the guest writes;
-a temporary overlay file would bound that, and nothing here has needed it yet.
+With `snapshot=True` the file is opened read-only and every write goes to an overlay of 4 KiB
+chunks instead, so the image stays byte-identical however the guest scribbles on it (QEMU's
+`-snapshot`). The overlay is a temporary sparse file (pykvm/host/overlay.py), not host RAM: a
+guest writing its whole disk does not grow the VMM. `DiskImage.overlay` is that Overlay (None
+without snapshot): its `chunks()` and `load()` save and restore what the guest wrote.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 import os
 import threading
 from typing import Protocol
+
+from .overlay import Overlay
 
 
 class BlockBackend(Protocol):
@@ -44,9 +47,6 @@ class DiskReadOnlyError(DiskError):
     pass
 
 
-CHUNK = 4096
-
-
 def _skip(buffers: list[memoryview], n: int) -> list[memoryview]:
     """The buffers with their first `n` bytes dropped (to resume a short preadv/pwritev)."""
     out = []
@@ -70,8 +70,14 @@ class DiskImage:
         if self.size == 0:
             # A block device reports 0 in st_size: ask it.
             self.size = os.lseek(self.fd, 0, os.SEEK_END)
-        self._overlay: dict[int, bytearray] = {}
         self._lock = threading.Lock()
+        self.overlay: Overlay | None = None
+        if snapshot:
+            try:
+                self.overlay = Overlay(self.size, self._pread)
+            except BaseException:
+                os.close(self.fd)
+                raise
 
     def _check(self, offset: int, n: int) -> None:
         if offset < 0 or n < 0 or offset + n > self.size:
@@ -88,26 +94,10 @@ class DiskImage:
 
     def read(self, offset: int, n: int) -> bytes:
         self._check(offset, n)
-        if not self._overlay:
+        if self.overlay is None or not self.overlay.written:
             return self._pread(offset, n)
         with self._lock:
-            out = bytearray()
-            pos, end = offset, offset + n
-            while pos < end:
-                idx, within = divmod(pos, CHUNK)
-                take = min(CHUNK - within, end - pos)
-                chunk = self._overlay.get(idx)
-                if chunk is not None:
-                    out += chunk[within:within + take]
-                else:
-                    # Read the run of chunks that are not in the overlay in one go.
-                    run_end = pos + take
-                    while run_end < end and (run_end // CHUNK) not in self._overlay:
-                        run_end = min((run_end // CHUNK + 1) * CHUNK, end)
-                    out += self._pread(pos, run_end - pos)
-                    take = run_end - pos
-                pos += take
-            return bytes(out)
+            return self.overlay.read(offset, n)
 
     def readinto(self, offset: int, buffers: list[memoryview]) -> None:
         """Fill `buffers` (e.g. guest RAM windows) with the image's bytes from `offset`, in order.
@@ -116,7 +106,7 @@ class DiskImage:
         what lets a guest read at close to the host's own speed."""
         n = sum(map(len, buffers))
         self._check(offset, n)
-        if self._overlay:
+        if self.overlay is not None and self.overlay.written:
             data, pos = memoryview(self.read(offset, n)), 0
             for b in buffers:
                 b[:] = data[pos:pos + len(b)]
@@ -151,18 +141,7 @@ class DiskImage:
                 done += os.pwrite(self.fd, data[done:], offset + done)
             return
         with self._lock:
-            pos, end, src = offset, offset + len(data), 0
-            while pos < end:
-                idx, within = divmod(pos, CHUNK)
-                take = min(CHUNK - within, end - pos)
-                chunk = self._overlay.get(idx)
-                if chunk is None:
-                    start = idx * CHUNK
-                    base = self._pread(start, min(CHUNK, self.size - start))
-                    chunk = self._overlay[idx] = bytearray(base)
-                chunk[within:within + take] = data[src:src + take]
-                pos += take
-                src += take
+            self.overlay.write(offset, data)
 
     def flush(self) -> None:
         if not (self.readonly or self.snapshot):
@@ -178,6 +157,8 @@ class DiskImage:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self.overlay is not None:
+            self.overlay.close()
 
     def __enter__(self) -> "DiskImage":
         return self
