@@ -60,7 +60,6 @@ from pykvm.devices.isa import ByteRegisters
 from pykvm.devices.state import Stateful
 
 PIT_HZ = 1_193_182
-PORT_SYSTEM_CONTROL_B = 0x61
 
 RW_LATCH = 0
 RW_LSB = 1

@@ -55,6 +55,7 @@ from typing import Callable
 
 from pykvm.irq import IrqLine
 from pykvm.devices.state import Stateful
+from pykvm.x86 import layout
 
 # ICW1 [DS Figure 7 "Initialization Command Word Format"]
 ICW1_IC4 = 0x01      # ICW4 will be written
@@ -82,7 +83,7 @@ OCW3_POLL = 0x04
 OCW3_ESMM = 0x40     # act on SMM
 OCW3_SMM = 0x20      # special mask mode
 
-CASCADE_IRQ = 2
+CASCADE_IRQ = layout.IRQ_CASCADE
 # PIIX ELCR: IRQ 0, 1, 2, 8 and 13 are wired edge-only; their bits are read-only 0 (PIIX4 3.3.1).
 ELCR_MASK = (0xF8, 0xDE)
 
@@ -310,9 +311,9 @@ class I8259Pair(Stateful):
         self.elcr_device = _ElcrPorts(self)
 
     def register_on(self, bus) -> None:
-        bus.register(0x20, 2, self.master, "i8259 master")
-        bus.register(0xA0, 2, self.slave, "i8259 slave")
-        bus.register(0x4D0, 2, self.elcr_device, "ELCR")
+        bus.register(layout.PORT_PIC_MASTER, 2, self.master, "i8259 master")
+        bus.register(layout.PORT_PIC_SLAVE, 2, self.slave, "i8259 slave")
+        bus.register(layout.PORT_ELCR, 2, self.elcr_device, "ELCR")
 
     def pin(self, n: int) -> IrqLine:
         if not 0 <= n < 16:

@@ -55,12 +55,12 @@ import threading
 import time
 from typing import Callable, NamedTuple
 
-from pykvm.devices.i8254 import PORT_SYSTEM_CONTROL_B, I8254Pit, SystemControlPortB
+from pykvm.devices.i8254 import I8254Pit, SystemControlPortB
 from pykvm.devices.i8259 import I8259Pair
 from pykvm.irq import IrqLine
 from pykvm.devices.state import Stateful
+from pykvm.x86 import layout
 
-PORT_PIT = 0x40
 
 
 class RunPlan(NamedTuple):
@@ -142,8 +142,8 @@ class UserIrqChip(Stateful):
 
     def register_on(self, bus) -> None:
         self.pic.register_on(bus)
-        bus.register(PORT_PIT, 4, self.pit, "i8254 PIT")
-        bus.register(PORT_SYSTEM_CONTROL_B, 1, self.port61, "port 0x61")
+        bus.register(layout.PORT_PIT, 4, self.pit, "i8254 PIT")
+        bus.register(layout.PORT_SYSTEM_CONTROL_B, 1, self.port61, "port 0x61")
 
     def irq_line(self, n: int) -> IrqLine:
         return self.pic.pin(n)

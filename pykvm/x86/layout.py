@@ -54,26 +54,37 @@ KVM_TSS = 0xfeffd000
 # Legacy ISA IRQ numbers (the PC/AT wiring of the two 8259s).
 IRQ_PIT = 0
 IRQ_KEYBOARD = 1
+IRQ_CASCADE = 2            # the slave 8259's INT, on the master's IR2
 IRQ_COM2 = 3
 IRQ_COM1 = 4
 IRQ_RTC = 8
+IRQ_MOUSE = 12             # PS/2 auxiliary device
+IRQ_FPU = 13               # x87 FERR# on a PC/AT
 IRQ_ATA0 = 14
 IRQ_ATA1 = 15
 # Interrupt lines pykvm hands out to virtio-mmio and PCI devices.
 IRQ_VIRTIO_FIRST = 5
 
-# I/O ports.
-PORT_PIT = 0x40
-PORT_COM1 = 0x3f8
+# I/O ports: the first of each device's range (the wiring code says how many it claims).
+PORT_PIC_MASTER = 0x20     # i8259 master: command, data
+PORT_PIT = 0x40            # i8254: counters 0-2, control word
+PORT_I8042 = 0x60          # keyboard controller data; status/command at +4
+PORT_SYSTEM_CONTROL_B = 0x61   # PC speaker gate and PIT channel 2 (port 61h)
+PORT_RTC = 0x70            # CMOS index, data
 PORT_POST = 0x80
+PORT_PIC_SLAVE = 0xa0      # i8259 slave
+PORT_ATA1 = 0x170          # secondary IDE command block; control block at PORT_ATA1_CTRL
+PORT_ATA0 = 0x1f0          # primary IDE command block
+PORT_ATA1_CTRL = 0x376
+PORT_ATA0_CTRL = 0x3f6
+PORT_COM1 = 0x3f8
 PORT_DEBUG = 0xe9          # Bochs/QEMU debug console: a byte written here is printed
 PORT_EXIT = 0xf4           # firmware test programs write their exit status here
-PORT_I8042 = 0x60
-PORT_RTC = 0x70
-PORT_PIC_MASTER = 0x20
-PORT_PIC_SLAVE = 0xa0
-PORT_ELCR = 0x4d0
-PORT_PCI_CONFIG = 0xcf8
+PORT_ELCR = 0x4d0          # edge/level control of both 8259s (one byte each)
+PORT_PCI_CONFIG = 0xcf8    # PCI configuration mechanism #1: CONFIG_ADDRESS, CONFIG_DATA at +4
+
+SECTOR = 512              # a disk sector (virtio-blk and ATA address these), and a bzImage's
+                           # setup_sects unit: the PC's 512-byte sector from the BIOS days on
 
 MIN_MEMORY = 32 * MiB      # below this a Linux kernel cannot unpack itself; firmware needs less
 

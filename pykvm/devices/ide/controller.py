@@ -40,14 +40,15 @@ from pykvm.devices.ide.ata import BSY, DEV_SLAVE, AtaDrive
 from pykvm.devices.pci.device import PciDevice
 from pykvm.irq import IrqLine
 from pykvm.devices.state import Stateful
+from pykvm.x86 import layout
 
 CTL_NIEN = 0x02
 CTL_SRST = 0x04
 CTL_HOB = 0x80
 CMD_EXECUTE_DIAGNOSTIC = 0x90
 
-PRIMARY = (0x1F0, 0x3F6)
-SECONDARY = (0x170, 0x376)
+PRIMARY = (layout.PORT_ATA0, layout.PORT_ATA0_CTRL)
+SECONDARY = (layout.PORT_ATA1, layout.PORT_ATA1_CTRL)
 
 
 class IdeChannel(Stateful):

@@ -47,7 +47,6 @@ from pykvm.irq import IrqLine
 from pykvm.devices.state import Stateful
 from pykvm.x86 import layout
 
-PORT_CONFIG_ADDRESS = 0xCF8
 PCI_IO_BASE = 0xC000
 PCI_IO_END = 0x10000
 CONFIG_ADDRESS_MASK = 0x80FFFFFC
@@ -177,7 +176,7 @@ class PciBus(Stateful):
         self.add(self.host_bridge, slot=0)
 
     def register_on(self, pio_bus) -> None:
-        pio_bus.register(PORT_CONFIG_ADDRESS, 8, self.config_port, "PCI config")
+        pio_bus.register(layout.PORT_PCI_CONFIG, 8, self.config_port, "PCI config")
 
     def device_at(self, slot: int, function: int = 0) -> PciDevice | None:
         return self._functions.get((slot, function))
