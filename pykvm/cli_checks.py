@@ -27,10 +27,10 @@ import stat
 import threading
 from pathlib import Path
 
+from .kvm.headers import IFNAMSIZ     # <linux/if.h>: interface names, with their NUL
 from .machine import MachineError
-
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-SECTOR = 512
+# MIN_MEMORY: below it Linux cannot unpack itself
+from .x86.layout import MIN_MEMORY, SECTOR, GiB, KiB, MiB
 
 # Size limits for the files pykvm reads whole into memory. A bzImage is ~5-15 MiB and a vmlinux
 # with DWARF a few hundred; an initramfs must also fit in guest RAM (checked against --memory).
@@ -38,8 +38,6 @@ MAX_KERNEL = 1 * GiB
 MAX_INITRD = 4 * GiB
 MAX_SYSTEM_MAP = 256 * MiB
 MAX_MEMORY = 1 << 40          # 1 TiB: far beyond any machine pykvm runs on
-MIN_MEMORY = 32 * MiB         # pykvm.x86.layout.MIN_MEMORY: Linux cannot unpack itself in less
-IFNAMSIZ = 16                 # <linux/if.h>: interface names are at most 15 bytes plus a NUL
 
 
 class InputError(MachineError):

@@ -16,7 +16,8 @@ from pykvm.devices.debugcon import DebugCon, ExitPort, PostCode
 from pykvm.devices.i8042 import I8042
 from pykvm.devices.i8254 import I8254Pit, SystemControlPortB
 from pykvm.devices.i8259 import I8259Pair
-from pykvm.devices.ide import AtaDrive, IdeChannel, MemoryDisk, PiixIde
+from pykvm.devices.ide import AtaDrive, IdeChannel, PiixIde
+from pykvm.host.disk import MemoryDisk
 from pykvm.devices.pci import PciBus, PciDevice
 from pykvm.devices.rtc import CmosRtc
 from pykvm.devices.serial import Serial16550

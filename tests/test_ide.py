@@ -4,7 +4,8 @@
 from hypothesis import given, settings, strategies as st
 
 from pykvm.bus import Bus
-from pykvm.devices.ide import AtaDrive, IdeChannel, MemoryDisk, PiixIde
+from pykvm.devices.ide import AtaDrive, IdeChannel, PiixIde
+from pykvm.host.disk import MemoryDisk
 from pykvm.devices.ide.ata import ABRT, BSY, DRDY, DRQ, ERR, IDNF
 from pykvm.devices.pci import PciBus
 from pykvm.host.disk import DiskImage

@@ -7,7 +7,7 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from pykvm.host.disk import DiskError, DiskImage, DiskReadOnlyError
+from pykvm.host.disk import BlockBackend, DiskError, DiskImage, DiskReadOnlyError
 from pykvm.irq import RecordingIrqLine
 from pykvm.memory import GuestMemory
 from pykvm.virtio import blk as B
@@ -182,7 +182,7 @@ def test_disk_image_api(tmp_path):
     assert p.read_bytes() == b"\1" * 10000
 
 
-class FakeDisk:
+class FakeDisk(BlockBackend):
     """A disk in a bytearray that records every access, for fuzzing."""
 
     def __init__(self, size):

@@ -23,8 +23,8 @@ from dataclasses import dataclass, make_dataclass
 from construct import Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Struct
 
 from pykvm.boot.errors import BootError
+from pykvm.x86.layout import SECTOR
 
-SECTOR = 512
 HEADER_OFFSET = 0x1f1         # the setup header starts here, in the file and in struct boot_params
 HEADER_LIMIT = 0x290          # struct boot_params reserves 0x1f1..0x290 for the header (bootparam.h _pad7)
 BOOT_FLAG = 0xAA55

@@ -1,6 +1,8 @@
-"""Disk images on the host: what a virtual disk (virtio-blk, IDE) reads and writes.
+"""Disks on the host: what a virtual disk (virtio-blk, IDE) reads and writes.
 
-`DiskImage(path, readonly=False, snapshot=False)` is a raw image file:
+Every disk is a `BlockBackend` (the interface, below, with defaults for its optional parts):
+`DiskImage(path, readonly=False, snapshot=False)`, a raw image file, and `MemoryDisk(size)`, a
+bytearray for tests. Sizes and offsets are bytes; devices address whole `SECTOR`s.
 
     read(offset, n) -> bytes     exactly n bytes; a range past the end raises DiskError
     write(offset, data)          DiskReadOnlyError if readonly
@@ -19,24 +21,9 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Protocol
+from pykvm.x86.layout import SECTOR  # noqa: F401  (the disks' unit, re-exported for devices)
 
 from .overlay import Overlay
-
-
-class BlockBackend(Protocol):
-    """What a virtual disk (VirtioBlk, AtaDrive) needs from its storage; DiskImage is one, and
-    pykvm.devices.ide.disk.MemoryDisk another (for tests). `readinto`/`writefrom` (scatter-gather
-    straight into guest RAM) are optional: devices fall back to read/write."""
-
-    size: int
-    readonly: bool
-
-    def read(self, offset: int, n: int) -> bytes: ...
-
-    def write(self, offset: int, data: bytes) -> None: ...
-
-    def flush(self) -> None: ...
 
 
 class DiskError(OSError):
@@ -45,6 +32,69 @@ class DiskError(OSError):
 
 class DiskReadOnlyError(DiskError):
     pass
+
+
+class BlockBackend:
+    """What a virtual disk (VirtioBlk, AtaDrive) needs from its storage. A subclass sets `size`
+    (bytes) and implements `read` and `write`; the rest are optional, with defaults here:
+    `readinto`/`writefrom` (scatter-gather straight into or out of guest RAM; by default one read
+    or write and a copy), `flush` (nothing to flush), `discard` (keep the bytes: always allowed),
+    `close`. `readonly` refuses writes; `path` names the disk (virtio-blk's default serial)."""
+
+    size: int = 0
+    readonly: bool = False
+    path: str = ""
+
+    def read(self, offset: int, n: int) -> bytes:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def write(self, offset: int, data: bytes) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def readinto(self, offset: int, buffers: list[memoryview]) -> None:
+        """Fill `buffers` in order with the disk's bytes from `offset`."""
+        data, pos = memoryview(self.read(offset, sum(map(len, buffers)))), 0
+        for b in buffers:
+            b[:] = data[pos:pos + len(b)]
+            pos += len(b)
+
+    def writefrom(self, offset: int, buffers: list[memoryview]) -> None:
+        """Write `buffers` in order at `offset`."""
+        self.write(offset, b"".join(buffers))
+
+    def flush(self) -> None:
+        pass
+
+    def discard(self, offset: int, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class MemoryDisk(BlockBackend):
+    """A disk in a bytearray, for tests. `flushes` counts flush() calls."""
+
+    def __init__(self, size: int, readonly: bool = False, data: bytes | None = None):
+        self.buf = bytearray(data if data is not None else size)
+        self.size = len(self.buf)
+        self.readonly = readonly
+        self.flushes = 0
+
+    def read(self, offset: int, n: int) -> bytes:
+        if offset < 0 or offset + n > self.size:
+            raise DiskError(f"{n} bytes at {offset} outside a {self.size}-byte disk")
+        return bytes(self.buf[offset:offset + n])
+
+    def write(self, offset: int, data: bytes) -> None:
+        if self.readonly:
+            raise DiskReadOnlyError("read-only disk")
+        if offset < 0 or offset + len(data) > self.size:
+            raise DiskError(f"{len(data)} bytes at {offset} outside a {self.size}-byte disk")
+        self.buf[offset:offset + len(data)] = data
+
+    def flush(self) -> None:
+        self.flushes += 1
 
 
 def _skip(buffers: list[memoryview], n: int) -> list[memoryview]:
@@ -59,7 +109,7 @@ def _skip(buffers: list[memoryview], n: int) -> list[memoryview]:
     return out
 
 
-class DiskImage:
+class DiskImage(BlockBackend):
     def __init__(self, path: str | os.PathLike, readonly: bool = False, snapshot: bool = False):
         self.path = os.fspath(path)
         self.readonly = readonly
@@ -107,10 +157,7 @@ class DiskImage:
         n = sum(map(len, buffers))
         self._check(offset, n)
         if self.overlay is not None and self.overlay.written:
-            data, pos = memoryview(self.read(offset, n)), 0
-            for b in buffers:
-                b[:] = data[pos:pos + len(b)]
-                pos += len(b)
+            super().readinto(offset, buffers)      # through read(), which merges the overlay
             return
         done = 0
         while done < n:
@@ -122,7 +169,7 @@ class DiskImage:
     def writefrom(self, offset: int, buffers: list[memoryview]) -> None:
         """Write `buffers` (in order) at `offset`: pwritev(2) for a plain image."""
         if self.readonly or self.snapshot:
-            self.write(offset, b"".join(buffers))
+            super().writefrom(offset, buffers)     # through write(): refusal, or the overlay
             return
         n = sum(len(b) for b in buffers)
         self._check(offset, n)

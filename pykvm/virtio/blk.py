@@ -46,7 +46,7 @@ import logging
 import os
 import struct
 
-from pykvm.host.disk import BlockBackend
+from pykvm.host.disk import SECTOR, BlockBackend
 from pykvm.memory import GuestMemoryError
 
 from .device import VIRTIO_ID_BLOCK, VirtioDevice
@@ -55,7 +55,6 @@ from .queue import (DESC, DESC_SIZE, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, Chai
 
 log = logging.getLogger("pykvm.virtio")
 
-SECTOR = 512
 
 # Feature bits (5.2.3).
 VIRTIO_BLK_F_SIZE_MAX = 1 << 1
@@ -119,12 +118,12 @@ class VirtioBlk(VirtioDevice):
                  readonly: bool | None = None, queue_size: int = QUEUE_SIZE,
                  blk_size: int = SECTOR):
         self.disk = disk
-        self.readonly = bool(getattr(disk, "readonly", False)) if readonly is None else readonly
+        self.readonly = disk.readonly if readonly is None else readonly
         features = VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH
         features |= VIRTIO_BLK_F_RO if self.readonly else VIRTIO_BLK_F_DISCARD
         super().__init__([queue_size], features)
         if serial is None:
-            serial = os.path.basename(getattr(disk, "path", "")) or "pykvm"
+            serial = os.path.basename(disk.path) or "pykvm"
         if isinstance(serial, str):
             serial = serial.encode()
         self.serial = serial[:VIRTIO_BLK_ID_BYTES]
@@ -236,7 +235,7 @@ class VirtioBlk(VirtioDevice):
         """Read adjacent plain reads in one go, then give each its status and used entry."""
         q = self.queues[0]
         try:
-            self._readinto(offset, buffers)
+            self.disk.readinto(offset, buffers)
         except OSError:
             # Redo them one by one: each request gets its own status (and the error its count).
             for head, _, _ in run:
@@ -293,23 +292,6 @@ class VirtioBlk(VirtioDevice):
                         f"sectors {sector}+{nbytes // SECTOR} past the end ({self.capacity})")
         return sector * SECTOR
 
-    # Guest buffers go straight to the backend (preadv/pwritev into guest RAM) when it can take
-    # them; a backend with only read/write (tests, MemoryDisk) gets copies.
-    def _readinto(self, offset: int, buffers: list[memoryview]) -> None:
-        if hasattr(self.disk, "readinto"):
-            self.disk.readinto(offset, buffers)
-            return
-        data, pos = memoryview(self.disk.read(offset, sum(len(b) for b in buffers))), 0
-        for b in buffers:
-            b[:] = data[pos:pos + len(b)]
-            pos += len(b)
-
-    def _writefrom(self, offset: int, buffers: list[memoryview]) -> None:
-        if hasattr(self.disk, "writefrom"):
-            self.disk.writefrom(offset, buffers)
-        else:
-            self.disk.write(offset, b"".join(buffers))
-
     def _request(self, chain: DescChain, rtype: int, sector: int, data_in: int) -> int:
         """Do one request; returns the data bytes written into the chain."""
         if rtype == VIRTIO_BLK_T_IN:
@@ -318,7 +300,8 @@ class VirtioBlk(VirtioDevice):
                 buffers = chain.views(True, 0, data_in)
             except ChainError:
                 raise _Fail(VIRTIO_BLK_S_IOERR, "read buffer outside RAM") from None
-            self._readinto(offset, buffers)
+            # Straight into guest RAM (preadv) where the backend can (pykvm.host.disk).
+            self.disk.readinto(offset, buffers)
             return data_in
         if rtype == VIRTIO_BLK_T_OUT:
             n = chain.readable_len - HEADER.size
@@ -329,7 +312,7 @@ class VirtioBlk(VirtioDevice):
                 buffers = chain.views(False, HEADER.size, n)
             except ChainError:
                 raise _Fail(VIRTIO_BLK_S_IOERR, "write buffer outside RAM") from None
-            self._writefrom(offset, buffers)
+            self.disk.writefrom(offset, buffers)
             return 0
         if rtype == VIRTIO_BLK_T_FLUSH:
             self.disk.flush()
@@ -356,9 +339,7 @@ class VirtioBlk(VirtioDevice):
                 if count > MAX_DISCARD_SECTORS or start + count > self.capacity:
                     raise _Fail(VIRTIO_BLK_S_IOERR, f"discard of sectors {start}+{count}")
                 ranges.append((start * SECTOR, count * SECTOR))
-            discard = getattr(self.disk, "discard", None)
-            if discard is not None:
-                for offset, n in ranges:
-                    discard(offset, n)
+            for offset, n in ranges:
+                self.disk.discard(offset, n)
             return 0
         raise _Fail(VIRTIO_BLK_S_UNSUPP, f"request type {rtype}")

@@ -10,12 +10,11 @@
     pci.add(ide)                       # so ata_piix finds it; without PCI, libata's pata_legacy
                                        # (CONFIG_PATA_LEGACY) can drive the legacy ports alone
 
-Files: ata.py (one drive: task file, commands, IDENTIFY), controller.py (channels, the PCI function),
-disk.py (backends).
+Files: ata.py (one drive: task file, commands, IDENTIFY), controller.py (channels, the PCI function).
+The drive's storage is a pykvm.host.disk.BlockBackend (DiskImage, or MemoryDisk in tests).
 """
 
 from pykvm.devices.ide.ata import AtaDrive
 from pykvm.devices.ide.controller import IdeChannel, PiixIde
-from pykvm.devices.ide.disk import MemoryDisk
 
-__all__ = ["AtaDrive", "IdeChannel", "MemoryDisk", "PiixIde"]
+__all__ = ["AtaDrive", "IdeChannel", "PiixIde"]

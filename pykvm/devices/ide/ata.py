@@ -37,7 +37,7 @@ Shortcuts, admitted:
 
 from __future__ import annotations
 
-from pykvm.devices.ide.disk import SECTOR, BlockBackend, DiskError
+from pykvm.host.disk import SECTOR, BlockBackend, DiskError
 from pykvm.devices.state import Stateful
 
 # Status register.
@@ -101,7 +101,7 @@ def _ata_string(text: str, length: int) -> bytes:
 
 
 class AtaDrive(Stateful):
-    """An ATA disk on a backend (pykvm.devices.ide.disk). The channel (controller.py) routes
+    """An ATA disk on a backend (pykvm.host.disk). The channel (controller.py) routes
     register accesses here; `irq_pending` is this drive's INTRQ request."""
 
     # The disk's contents are not device state: the VMM reattaches the same image.
