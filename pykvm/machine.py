@@ -26,6 +26,7 @@ from .irq import IrqfdLine, IrqLine, KvmIrqLine
 from .kvm import KICK_SIGNAL, Kvm, exits as E
 from .memory import GuestMemory, MmapBackend, Region
 from .stop import Stop, StopReason
+from .workers import start_worker
 from .x86 import layout
 
 
@@ -43,6 +44,7 @@ class Stats:
     interrupts: collections.Counter = field(default_factory=collections.Counter)  # vector -> count
                                                         # injected by the VMM (irqchip="user")
     wall_time: float = 0.0     # wall seconds in the run loop
+    worker_errors: collections.Counter = field(default_factory=collections.Counter)  # thread name
 
 
 _kick_handler_installed = False
@@ -125,7 +127,7 @@ class Machine:
         if irqchip == "user":
             # The 8259 pair and the 8254 in Python (pykvm/devices/userirq.py explains the choice).
             from .devices.userirq import UserIrqChip
-            self.userirq = UserIrqChip(kick=self.vcpu.kick)
+            self.userirq = UserIrqChip(kick=self.vcpu.kick, on_worker_error=self.worker_failed)
             self.userirq.register_on(self.pio)
         _install_kick_handler()
 
@@ -154,6 +156,14 @@ class Machine:
         self.mmio.register(base, length, device, name)
 
     # ---- stopping ----
+    def worker_failed(self, name: str, error: BaseException) -> None:
+        """A VMM thread (ioeventfd, virtio-net receive, timer; pykvm/workers.py) died on an
+        exception: count it and stop the VM with that error, rather than leave the guest waiting
+        for a thread that is gone."""
+        self.stats.worker_errors[name] += 1
+        self.request_stop(Stop("error", message=f"VMM thread {name} failed: "
+                                                f"{type(error).__name__}: {error}"))
+
     def request_stop(self, stop: Stop) -> None:
         """Ask the run loop to end (from a device callback or any thread). The first request wins."""
         if self._stop is None:
@@ -190,7 +200,7 @@ class Machine:
             def watchdog(period=self.watchdog_period, vcpu=self.vcpu):
                 while not watchdog_stop.wait(period):
                     vcpu.kick()
-            threading.Thread(target=watchdog, name="pykvm-watchdog", daemon=True).start()
+            start_worker("pykvm-watchdog", watchdog, self.worker_failed)
         start = self._run_started = time.perf_counter()
         try:
             handlers = _HANDLERS    # handle_exit(), inlined: one call less per exit

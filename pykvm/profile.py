@@ -23,6 +23,8 @@ import collections
 import threading
 from pathlib import Path
 
+from .workers import start_worker
+
 
 def load_system_map(path: str | Path) -> tuple[list[int], list[str]]:
     """Text symbols from a System.map: sorted addresses and their names."""
@@ -67,7 +69,7 @@ class GuestProfiler:
                 if vcpu.thread_id is not None:
                     vcpu.kick()
 
-        threading.Thread(target=kicker, name="pykvm-profiler", daemon=True).start()
+        start_worker("pykvm-profiler", kicker, machine.worker_failed)
 
     def stop(self) -> None:
         self._stop.set()

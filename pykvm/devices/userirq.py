@@ -59,6 +59,7 @@ from pykvm.devices.i8254 import I8254Pit, SystemControlPortB
 from pykvm.devices.i8259 import I8259Pair
 from pykvm.irq import IrqLine
 from pykvm.devices.state import Stateful
+from pykvm.workers import start_worker
 from pykvm.x86 import layout
 
 
@@ -72,8 +73,9 @@ class RunPlan(NamedTuple):
 class _DeadlineTimer:
     """One thread that calls `kick()` when the earliest armed deadline passes."""
 
-    def __init__(self, kick: Callable[[], None], clock: Callable[[], float]):
+    def __init__(self, kick: Callable[[], None], clock: Callable[[], float], on_error=None):
         self._kick = kick
+        self._on_error = on_error     # (thread name, exception) if the thread dies (workers.py)
         self._clock = clock
         self._cond = threading.Condition()
         self._deadline: float | None = None
@@ -87,9 +89,7 @@ class _DeadlineTimer:
                 return
             self._deadline = deadline
             if self._thread is None and deadline is not None:
-                self._thread = threading.Thread(target=self._body, name="pykvm-pit-timer",
-                                                daemon=True)
-                self._thread.start()
+                self._thread = start_worker("pykvm-pit-timer", self._body, self._on_error)
             self._cond.notify()
 
     def _body(self) -> None:
@@ -126,13 +126,13 @@ class UserIrqChip(Stateful):
     STATE = ("pic", "pit", "port61", "injected", "windows_requested")
 
     def __init__(self, kick: Callable[[], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, on_worker_error=None):
         self.clock = clock
         self.pic = I8259Pair(on_intr_change=self._intr_changed)
         self.pit = I8254Pit(self.pic.pin(0), clock)
         self.port61 = SystemControlPortB(self.pit)
         self.kick = kick
-        self._timer = _DeadlineTimer(kick, clock) if kick is not None else None
+        self._timer = _DeadlineTimer(kick, clock, on_worker_error) if kick is not None else None
         self._cond = threading.Condition()
         self._events = 0
         self._runner: int | None = None     # the vCPU thread, learnt in before_run

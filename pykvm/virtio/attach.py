@@ -44,9 +44,9 @@ from __future__ import annotations
 
 import os
 import select
-import threading
 from dataclasses import dataclass
 
+from pykvm.workers import start_worker
 from pykvm.x86 import layout
 
 from .device import STATUS_DRIVER_OK, VirtioDevice
@@ -96,7 +96,9 @@ def attach_mmio(machine, device: VirtioDevice, index: int, *,
     # Edge-triggered at the PIC/IOAPIC (see above): KVM_IRQFD where the machine offers it.
     transport = VirtioMmio(device, machine.mem, machine.edge_irq_line(irq))
     machine.mmio.register(base, layout.VIRTIO_MMIO_SIZE, transport, f"{device.name}#{index}")
-    notifier = IoEventNotifier(machine.vm, transport, base) if ioeventfd else None
+    device.on_worker_error = machine.worker_failed
+    notifier = (IoEventNotifier(machine.vm, transport, base, on_error=machine.worker_failed)
+                if ioeventfd else None)
     return VirtioAttachment(device, transport, irq, f"virtio_mmio.device=4K@{base:#x}:{irq}",
                             notifier)
 
@@ -122,6 +124,7 @@ def attach_pci(machine, pci_bus, device: VirtioDevice, *, irq: int | None = None
     if irq is None:
         irq = _pci_irq(pci_bus)
     transport = VirtioPci(device, machine.mem)
+    device.on_worker_error = machine.worker_failed
     pci_bus.add(transport, slot=slot, irq=irq, irq_line=machine.irq_line(irq))
     set_level_triggered(machine, irq)
     return VirtioAttachment(device, transport, irq)
@@ -140,7 +143,9 @@ class IoEventNotifier:
     """One eventfd per queue, registered with KVM for writes of that queue's index to QueueNotify,
     and a thread that turns their signals into `device.notify(i)`."""
 
-    def __init__(self, vm, transport: VirtioMmio, base: int):
+    def __init__(self, vm, transport: VirtioMmio, base: int, on_error=None):
+        """on_error(thread name, exception): called if serving a kick raises (pykvm/workers.py);
+        the thread then ends, and the handler (Machine.worker_failed) stops the VM."""
         self.vm = vm
         self.transport = transport
         self.addr = base + QUEUE_NOTIFY
@@ -155,9 +160,7 @@ class IoEventNotifier:
             raise
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self.kicks = 0
-        self._thread = threading.Thread(target=self._loop, name="pykvm-virtio-ioeventfd",
-                                        daemon=True)
-        self._thread.start()
+        self._thread = start_worker("pykvm-virtio-ioeventfd", self._loop, on_error)
 
     def _loop(self) -> None:
         index = {fd: i for i, fd in enumerate(self.fds)}

@@ -71,6 +71,9 @@ class VirtioDevice(Stateful):
 
     device_id = 0
     name = "virtio"
+    # Called (thread name, exception) if a thread the device runs dies (pykvm/workers.py); the
+    # attach functions point it at the machine's worker_failed, which stops the VM.
+    on_worker_error: Callable[[str, BaseException], None] | None = None
     # Negotiated features and the queues; subclasses add their own (STATE + (...)).
     STATE = ("driver_features", "active", "config_generation", "queues")
 

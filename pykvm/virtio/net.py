@@ -31,6 +31,7 @@ import threading
 from typing import Protocol
 
 from .device import VIRTIO_ID_NET, VirtioDevice
+from ..workers import start_worker
 from .queue import ChainError, DescChain
 
 VIRTIO_NET_F_CSUM = 1 << 0
@@ -196,9 +197,8 @@ class VirtioNet(VirtioDevice):
         """Receive in a background thread that waits on the backend's fd."""
         if self._thread is None:
             self._stop = False
-            self._thread = threading.Thread(target=self._rx_loop, name="pykvm-virtio-net-rx",
-                                            daemon=True)
-            self._thread.start()
+            self._thread = start_worker("pykvm-virtio-net-rx", self._rx_loop,
+                                        self.on_worker_error)
 
     def stop(self) -> None:
         if self._thread is not None:
