@@ -371,3 +371,14 @@ def test_short_way_agrees_with_the_long_way(data_lens, mutations, rtype, sector)
     memory, the used ring and the error counts exactly as the long way alone does."""
     assert _run_chain(data_lens, mutations, rtype, sector, False) == \
         _run_chain(data_lens, mutations, rtype, sector, True)
+
+
+
+def test_get_id_does_not_name_the_host_file(tmp_path):
+    """Without a serial, GET_ID gives a fixed name, not the image's file name on the host."""
+    path = tmp_path / "secret-host-name.img"
+    path.write_bytes(bytes(4096))
+    with DiskImage(path) as disk:
+        dev, drv, q, feats, irq = setup(disk)
+        head, n = submit(drv, q, [hdr(B.VIRTIO_BLK_T_GET_ID)], [20, 1])
+        assert q.written(head) == b"pykvm-disk".ljust(20, b"\0") + b"\0"

@@ -43,7 +43,6 @@ fails is redone request by request, so each request still gets its own status.
 from __future__ import annotations
 
 import logging
-import os
 import struct
 
 from pykvm.host.disk import SECTOR, BlockBackend
@@ -106,9 +105,12 @@ class _Fail(Exception):
         self.status = status
 
 
+DEFAULT_SERIAL = "pykvm-disk"
+
+
 class VirtioBlk(VirtioDevice):
     """A virtio block device on `disk`. `serial` is what GET_ID returns (at most 20 bytes;
-    Linux shows it in /sys/block/vda/serial and /dev/disk/by-id)."""
+    Linux shows it in /sys/block/vda/serial and /dev/disk/by-id); DEFAULT_SERIAL unless given."""
 
     device_id = VIRTIO_ID_BLOCK
     name = "virtio-blk"
@@ -123,7 +125,8 @@ class VirtioBlk(VirtioDevice):
         features |= VIRTIO_BLK_F_RO if self.readonly else VIRTIO_BLK_F_DISCARD
         super().__init__([queue_size], features)
         if serial is None:
-            serial = os.path.basename(disk.path) or "pykvm"
+            # Not the image's file name: the guest has no business learning host paths.
+            serial = DEFAULT_SERIAL
         if isinstance(serial, str):
             serial = serial.encode()
         self.serial = serial[:VIRTIO_BLK_ID_BYTES]
