@@ -11,7 +11,7 @@ Exit status of `pykvm boot` (also in the README):
     2    bad input: usage, a missing or malformed file, too little memory, no usable /dev/kvm
     3    kernel panic
     4    timeout (--timeout passed without any of the above)
-    130  interrupted (Ctrl-C, Ctrl-A x)
+    130  interrupted (Ctrl-C, Ctrl-A x, SIGTERM); disks are flushed and closed first
     (v << 1) | 1  with --debug-exit: the guest wrote v to isa-debug-exit, as QEMU exits (the shell
          sees it modulo 256; v = 0 gives 1, like a VMM error, again as in QEMU)
 """
@@ -19,6 +19,7 @@ Exit status of `pykvm boot` (also in the README):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -114,7 +115,7 @@ def cmd_boot(args) -> int:
                          console="hvc0" if args.hvc else "ttyS0"),
             until=args.until)
         vm = LinuxVM(config)
-    with vm:
+    with vm, _stop_on_sigterm(vm.machine):
         from .testdevs import add_test_devices
         add_test_devices(vm.machine, **test_devices)
         profiler = None
@@ -210,6 +211,28 @@ def cmd_selftest(args) -> int:
     if args.timeout <= 0:
         raise UsageError(f"--timeout {args.timeout:g}: must be positive")
     return selftest(command, timeout=args.timeout, keep=args.keep)
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm(machine):
+    """SIGTERM (`kill`, systemd, a CI runner's cancel) stops the guest like Ctrl-C does, so the
+    run ends normally: disks flushed and closed, exit status 130. Python's default would be to
+    die at once, with the guest's last writes unflushed."""
+    import signal
+    from .stop import Stop
+
+    def on_term(signum, frame):
+        machine.request_stop(Stop(StopReason.INTERRUPTED, message="SIGTERM"))
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:          # not the main thread: leave signals to whoever owns them
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _terminal_sink(out, raw: bool):

@@ -383,6 +383,10 @@ class AtaDrive(Stateful):
         n = len(self.buf) // SECTOR
         try:
             self.backend.write(lba * SECTOR, bytes(self.buf))
+            if not self.write_cache:
+                # Write cache disabled (SET FEATURES 82h): the drive reports a write complete only
+                # once it is on the medium [ATA7 vol 1, 6.49.2], so each block is flushed.
+                self.backend.flush()
         except (DiskError, OSError):
             self.host_errors += 1
             self._fail(ABRT, lba, self._ext)
