@@ -283,7 +283,6 @@ def test_disk_image_backend(tmp_path):
 ), max_size=60))
 def test_fuzz_ata_registers(seq):
     pio, drive, disk, irq, _ = make()
-    size_before = disk.size
     for op, off, size, value in seq:
         if op in ("w", "cmd"):
             pio.write(0x1F0 + off, size, value & ((1 << (8 * size)) - 1))
@@ -300,10 +299,77 @@ def test_fuzz_ata_registers(seq):
             assert not ch.status & DRQ
         if ch.status & DRQ:
             assert ch.pos < len(ch.buf) and len(ch.buf) % 512 == 0
-        assert disk.size == size_before
+        # The drive checks every LBA range itself: the backend never sees a request it has to
+        # refuse (MemoryDisk would raise, the drive would turn that into an error status, and a
+        # missing bounds check would look like a proper IDNF from outside).
+        assert drive.host_errors == 0, "the drive passed an out-of-range request to its disk"
         channel = pio.find(0x1F0).device
         sel = channel.drive
         assert irq.level == bool(sel is not None and sel.irq_pending
                                  and not channel.devctl & 0x02)
         if channel.selected == 1:
             assert pio.read(0x1F7, 1) == 0 and pio.read(0x1F2, 1) == 0
+
+
+# ---- both channels, master and slave ----
+
+CHANNELS = {"primary": (0x1F0, 0x3F6), "secondary": (0x170, 0x376)}
+
+
+def make_four():
+    """PIIX with a master and a slave on each channel, every one on its own small disk whose
+    sectors carry (drive number, sector number)."""
+    drives, irqs = {}, {}
+    for name in CHANNELS:
+        pair = []
+        for unit in (0, 1):
+            n = len(drives)
+            data = b"".join(bytes([n]) + s.to_bytes(3, "little") + bytes(508) for s in range(64))
+            pair.append(AtaDrive(MemoryDisk(len(data), data=data), serial=f"SN{n}"))
+            drives[(name, unit)] = pair[-1]
+        irqs[name] = RecordingIrqLine()
+    ide = PiixIde(IdeChannel(irqs["primary"], *[drives[("primary", u)] for u in (0, 1)]),
+                  IdeChannel(irqs["secondary"], *[drives[("secondary", u)] for u in (0, 1)]))
+    pio = Bus("pio")
+    ide.register_on(pio)
+    return pio, drives, irqs
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(
+    st.sampled_from(sorted(CHANNELS)),
+    st.one_of(
+        st.tuples(st.just("w"), st.integers(0, 7), st.sampled_from([1, 2, 4]),
+                  st.integers(0, 2**32 - 1)),
+        st.tuples(st.just("r"), st.integers(0, 7), st.sampled_from([1, 2, 4]), st.just(0)),
+        st.tuples(st.just("ctl"), st.just(0), st.just(1), st.integers(0, 255)),
+        st.tuples(st.just("dev"), st.just(6), st.just(1), st.sampled_from([0xA0, 0xB0, 0xE0, 0xF0])),
+        st.tuples(st.just("cmd"), st.just(7), st.just(1),
+                  st.sampled_from([0x20, 0x24, 0x30, 0x34, 0x40, 0xC4, 0xC5, 0xC6, 0xE7, 0xEA,
+                                   0xEC, 0xEF, 0xA1, 0x00])))),
+    max_size=60))
+def test_fuzz_ide_slave_and_secondary(seq):
+    """Register fuzzing on both channels with a slave: each drive answers only when selected,
+    never hands its disk an out-of-range request, never shows ERR with DRQ, and a sector read
+    from a drive carries that drive's own number (no cross-talk between drives)."""
+    pio, drives, irqs = make_four()
+    for channel_name, (op, off, size, value) in seq:
+        base, ctl = CHANNELS[channel_name]
+        if op in ("w", "cmd", "dev"):
+            pio.write(base + off, size, value & ((1 << (8 * size)) - 1))
+        elif op == "r":
+            got = pio.read(base + off, size)
+            assert 0 <= got < 1 << (8 * size)
+        else:
+            pio.write(ctl, 1, value)
+        for (name, unit), d in drives.items():
+            assert d.host_errors == 0, (name, unit)
+            if d.status & ERR:
+                assert d.error and not d.status & DRQ, (name, unit)
+            if d.status & DRQ and d.buf and d._xfer is not None and not d._xfer[2] and d.pos == 0:
+                # a read's DRQ block: from this drive's disk, at the sector the transfer is at
+                n = d.buf[0]
+                assert n == list(drives).index((name, unit)), (name, unit, n)
+        channel = pio.find(base).device
+        assert irqs[channel_name].level == bool(
+            channel.drive is not None and channel.drive.irq_pending and not channel.devctl & 0x02)
