@@ -1,5 +1,8 @@
 """The binding and the Machine on a real /dev/kvm, with guests of a few bytes."""
 
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -126,8 +129,23 @@ def test_irqfd_line_reaches_the_in_kernel_pic():
 def test_a_kick_after_close_is_harmless():
     """Timers, watchdogs and the profiler kick from other threads; one that comes after the
     machine closed must not touch the unmapped kvm_run page."""
-    m = Machine(1 << 20, irqchip="none")
-    vcpu = m.vcpu
-    m.close()
-    vcpu.kick()
-    vcpu.kick()
+    script = textwrap.dedent("""
+        import signal, threading
+        from pykvm.kvm import KICK_SIGNAL
+        from pykvm.machine import Machine
+        got = []
+        signal.signal(KICK_SIGNAL, lambda *a: got.append(1))
+        m = Machine(1 << 20, irqchip="none")
+        vcpu = m.vcpu
+        vcpu.thread_id = threading.get_ident()    # as if this thread were in KVM_RUN
+        m.close()
+        t = threading.Thread(target=vcpu.kick)    # a timer's kick, from another thread
+        t.start(); t.join()
+        vcpu.kick()
+        print("fd", vcpu.fd, "signals", len(got))
+    """)
+    # In a child: a write to the unmapped kvm_run page is a SIGSEGV, which must fail this test,
+    # not end the test run.
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, (p.returncode, p.stderr)
+    assert p.stdout.split() == ["fd", "-1", "signals", "0"], p.stdout
