@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 MAGIC = b"\x7fELF"
 ELFCLASS32 = 1
@@ -89,6 +90,26 @@ class Elf64:
 
     def loads(self) -> list[ProgramHeader]:
         return [p for p in self.segments if p.type == PT_LOAD]
+
+
+def load_segments(mem, image: bytes, segments: Sequence,
+                  outside: Callable[[int, object], Exception]) -> None:
+    """The one ELF loader: copy each segment's file bytes to its physical address in guest memory
+    (`mem`, a pykvm.memory.GuestMemory) and zero the rest up to its memory size (.bss).
+
+    `segments` are PT_LOAD headers (ProgramHeader, or anything with paddr, offset, filesz and
+    memsz) whose file bytes read_elf has checked. All are checked to lie in guest RAM before any is
+    written; for the first that does not, `outside(index, segment)` makes the caller's one-line
+    error (the kernel loader and the firmware loader word it differently)."""
+    for i, seg in enumerate(segments):
+        if seg.memsz and not mem.contains(seg.paddr, seg.memsz):
+            raise outside(i, seg)
+    view = memoryview(image)
+    for seg in segments:
+        if seg.memsz:
+            mem.write(seg.paddr, view[seg.offset:seg.offset + seg.filesz])
+            if seg.memsz > seg.filesz:
+                mem.fill(seg.paddr + seg.filesz, seg.memsz - seg.filesz)
 
 
 def read_elf64(data: bytes) -> Elf64:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from pykvm.boot.errors import BootError
 from pykvm.elf import MAGIC as ELF_MAGIC
-from pykvm.elf import EM_X86_64, PT_LOAD, PT_NOTE, ElfFormatError, read_elf64
+from pykvm.elf import EM_X86_64, PT_LOAD, PT_NOTE, ElfFormatError, load_segments, read_elf64
 from pykvm.memory import GuestMemory
 from pykvm.x86 import layout
 
@@ -147,12 +147,7 @@ def load_elf(mem: GuestMemory, kernel: ElfKernel | bytes) -> ElfKernel:
     """Copy an x86-64 ELF kernel's PT_LOAD segments to their physical addresses; zero each .bss tail."""
     if not isinstance(kernel, ElfKernel):
         kernel = parse_elf(kernel)
-    for seg in kernel.segments:
-        if not mem.contains(seg.paddr, seg.memsz):
-            raise BootError(f"ELF segment {seg.paddr:#x}..{seg.end:#x} is outside guest RAM "
-                            f"({mem.size >> 20} MiB): give the VM at least "
-                            f"{-(-seg.end // layout.MiB)} MiB")
-    for seg in kernel.segments:
-        mem.write(seg.paddr, memoryview(kernel.image)[seg.offset:seg.offset + seg.filesz])
-        mem.fill(seg.paddr + seg.filesz, seg.memsz - seg.filesz)
+    load_segments(mem, kernel.image, kernel.segments, lambda i, seg: BootError(
+        f"ELF segment {seg.paddr:#x}..{seg.end:#x} is outside guest RAM ({mem.size >> 20} MiB): "
+        f"give the VM at least {-(-seg.end // layout.MiB)} MiB"))
     return kernel
