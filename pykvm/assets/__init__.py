@@ -29,12 +29,23 @@ How it is done:
 7. ``cache``: keys, atomic writes.
 """
 
-from .cache import cache_root
-from .cloud import cloud_kernel
-from .disk import DISK_MARKER, disk_image
-from .errors import AssetError
-from .kernel import TestKernel, test_kernel
-from .userland import POWEROFF_ARG, REBOOT_ARG, USERLAND_MARKER, initramfs
+import importlib
+
+# The names below load their module on first use: `from pykvm.assets.cache import cache_root`
+# (firmware builds, the lane) must not pay for construct, apt and the kernel build code.
+_HOME = {
+    "cache_root": "cache", "cloud_kernel": "cloud", "DISK_MARKER": "disk", "disk_image": "disk",
+    "AssetError": "errors", "TestKernel": "kernel", "test_kernel": "kernel",
+    "POWEROFF_ARG": "userland", "REBOOT_ARG": "userland", "USERLAND_MARKER": "userland",
+    "initramfs": "userland",
+}
+
+
+def __getattr__(name):
+    if name in _HOME:
+        return getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+    raise AttributeError(f"module 'pykvm.assets' has no attribute {name!r}")
+
 
 __all__ = [
     "AssetError", "DISK_MARKER", "POWEROFF_ARG", "REBOOT_ARG", "TestKernel", "USERLAND_MARKER",

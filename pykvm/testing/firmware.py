@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+from ..assets.cache import cache_root   # the one cache root ($PYKVM_CACHE, ~/.cache/pykvm)
+
 REPO = Path(__file__).resolve().parents[2]
 FIRMWARE_DIR = REPO / "firmware"
 RUNTIME_DIR = FIRMWARE_DIR / "runtime"
@@ -83,11 +85,6 @@ class FirmwareError(Exception):
 
 
 # ---------------------------------------------------------------- building
-
-def cache_root() -> Path:
-    env = os.environ.get("PYKVM_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "pykvm"
-
 
 def programs() -> list[str]:
     """Names of the firmware programs in firmware/."""
@@ -171,7 +168,7 @@ def load_elf(mem, path: str | os.PathLike) -> int:
     (p_paddr), zero-filling each segment's tail beyond its file contents (.bss). Returns the
     entry address. Raises FirmwareError, one line, for anything that is not a loadable x86-64 ELF
     or a segment outside guest RAM."""
-    from ..elf import EM_X86_64, ET_EXEC, ElfFormatError, read_elf64
+    from ..elf import EM_X86_64, ET_EXEC, ElfFormatError, load_segments, read_elf64
 
     path = Path(path)
     try:
@@ -191,16 +188,9 @@ def load_elf(mem, path: str | os.PathLike) -> int:
     segments = elf.loads()
     if not segments:
         raise FirmwareError(f"{path}: no PT_LOAD segments")
-    for i, ph in enumerate(segments):    # read_elf64 checked them against the file
-        paddr, memsz = ph.paddr, ph.memsz
-        if memsz and not mem.contains(paddr, memsz):
-            raise FirmwareError(f"{path}: segment {i} at {paddr:#x}..{paddr + memsz:#x} is "
-                                f"outside guest RAM ({mem.size:#x} bytes)")
-    for ph in segments:
-        if ph.memsz:
-            mem.write(ph.paddr, data[ph.offset:ph.offset + ph.filesz])
-            if ph.memsz > ph.filesz:
-                mem.fill(ph.paddr + ph.filesz, ph.memsz - ph.filesz)
+    load_segments(mem, data, segments, lambda i, ph: FirmwareError(
+        f"{path}: segment {i} at {ph.paddr:#x}..{ph.paddr + ph.memsz:#x} is outside guest RAM "
+        f"({mem.size:#x} bytes)"))
     return elf.entry
 
 
