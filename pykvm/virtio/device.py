@@ -32,6 +32,7 @@ import threading
 from typing import Callable, Sequence
 
 from pykvm.devices.state import Stateful
+from pykvm.guest_errors import count_guest_error
 from pykvm.memory import GuestMemory
 
 from .queue import DescChain, VirtQueue
@@ -205,9 +206,7 @@ class VirtioDevice(Stateful):
         self._needs_reset()
 
     def guest_error(self, kind: str, detail: str = "") -> None:
-        self.errors[kind] += 1
-        level = logging.WARNING if self.errors[kind] == 1 else logging.DEBUG
-        log.log(level, "%s: %s %s", self.name, kind, detail)
+        count_guest_error(self.errors, kind, log, self.name, detail)
 
     @property
     def queue_errors(self) -> int:
@@ -263,9 +262,8 @@ class VirtioTransport(Stateful):
                 self._interrupt(VIRTIO_INT_CONFIG)
 
     def _guest_error(self, kind: str, detail: str = "") -> None:
-        self.errors[kind] += 1
-        level = logging.WARNING if self.errors[kind] == 1 else logging.DEBUG
-        log.log(level, "%s %s: %s %s", self.transport_name, self.device.name, kind, detail)
+        count_guest_error(self.errors, kind, log, f"{self.transport_name} {self.device.name}",
+                          detail)
 
     # ---- features ----
     def _device_features_word(self) -> int:

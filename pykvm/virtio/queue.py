@@ -35,6 +35,7 @@ import struct
 from dataclasses import dataclass, field
 
 from pykvm.devices.state import Stateful
+from pykvm.guest_errors import count_guest_error
 from pykvm.memory import GuestMemory, GuestMemoryError
 
 log = logging.getLogger("pykvm.virtio")
@@ -214,9 +215,7 @@ class VirtQueue(Stateful):
     # ---- guest mistakes ----
     def guest_error(self, kind: str, detail: str = "") -> None:
         self.errors += 1
-        self.error_kinds[kind] += 1
-        level = logging.WARNING if self.error_kinds[kind] == 1 else logging.DEBUG
-        log.log(level, "virtqueue: %s %s", kind, detail)
+        count_guest_error(self.error_kinds, kind, log, "virtqueue", detail)
 
     # ---- set-up ----
     def check(self, mem: GuestMemory) -> str | None:
