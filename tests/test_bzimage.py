@@ -12,7 +12,7 @@ from pykvm.boot import BootError, decompress_payload, detect_compression, load_l
 from pykvm.boot import place_initrd
 from pykvm.boot.bzimage import CAN_USE_HEAP, KASLR_FLAG, LOADED_HIGH, XLF_KERNEL_64
 from pykvm.boot.elf import parse_elf
-from pykvm.boot.synthetic import compress, make_bzimage, make_elf
+from pykvm.testing.synthetic import compress, make_bzimage, make_elf
 from pykvm.memory import GuestMemory, MmapBackend, Region
 from pykvm.x86 import layout
 

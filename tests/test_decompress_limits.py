@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from conftest import needs_kvm
 from pykvm.boot import BootError, decompress_payload
 from pykvm.boot.decompress import _MAGICS, LZ4_LEGACY_BLOCK, LZ4_LEGACY_MAGIC, MAX_VMLINUX
-from pykvm.boot.synthetic import compress, make_bzimage
+from pykvm.testing.synthetic import compress, make_bzimage
 
 KINDS = ["gzip", "bzip2", "xz", "lzma", "lz4", "zstd"]
 MiB = 1 << 20

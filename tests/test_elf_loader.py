@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pykvm.boot import BootError, load_elf, load_linux, parse_elf
-from pykvm.boot.synthetic import KERNEL_MAP, make_elf
+from pykvm.testing.synthetic import KERNEL_MAP, make_elf
 from pykvm.boot.zeropage import HVM_START_MAGIC
 from pykvm.memory import GuestMemory
 from pykvm.x86 import layout

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from pykvm.boot import BootError, E820Entry, build_pvh_start_info, build_zero_page, e820_table
 from pykvm.boot.bzimage import KASLR_FLAG
-from pykvm.boot.synthetic import make_bzimage
+from pykvm.testing.synthetic import make_bzimage
 from pykvm.boot.zeropage import E820_RAM, HVM_START_MAGIC
 from pykvm.x86 import layout
 
@@ -151,7 +151,7 @@ def test_rng_seed_reaches_the_kernel_through_setup_data():
     import struct
     from pykvm.boot import load_linux
     from pykvm.boot.setup_data import SETUP_RNG_SEED
-    from pykvm.boot.synthetic import compress, make_bzimage, make_elf
+    from pykvm.testing.synthetic import compress, make_bzimage, make_elf
     from pykvm.memory import GuestMemory
     from pykvm.x86 import layout
     image = make_bzimage(compress(make_elf([(0x1000000, b"\x90" * 64, 0x1000)], 0x1000000), "gzip"))
