@@ -9,10 +9,21 @@ Run by setuptools at install time (setup.py: cffi_modules); `python csrc/build_f
 """
 
 import pathlib
+import re
 
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
+
+
+def _shared_structs() -> str:
+    """struct pykvm_fast_uart and struct pykvm_fast, as csrc/fastpath.h defines them: the one
+    definition, which the C loop compiles and Python reads through cffi. Array sizes named by a
+    macro become `[...]`: cffi takes them from the compiler."""
+    text = (HERE / "fastpath.h").read_text()
+    start = text.index("struct pykvm_fast_uart {")
+    end = text.index("};", text.index("struct pykvm_fast {")) + 2
+    return re.sub(r"\[[A-Z_]+\]", "[...]", text[start:end])
 
 ffibuilder = FFI()
 
@@ -421,24 +432,7 @@ long pykvm_run(struct pykvm_vcpu *v);
 /* csrc/fastpath.h: the C run loop and the device registers it shares with the Python models */
 #define PYKVM_FAST_FLUSH ...
 #define PYKVM_FAST_OUT_SIZE ...
-struct pykvm_fast_uart {
-    uint16_t base;
-    uint8_t ier, lcr, mcr, lsr;
-    uint64_t bytes_out;
-};
-struct pykvm_fast {
-    uint8_t enabled;
-    struct pykvm_fast_uart uart;
-    uint16_t post_port;
-    uint8_t post_last;
-    uint64_t post_writes;
-    uint16_t debug_port;
-    uint32_t uart_out_len;
-    uint32_t debug_out_len;
-    uint8_t uart_out[...];
-    uint8_t debug_out[...];
-    uint64_t handled;
-};
+""" + _shared_structs() + r"""
 long pykvm_run_fast(struct pykvm_vcpu *v);
 /* ---- the host side of virtio-net: tap devices, <linux/if_tun.h> (pykvm/host/tap.py) ---- */
 #define TUNSETIFF ...
