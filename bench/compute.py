@@ -184,15 +184,14 @@ def run_guest(name: str, args: list[int], memory: int, *, hugepages: bool = True
               timeout: float = 300) -> GuestRun:
     """Boot firmware `name` at CPL3 with `args` on a machine of `memory` bytes; run it to its
     exit."""
-    from pykvm.devices.debugcon import DebugCon, ExitPort
-    from pykvm.machine import Stop
+    from pykvm.devices.debugcon import DebugCon
     from pykvm.x86 import layout
 
     elf = build_guest(name)
     out = bytearray()
     with F.firmware_machine(memory, hugepages=hugepages) as m:
         m.add_pio(layout.PORT_DEBUG, 1, DebugCon(out.extend), "debugcon")
-        m.add_pio(layout.PORT_EXIT, 4, ExitPort(lambda s: m.request_stop(Stop("exit", s))), "exit")
+        m.add_exit_port()
         m.add_pio(PORT_ENABLE_SSE, 1, EnableSse(m.vcpu), "enable-sse")
         F.prepare(m, elf, cpl=3, args=args)
         t = time.perf_counter()

@@ -45,8 +45,7 @@ _STARTUP_CHILD = r"""
 import os, sys, time
 now = lambda: time.clock_gettime(time.CLOCK_MONOTONIC)
 stamps = {"interpreter": now()}
-from pykvm.devices.debugcon import DebugCon, ExitPort
-from pykvm.machine import Stop
+from pykvm.devices.debugcon import DebugCon
 from pykvm.testing import firmware as F
 stamps["imports"] = now()
 m = F.firmware_machine(16 << 20)
@@ -58,7 +57,7 @@ def out(data):
         os.write(1, data[:1])
         stamps["first byte"] = now()
 m.add_pio(0xE9, 1, DebugCon(out), "debugcon")
-m.add_pio(0xF4, 4, ExitPort(lambda s: m.request_stop(Stop("exit", s))), "exit")
+m.add_exit_port()
 F.prepare(m, sys.argv[1])
 stamps["firmware loaded"] = now()
 stop = m.run(timeout=30)
@@ -70,14 +69,13 @@ sys.exit(0 if stop.reason == "exit" and stop.status == 0 else 3)
 _RSS_CHILD = r"""
 import json, sys
 from bench import compute as C
-from pykvm.devices.debugcon import DebugCon, ExitPort
-from pykvm.machine import Stop
+from pykvm.devices.debugcon import DebugCon
 from pykvm.testing import firmware as F
 elf, n = sys.argv[1], int(sys.argv[2])
 out = bytearray()
 with F.firmware_machine(64 << 20) as m:
     m.add_pio(0xE9, 1, DebugCon(out.extend), "debugcon")
-    m.add_pio(0xF4, 4, ExitPort(lambda s: m.request_stop(Stop("exit", s))), "exit")
+    m.add_exit_port()
     F.prepare(m, elf, args=[C.GUEST_BASE, n, 2, 1])
     stop = m.run(timeout=60)
     status = open("/proc/self/status").read()

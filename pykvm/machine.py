@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .bus import Bus
+from .devices.debugcon import ExitPort
 from .kvm.fastpath import FastPath
 from .irq import IrqfdLine, IrqLine, KvmIrqLine
 from .kvm import KICK_SIGNAL, Kvm, exits as E
@@ -154,6 +155,15 @@ class Machine:
 
     def add_mmio(self, base: int, length: int, device, name: str | None = None) -> None:
         self.mmio.register(base, length, device, name)
+
+    def add_exit_port(self, port: int = layout.PORT_EXIT, width: int = 4) -> ExitPort:
+        """The port a guest ends the run through (firmware test programs do): a write of `status`
+        stops the run loop with Stop(StopReason.EXIT, status). `width`: how many ports it claims
+        (firmware writes a 32-bit `out`; the PC's own port takes one byte, pykvm/pc.py)."""
+        exit_port = ExitPort(lambda status: self.request_stop(
+            Stop(StopReason.EXIT, status, f"the guest wrote {status} to the exit port")))
+        self.add_pio(port, width, exit_port, "exit port")
+        return exit_port
 
     # ---- stopping ----
     def worker_failed(self, name: str, error: BaseException) -> None:

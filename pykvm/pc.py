@@ -66,9 +66,7 @@ def add_pc_devices(machine: Machine, console: ConsoleLog,
     machine.add_pio(layout.PORT_POST, 1, post, "POST")
     debugcon = DebugCon(debug_out or console.write)
     machine.add_pio(layout.PORT_DEBUG, 1, debugcon, "debugcon")
-    exit_port = ExitPort(lambda status: machine.request_stop(
-        Stop(StopReason.EXIT, status, f"the guest wrote {status} to the exit port")))
-    machine.add_pio(layout.PORT_EXIT, 1, exit_port, "exit port")
+    exit_port = machine.add_exit_port(layout.PORT_EXIT, 1)
     if machine.fast is not None:
         # The C loop answers these ports itself while the models' state allows (pykvm.kvm.fastpath).
         # The UART's lock is not needed there: C only reads the registers, and a byte fed by the

@@ -177,13 +177,12 @@ def test_guest_exception_is_reported(kind, vector, name, cpl):
 def test_without_the_mode_switch_assist_a_refusing_host_fails_at_paging():
     """On a host that refuses the guest's own switch into long mode (KVM-PVM) and a VMM without
     the assist, the runtime stops at stage 3 with a boot-failure status, not a triple fault."""
-    from pykvm.devices.debugcon import DebugCon, ExitPort
-    from pykvm.machine import Stop
+    from pykvm.devices.debugcon import DebugCon
 
     with F.firmware_machine() as m:
         out = bytearray()
         m.add_pio(0xE9, 1, DebugCon(out.extend))
-        m.add_pio(0xF4, 4, ExitPort(lambda s: m.request_stop(Stop("exit", s))))
+        m.add_exit_port()
         F.prepare(m, F.build("hello"))
         m.pio.unregister(F.PORT_ASSIST)
         stop = m.run(timeout=20)

@@ -9,8 +9,7 @@ import pytest
 from conftest import KVM_MARKS
 from pykvm.bus import UNCLAIMED_LOG_MAX
 from pykvm.console import ConsoleLog
-from pykvm.devices.debugcon import DebugCon, ExitPort
-from pykvm.machine import Stop
+from pykvm.devices.debugcon import DebugCon
 from pykvm.testing.firmware import build, firmware_machine, prepare
 from pykvm.virtio import VirtioConsole, attach_mmio
 from pykvm.x86 import layout
@@ -34,7 +33,7 @@ def run_hostile(args, console=None):
     with firmware_machine(16 * MiB, irqchip="kernel") as m:
         m.add_pio(layout.PORT_DEBUG, 1, DebugCon(console.write), "debugcon")
         attach_mmio(m, VirtioConsole(console.write), 0)
-        m.add_pio(layout.PORT_EXIT, 4, ExitPort(lambda s: m.request_stop(Stop("exit", s))), "exit")
+        m.add_exit_port()
         prepare(m, build("hostile"), args=args)
         # Measured while the machine (and its guest RAM) still exists, as in the baseline.
         m.on_stop.append(lambda stop: seen.update(rss=rss(), unclaimed=m.mmio.unclaimed,

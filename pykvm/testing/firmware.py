@@ -322,8 +322,8 @@ def run_firmware(name: str, *, cpl: int = 3, args: Iterable[int] = (), timeout: 
     injected with KVM_INTERRUPT: firmware/timer.c) or "kernel" (needed by devices that drive an
     interrupt line, e.g. a virtio-mmio device from attach_mmio, even when the guest polls).
     fast_path: the Machine's C run loop (pykvm.fastpath), as LinuxVM's machines have it."""
-    from ..devices.debugcon import DebugCon, ExitPort
-    from ..stop import Stop, StopReason
+    from ..devices.debugcon import DebugCon
+    from ..stop import StopReason
     from ..x86 import layout
 
     elf = build(name)
@@ -336,8 +336,7 @@ def run_firmware(name: str, *, cpl: int = 3, args: Iterable[int] = (), timeout: 
 
     with firmware_machine(memory, irqchip=irqchip, fast_path=fast_path) as m:
         m.add_pio(layout.PORT_DEBUG, 1, DebugCon(out), "debugcon")
-        m.add_pio(layout.PORT_EXIT, 4, ExitPort(lambda s: m.request_stop(Stop(StopReason.EXIT, s))),
-                  "exit")
+        m.add_exit_port()
         prepare(m, elf, cpl=cpl, args=args)
         if complete_pvm_gaps:
             from ..pvm import complete_gap
