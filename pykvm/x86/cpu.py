@@ -127,14 +127,11 @@ BOOT_GDT32 = [
 ]
 
 
-def setup_protected_mode(vcpu, mem, *, entry: int, eax: int = 0, ebx: int = 0) -> None:
-    """32-bit protected mode with paging off and flat 4 GiB segments, as the Multiboot
-    specification's "Machine state" (0.6.96, section 3.2) asks: CS a 32-bit read/execute code
-    segment with offset 0 and limit 0xffffffff, DS/ES/FS/GS/SS 32-bit read/write data segments
-    likewise, CR0.PG clear and CR0.PE set, EFLAGS.VM and IF clear, EAX/EBX as the caller says.
-    The spec lets GDTR and IDTR be invalid; we load a real flat GDT anyway (a kernel that reloads
-    a selector before installing its own GDT then still works) and an empty IDT."""
-    gdt = b"".join(struct.pack("<Q", e) for e in BOOT_GDT32)
+def _boot_tables(vcpu, mem, gdt_entries):
+    """Write a GDT of `gdt_entries` and an empty IDT at their layout addresses; return the vCPU's
+    sregs with GDTR and IDTR pointing there (the caller sets segments and modes, then set_sregs).
+    An empty IDT (limit 0) makes any exception before the guest installs its own a triple fault."""
+    gdt = b"".join(struct.pack("<Q", e) for e in gdt_entries)
     mem.write(layout.BOOT_GDT, gdt)
     mem.write_int(layout.BOOT_IDT, 8, 0)
     sregs = vcpu.get_sregs()
@@ -142,6 +139,17 @@ def setup_protected_mode(vcpu, mem, *, entry: int, eax: int = 0, ebx: int = 0) -
     sregs.gdt.limit = len(gdt) - 1
     sregs.idt.base = layout.BOOT_IDT
     sregs.idt.limit = 0
+    return sregs
+
+
+def setup_protected_mode(vcpu, mem, *, entry: int, eax: int = 0, ebx: int = 0) -> None:
+    """32-bit protected mode with paging off and flat 4 GiB segments, as the Multiboot
+    specification's "Machine state" (0.6.96, section 3.2) asks: CS a 32-bit read/execute code
+    segment with offset 0 and limit 0xffffffff, DS/ES/FS/GS/SS 32-bit read/write data segments
+    likewise, CR0.PG clear and CR0.PE set, EFLAGS.VM and IF clear, EAX/EBX as the caller says.
+    The spec lets GDTR and IDTR be invalid; we load a real flat GDT anyway (a kernel that reloads
+    a selector before installing its own GDT then still works) and an empty IDT."""
+    sregs = _boot_tables(vcpu, mem, BOOT_GDT32)
     _set_segment(sregs.cs, segment_from_gdt(BOOT_GDT32[GDT32_CODE], GDT32_CODE * 8))
     data = segment_from_gdt(BOOT_GDT32[GDT32_DATA], GDT32_DATA * 8)
     for seg in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
@@ -166,15 +174,7 @@ def setup_long_mode(vcpu, mem, *, entry: int, cr3: int, rsi: int = 0, rsp: int =
     read/write" - the kernel reloads its own GDT at once, so any flat 64-bit code/data pair works -
     "paging enabled, identity map for the loaded kernel, zero page and command line; %rsi holds
     the zero page's address" (boot.rst, "64-bit BOOT PROTOCOL")."""
-    gdt = b"".join(struct.pack("<Q", e) for e in BOOT_GDT)
-    mem.write(layout.BOOT_GDT, gdt)
-    mem.write_int(layout.BOOT_IDT, 8, 0)
-
-    sregs = vcpu.get_sregs()
-    sregs.gdt.base = layout.BOOT_GDT
-    sregs.gdt.limit = len(gdt) - 1
-    sregs.idt.base = layout.BOOT_IDT
-    sregs.idt.limit = 0
+    sregs = _boot_tables(vcpu, mem, BOOT_GDT)
     code = segment_from_gdt(BOOT_GDT[GDT_CODE64], SEL_CODE64)
     data = segment_from_gdt(BOOT_GDT[GDT_DATA], SEL_DATA)
     _set_segment(sregs.cs, code)
