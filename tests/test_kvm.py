@@ -149,3 +149,36 @@ def test_a_kick_after_close_is_harmless():
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, (p.returncode, p.stderr)
     assert p.stdout.split() == ["fd", "-1", "signals", "0"], p.stdout
+
+
+# mov dx, 0x70; mov al, 0x42; out dx, al; in ax, dx; out dx, ax; hlt
+IO_MIX = bytes([0xba, 0x70, 0x00, 0xb0, 0x42, 0xee, 0xed, 0xef, 0xf4])
+
+
+@needs_kvm
+def test_run_decodes_port_io_as_decode_exit_does():
+    """Vcpu.run() inlines a copy of Vcpu._decode_io (the hot path); the C loop's path
+    (run_fast -> decode_exit) uses the original. With the C loop switched off, both must give
+    the same exits for the same guest."""
+    from pykvm.kvm.fastpath import FastPath
+
+    def exits(fast):
+        with Machine(1 << 20, irqchip="none") as m:
+            m.mem.write(0x1000, IO_MIX)
+            setup_real_mode(m.vcpu, 0x100, 0)
+            seen = []
+            while True:
+                e = m.vcpu.run() if fast is None else m.vcpu.run_fast(fast)
+                if isinstance(e, E.IoIn):
+                    e.data[:] = b"\x34\x12"
+                seen.append((type(e).__name__, getattr(e, "port", None), getattr(e, "size", None),
+                             getattr(e, "count", None), bytes(getattr(e, "data", b""))))
+                if not isinstance(e, (E.IoOut, E.IoIn)):
+                    return seen
+
+    off = FastPath()
+    off.regs.enabled = 0
+    python, c_path = exits(None), exits(off)
+    assert python == c_path
+    assert [s[0] for s in python] == ["IoOut", "IoIn", "IoOut", "Hlt"]
+    assert python[2][4] == b"\x34\x12"
