@@ -1,6 +1,6 @@
 """Full Linux boots through the public API and the CLI, checked against the kernel's own console.
 
-On a KVM-PVM host no guest userland can run (../shared/HOST-KVM.md), so these boots stop at the
+On a KVM-PVM host no guest userland can run (docs/kvm-pvm.md), so these boots stop at the
 kernel's "Run /init"; on a VT-x/AMD-V host the userland tests go on to the busybox init and skip here,
 naming the host. Each boot prints the command line it used (visible with pytest -s or on failure).
 """

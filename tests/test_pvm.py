@@ -69,8 +69,8 @@ def test_kernel_args():
     clear = [a for a in args if a.startswith("clearcpuid=")]
     assert len(clear) == 1     # one comma list: 6.1 parses a single clearcpuid=
     numbers = {int(n) for n in clear[0].split("=")[1].split(",")}
-    # HOST-KVM.md's set, which reached "Run /init": smap, popcnt proven necessary
-    # The set that took a 6.1 kernel to "Run /init" here (HOST-KVM.md) ...
+    # docs/kvm-pvm.md's set, which reached "Run /init": smap, popcnt proven necessary
+    # The set that took a 6.1 kernel to "Run /init" here (docs/kvm-pvm.md) ...
     assert {141, 154, 155, 308, 288, 298, 534, 151, 197, 291, 296, 150, 156, 293, 158, 306} <= numbers
     # ... and the SIMD features whose kernel routines stopped Debian's stock kernel (movd xmm).
     assert {137, 147, 148, 129, 153} <= numbers

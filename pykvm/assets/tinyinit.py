@@ -26,7 +26,7 @@ here byte by byte (no toolchain needed). Its code, as ``as`` assembles it::
 
 Without ACPI the test kernel cannot really power off: it prints
 ``reboot: Power down`` and halts, which a VMM can take as the end of the run.
-On KVM-PVM hosts no user code runs at all (HOST-KVM.md), so there the boot
+On KVM-PVM hosts no user code runs at all (docs/kvm-pvm.md), so there the boot
 ends at the kernel's "Run /init as init process" either way.
 """
 

@@ -22,7 +22,7 @@ The module is called ``userland`` rather than ``initramfs`` so that the
 package can export a function named :func:`initramfs` without shadowing it.
 
 Note that on KVM-PVM hosts no Linux userland runs at all (see
-shared/HOST-KVM.md): there the marker never appears and boot tests stop at the
+docs/kvm-pvm.md): there the marker never appears and boot tests stop at the
 kernel's "Run /init". On VT-x/AMD-V hosts the whole script runs.
 """
 

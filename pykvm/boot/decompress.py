@@ -1,7 +1,7 @@
 """Decompress a bzImage payload on the host, giving the ELF vmlinux the kernel's own decompressor makes.
 
 Why on the host: the bzImage decompressor runs at CPL0, which KVM-PVM hosts emulate instruction by
-instruction (see /work/shared/HOST-KVM.md: 82 s to decompress Debian's LZ4 kernel in the guest, against
+instruction (see docs/kvm-pvm.md: 82 s to decompress Debian's LZ4 kernel in the guest, against
 well under a second here).
 
 What the payload is (arch/x86/boot/compressed/Makefile): `vmlinux.bin` (vmlinux with symbols stripped,

@@ -4,7 +4,7 @@ KVM-PVM ("pagetable-based virtual machine", kernel module `kvm_pvm`) gives a /de
 API on machines that have no VT-x / AMD-V, typically because they are VMs themselves. Guest CPL3 runs
 natively; guest CPL0 is executed instruction by instruction by KVM's x86 emulator (~0.5-1 us each).
 Where that emulator has no entry for an instruction, KVM_RUN returns KVM_EXIT_INTERNAL_ERROR with
-suberror KVM_INTERNAL_ERROR_EMULATION and RIP still at the instruction (/work/shared/HOST-KVM.md).
+suberror KVM_INTERNAL_ERROR_EMULATION and RIP still at the instruction (docs/kvm-pvm.md).
 
 This package:
 

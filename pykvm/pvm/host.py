@@ -83,7 +83,7 @@ def host_notice(kind: str | None = None) -> str:
 # 6.1 takes only numbers, later kernels names too. Words 4, 6, 9 and 16 have kept their numbering.
 # Each entry: (feature number, name, why).
 _CLEARED_FEATURES: list[tuple[int, str, str]] = [
-    # Proven necessary (HOST-KVM.md): without these a 6.1 kernel stops at the first use.
+    # Proven necessary (docs/kvm-pvm.md): without these a 6.1 kernel stops at the first use.
     # complete_gap handles both, but each completion costs ~130 us here (measured: a CPL0 loop of
     # 2000 popcnts, 129 us per iteration against 3.7 us with a mov in its place), the price of
     # some 30 emulated instructions: the kernel's own fallbacks are cheaper.
@@ -132,7 +132,7 @@ _KERNEL_ARGS: list[tuple[str, str]] = [
 
 
 def pvm_kernel_args() -> list[str]:
-    """Kernel arguments a Linux guest needs on a KVM-PVM host (HOST-KVM.md: this set reached "Run
+    """Kernel arguments a Linux guest needs on a KVM-PVM host (docs/kvm-pvm.md: this set reached "Run
     /init" with a 6.1 kernel). Harmless on VT-x/AMD-V hosts, but slower there; add them only when
     `host_kind() == "KVM-PVM"`. Each one's reason is in _KERNEL_ARGS / _CLEARED_FEATURES."""
     cleared = ",".join(str(n) for n, _, _ in _CLEARED_FEATURES)

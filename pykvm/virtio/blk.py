@@ -25,9 +25,10 @@ RO for a read-only image, DISCARD for a writable one (a hint we accept and, with
 The guest's mistakes become statuses, never exceptions: a request past the end of the disk, a data
 length that is not whole sectors, a write to a read-only disk, a buffer outside RAM -> IOERR; an
 unknown type -> UNSUPP; a chain with no writable byte for the status is dropped (length 0) and
-counted. Shortcut, admitted: I/O is synchronous on the thread that delivered the notify (the vCPU),
-which is simple and, for a raw file in the page cache, fast enough; a worker thread would let the
-guest run during long I/O.
+counted. I/O is synchronous on the thread that delivered the notify: the ioeventfd worker
+(pykvm/virtio/attach.py, LinuxVM's default), so the vCPU runs on meanwhile, or the vCPU itself when
+kicks are MMIO exits. Shortcut, admitted: one thread serves the requests one after another, which
+for a raw file in the page cache is fast enough; a pool would overlap long reads.
 
 Reads take a short way (`_plain_read`): a chain that is exactly header, data buffers, one status
 byte, and asks for an IN within the disk, is read straight from the descriptor table with no more
