@@ -159,6 +159,13 @@ ffibuilder.cdef(r"""
 #define KVM_VCPUEVENT_VALID_SHADOW ...
 #define KVM_GUESTDBG_ENABLE ...
 #define KVM_GUESTDBG_SINGLESTEP ...
+#define KVM_GUESTDBG_USE_SW_BP ...
+#define KVM_GUESTDBG_USE_HW_BP ...
+#define KVM_GUESTDBG_INJECT_BP ...
+#define KVM_GUESTDBG_BLOCKIRQ ...
+#define KVM_CAP_SET_GUEST_DEBUG ...
+#define KVM_CAP_GUEST_DEBUG_HW_BPS ...
+#define KVM_CAP_GUEST_DEBUG_HW_WPS ...
 
 /* ---- structures (named fields are checked against the header) ---- */
 struct kvm_regs {
@@ -383,9 +390,22 @@ struct kvm_mp_state {
     uint32_t mp_state;
 };
 
+struct kvm_guest_debug_arch {
+    uint64_t debugreg[8];      /* DR0-DR3 addresses, DR6, DR7 (x86 asm/kvm.h) */
+};
+
 struct kvm_guest_debug {
     uint32_t control;
+    struct kvm_guest_debug_arch arch;
     ...;
+};
+
+struct kvm_debug_exit_arch {   /* complete: it sits in kvm_run's anonymous union */
+    uint32_t exception;
+    uint32_t pad;
+    uint64_t pc;
+    uint64_t dr6;
+    uint64_t dr7;
 };
 
 /* The shared page between KVM and the VMM, mmap'ed from the vCPU fd. The exit-specific part is a
@@ -403,6 +423,7 @@ struct kvm_run {
         struct { uint64_t hardware_exit_reason; } hw;
         struct { uint64_t hardware_entry_failure_reason; uint32_t cpu; } fail_entry;
         struct { uint32_t exception; uint32_t error_code; } ex;
+        struct { struct kvm_debug_exit_arch arch; } debug;
         struct { uint8_t direction; uint8_t size; uint16_t port; uint32_t count;
                  uint64_t data_offset; } io;
         struct { uint64_t phys_addr; uint8_t data[8]; uint32_t len; uint8_t is_write; } mmio;

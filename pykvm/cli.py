@@ -99,6 +99,7 @@ def cmd_boot(args) -> int:
     _check_boot_args(args)
     memory = parse_size(args.memory)
     test_devices = _test_devices(args)
+    gdb_address = _gdb_address(args)
     from .multiboot_vm import looks_multiboot
     if looks_multiboot(args.kernel):
         vm = _multiboot_vm(args, memory)
@@ -118,6 +119,7 @@ def cmd_boot(args) -> int:
     with vm, _stop_on_sigterm(vm.machine):
         from .testdevs import add_test_devices
         add_test_devices(vm.machine, **test_devices)
+        stub = _start_gdb(vm, args, gdb_address)
         profiler = None
         if args.profile:
             from .profile import GuestProfiler
@@ -154,6 +156,8 @@ def cmd_boot(args) -> int:
         finally:
             if log:
                 log.close()
+        if stub is not None:
+            stub.close()
         print(file=sys.stderr)
         _say(f"stopped: {stop.reason}: {stop.message}")
         if profiler is not None:
@@ -188,6 +192,37 @@ def _multiboot_vm(args, memory: int):
                        memory=memory, until=args.until, irqchip=args.irqchip,
                        fast_path=not args.no_fast_path,
                        pvm_workarounds=not args.no_pvm_workarounds and None)
+
+
+def _gdb_address(args):
+    """--gdb tcp::PORT, checked before anything is built."""
+    if args.gdb_wait and not args.gdb:
+        raise UsageError("--gdb-wait needs --gdb tcp::PORT")
+    if not args.gdb:
+        return None
+    from .gdb import GdbError, parse_address
+    try:
+        return parse_address(args.gdb)
+    except GdbError as e:
+        raise UsageError(str(e)) from None
+
+
+def _start_gdb(vm, args, address):
+    """The gdb stub (pykvm/gdb/): i386 registers for a multiboot kernel, x86-64 otherwise."""
+    if address is None:
+        return None
+    from .gdb import GdbError, GdbStub
+    from .multiboot_vm import MultibootVM
+    from .gdb import linux_text_mapping
+    multiboot = isinstance(vm, MultibootVM)
+    stub = GdbStub(vm.machine, address=address, wait=args.gdb_wait, host_kind=vm.host_kind,
+                   arch="i386" if multiboot else "i386:x86-64",
+                   early_translate=None if multiboot else linux_text_mapping)
+    try:
+        stub.start()
+    except GdbError as e:
+        raise UsageError(str(e)) from None
+    return stub
 
 
 def _test_devices(args) -> dict:
@@ -302,6 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "functions at the end (- for raw addresses)")
     boot.add_argument("--module", action="append", default=[], metavar="FILE[,ARGS]",
                       help="a boot module for a multiboot kernel (repeatable; --initrd is the first)")
+    boot.add_argument("--gdb", metavar="tcp::PORT",
+                      help="serve gdb's remote protocol on this port (127.0.0.1 unless "
+                           "tcp:HOST:PORT): gdb vmlinux -ex 'target remote :PORT'")
+    boot.add_argument("--gdb-wait", action="store_true",
+                      help="with --gdb: hold the guest before its first instruction until gdb "
+                           "attaches and continues")
     boot.add_argument("--debug-exit", nargs="?", const="", metavar="PORT[,SIZE]",
                       help="QEMU's isa-debug-exit (default 0xf4,4): a write of v ends pykvm "
                            "with exit status (v << 1) | 1")

@@ -86,6 +86,9 @@ class Machine:
         # Called on every Interrupted exit (a kick or a signal): a chance to look at a vCPU that
         # has been inside KVM_RUN for a long time (pykvm.pvm.StuckVmcall).
         self.interrupted_handlers: list[Callable[["Machine"], object]] = []
+        # Debug exits (single-step, breakpoints: KVM_SET_GUEST_DEBUG) go here: the gdb stub
+        # (pykvm.gdb) sets it. Without one, a Debug exit stops the VM as an error.
+        self.debug_handler: Callable[["Machine", E.Debug], Stop | None] | None = None
         # Kick the vCPU this often (seconds) while run() is active, so interrupted_handlers get to
         # look even at a guest that never exits. None: never.
         self.watchdog_period: float | None = None
@@ -173,6 +176,12 @@ class Machine:
         self.stats.worker_errors[name] += 1
         self.request_stop(Stop("error", message=f"VMM thread {name} failed: "
                                                 f"{type(error).__name__}: {error}"))
+
+    @property
+    def stop_requested(self) -> bool:
+        """True from request_stop() until the run loop has ended (for code that waits in a
+        handler, like the gdb stub holding a vCPU, to know it should let go)."""
+        return self._stop is not None
 
     def request_stop(self, stop: Stop) -> None:
         """Ask the run loop to end (from a device callback or any thread). The first request wins."""
@@ -394,6 +403,13 @@ def _interrupted(m: Machine, e: E.Interrupted) -> Stop | None:
     return None
 
 
+def _debug(m: Machine, e: E.Debug) -> Stop | None:
+    handler = getattr(m, "debug_handler", None)
+    if handler is None:
+        return _unknown(m, e)
+    return handler(m, e)
+
+
 def _unknown(m: Machine, e: E.Exit) -> Stop | None:
     m.stats.guest_errors["unhandled exit"] += 1
     return Stop(StopReason.ERROR, message=f"unhandled exit {e!r}")
@@ -411,6 +427,7 @@ _HANDLERS: dict[type, Callable[[Machine, E.Exit], Stop | None]] = {
     E.FailEntry: _fail_entry,
     E.Interrupted: _interrupted,
     E.IrqWindowOpen: _ignore,
+    E.Debug: _debug,
 }
 
 

@@ -120,10 +120,14 @@ class Interrupted(Exit):
 
 @dataclass(slots=True)
 class Debug(Exit):
-    """A single-step or breakpoint exit (KVM_SET_GUEST_DEBUG)."""
+    """A single-step or breakpoint exit (KVM_SET_GUEST_DEBUG): `exception` 1 (#DB: a step or a
+    hardware breakpoint, DR6 says which) or 3 (#BP: an int3 with KVM_GUESTDBG_USE_SW_BP); `pc` the
+    guest's linear RIP as KVM reports it (struct kvm_debug_exit_arch)."""
 
     exception: int
     pc: int
+    dr6: int = 0
+    dr7: int = 0
 
 
 @dataclass(slots=True)

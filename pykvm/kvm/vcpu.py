@@ -213,7 +213,8 @@ class Vcpu:
         if reason == lib.KVM_EXIT_INTR:
             return E.Interrupted()
         if reason == lib.KVM_EXIT_DEBUG:
-            return E.Debug(run.ex.exception, self.get_regs().rip)
+            d = run.debug.arch
+            return E.Debug(d.exception, d.pc, d.dr6, d.dr7)
         return E.Unknown(reason)
 
     def kick(self) -> None:
@@ -388,11 +389,18 @@ class Vcpu:
         if reason not in (-EINTR, -EAGAIN):
             raise KvmError(-reason, "KVM_RUN")
 
-    def set_single_step(self, enable: bool) -> None:
+    def set_guest_debug(self, control: int, debugreg: tuple[int, ...] = ()) -> None:
+        """KVM_SET_GUEST_DEBUG: `control` is KVM_GUESTDBG_* bits (ENABLE, SINGLESTEP, USE_SW_BP,
+        USE_HW_BP, ...); `debugreg` up to 8 values for DR0-DR3, (DR4, DR5 unused), DR6, DR7 with
+        USE_HW_BP. 0 turns debugging off. Takes effect at the next KVM_RUN."""
         dbg = ffi.new("struct kvm_guest_debug *")
-        if enable:
-            dbg.control = lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP
+        dbg.control = control
+        for i, value in enumerate(debugreg[:8]):
+            dbg.arch.debugreg[i] = value
         ioctl(self.fd, lib.KVM_SET_GUEST_DEBUG, dbg, "KVM_SET_GUEST_DEBUG")
+
+    def set_single_step(self, enable: bool) -> None:
+        self.set_guest_debug(lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP if enable else 0)
 
 
 # A real-time signal nobody else uses, sent to a thread inside KVM_RUN to make it return.

@@ -64,7 +64,7 @@ PORT_ASSIST = 0xF8
 ASSIST_LONG_MODE = 1
 
 CFLAGS = [
-    "-m64", "-std=gnu11", "-O2", "-Wall", "-ffreestanding", "-nostdlib", "-fno-pic", "-fno-pie",
+    "-m64", "-std=gnu11", "-O2", "-g", "-Wall", "-ffreestanding", "-nostdlib", "-fno-pic", "-fno-pie",
     "-fno-stack-protector", "-fno-asynchronous-unwind-tables", "-fcf-protection=none",
     # No SSE/MMX/x87 in generated code: CPL0 code runs in KVM-PVM's emulator, which lacks some of
     # it, and the runtime never enables SSE (CR4.OSFXSR) anyway. No red zone: exceptions at CPL0

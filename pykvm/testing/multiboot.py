@@ -22,7 +22,7 @@ from .firmware import FIRMWARE_DIR, FirmwareError, _run_tool, _tool_version, cac
 MULTIBOOT_DIR = FIRMWARE_DIR / "multiboot"
 FORMATS = ("elf32", "elf64", "aout")
 CFLAGS = [
-    "-m32", "-std=gnu11", "-Os", "-Wall", "-ffreestanding", "-nostdlib", "-fno-pic", "-fno-pie",
+    "-m32", "-std=gnu11", "-Os", "-g", "-Wall", "-ffreestanding", "-nostdlib", "-fno-pic", "-fno-pie",
     "-fno-stack-protector", "-fno-asynchronous-unwind-tables", "-fcf-protection=none",
     # Everything runs at CPL0, in KVM-PVM's instruction emulator there: no SSE/x87 code.
     "-mno-sse", "-mno-mmx", "-mno-80387", "-mgeneral-regs-only",
