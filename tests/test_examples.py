@@ -37,3 +37,12 @@ def test_tracer_shows_each_exit_with_its_device():
     err = run_example("04_devices_and_exits.py").stderr
     assert "out  port 0x0500 size 1 data 0c  -> multiplier+0x0" in err
     assert "in   port 0x0502 size 2  -> multiplier+0x2" in err
+
+
+@needs_kvm
+@pytest.mark.skipif(__import__("shutil").which("gdb") is None, reason="gdb is not installed")
+def test_gdb_example_steps_from_real_mode_to_main():
+    out = run_example("07_gdb.py").stdout
+    assert "rip            0x8000" in out and "rip            0x8002" in out, out
+    assert "Breakpoint 1, main ()" in out and "exited normally" in out, out
+    assert "the guest printed: 'Hello from pykvm firmware at CPL0'; exit status 0" in out
