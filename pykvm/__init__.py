@@ -6,15 +6,62 @@ How a VM comes to life, and where each step lives:
 2. Create a VM (KVM_CREATE_VM) and give it RAM: host memory mapped by us and registered as memory
    slots (`pykvm.memory.GuestMemory`, `Vm.set_user_memory_region`).
 3. Create the platform: an interrupt controller and timer (in-kernel, or our Python i8259/i8254), and
-   devices on the port-I/O and MMIO buses (`pykvm.bus.Bus`, `pykvm.devices`, `pykvm.virtio`).
+   devices on the port-I/O and MMIO buses (`pykvm.bus.Bus`, `pykvm.devices`, `pykvm.virtio`). A
+   device sees only register offsets and an interrupt line (`pykvm.irq`); every fixed port, IRQ and
+   address is in `pykvm.x86.layout`.
 4. Create a vCPU (KVM_CREATE_VCPU), mmap its shared `kvm_run` page, and set its registers: real mode
    for a firmware program, or 64-bit long mode with page tables and a GDT for a Linux kernel
    (`pykvm.x86.cpu`, `pykvm.boot`).
 5. Loop on KVM_RUN. Each return is an *exit*: the guest did something the hardware could not finish
    alone (an `out` to a port, a load from MMIO, `hlt`). `Vcpu.run()` turns it into a typed value
-   (`pykvm.kvm.exits`), `pykvm.machine.handle_exit` dispatches it to the bus, and the loop goes on.
-"""
+   (`pykvm.kvm.exits`), `pykvm.machine.handle_exit` dispatches it to the bus, and the loop goes on
+   until something asks it to stop: a `pykvm.stop.Stop` with its `StopReason`.
+6. Boot Linux: `pykvm.linux.LinuxVM` does steps 1-5 from a `pykvm.config.LinuxConfig`. It adds the
+   PC's legacy devices (`pykvm.pc`), a PCI bus, disks and virtio devices; loads the kernel with the
+   boot protocol (`pykvm.boot.load_linux`: parse the bzImage, unpack its payload on the host, write
+   the zero page and command line); and enters it in long mode. On a KVM-PVM host (no VT-x/AMD-V:
+   guest kernel code is emulated) `pykvm.pvm` adds kernel arguments and completes the instructions
+   KVM's emulator lacks (docs/kvm-pvm.md has the measurements).
+7. Virtio: a device model (`pykvm.virtio.blk`, `net`, `console`, `rng`) serves split virtqueues in
+   guest RAM (`pykvm.virtio.queue`); a transport (`virtio.mmio` or `virtio.pci`) owns the registers;
+   `pykvm.virtio.attach` puts the pair on the machine and returns the `VirtioAttachment` the VMM
+   keeps. Host resources live in `pykvm.host` (disk images, tap devices, the terminal).
+8. The fast path: most exits of a Linux boot are the serial console's polling and POST writes.
+   `pykvm.kvm.fastpath` and csrc/fastpath.h run the KVM_RUN loop in C and answer those there; the
+   device models keep the registers C reads in a shared struct (`pykvm.devices.shared`), so there is
+   one copy of each. Everything else comes back to Python as in step 5 (`--no-fast-path` to watch).
 
+Two walks through the code, in the order the files are reached.
+
+One byte written to the UART's THR (`out 0x3f8`), with the fast path off:
+    pykvm/kvm/vcpu.py        Vcpu.run: KVM_RUN returns KVM_EXIT_IO -> IoOut(0x3f8, 1, 1, b"A")
+    pykvm/machine.py         Machine.run: the IoOut handler -> pio.write(0x3f8, 1, 0x41)
+    pykvm/bus.py             Bus.write: the device at 0x3f8 (LockedDevice), offset 0
+    pykvm/devices/isa.py     ByteRegisters.write: one byte at offset 0
+    pykvm/devices/serial.py  Serial16550: THR -> the output sink (LinuxVM: pykvm/console.py), then
+                             the interrupt level recomputed from IER/LSR
+    pykvm/irq.py             KvmIrqLine.set_level: only if the level changed
+    pykvm/kvm/vm.py          Vm.irq_line: KVM_IRQ_LINE
+  With the fast path on (LinuxVM's default) and the UART's interrupts off, the first five steps
+  are csrc/fastpath.h, which buffers the byte; pykvm/kvm/fastpath.py drains it to the same sink.
+
+One virtio-blk read (virtio-mmio with ioeventfd, LinuxVM's default):
+    (guest)                  writes the queue index to QueueNotify: KVM signals the ioeventfd
+                             registered by attach.py, and the vCPU goes on without an exit
+    pykvm/virtio/attach.py   IoEventNotifier: its thread wakes, device.notify(0) under the lock
+    pykvm/virtio/device.py   VirtioDevice.notify -> process_queue
+    pykvm/virtio/blk.py      VirtioBlk.process_queue: for each request, pop its head
+                             (virtio/queue.py, bounds-checked), find the header and buffers in guest
+                             RAM (pykvm/memory.py), read the disk straight into them
+                             (pykvm/host/disk.py: preadv), write the status and the used entry
+    pykvm/virtio/device.py   signal_used -> VirtioTransport._interrupt: InterruptStatus bit set
+    pykvm/virtio/mmio.py     VirtioMmio._update_interrupt: the line's level from InterruptStatus
+    pykvm/irq.py             IrqfdLine: an eventfd write; KVM pulses the GSI
+
+Where to read next: examples/ (numbered, from eight bytes of real mode to a Linux boot), then
+pykvm/machine.py and pykvm/kvm/, then a device (pykvm/devices/serial.py) with its unit tests, then
+pykvm/linux.py. README.md's table maps the rest.
+"""
 __version__ = "0.1.0"
 
 
