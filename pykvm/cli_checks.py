@@ -68,15 +68,20 @@ def _open_error(e: OSError, path, what: str) -> InputError:
     return InputError(f"{what} {path}: {e.strerror or e}")
 
 
+def _open_input(path: str | os.PathLike, what: str) -> int:
+    """Open for reading with O_NONBLOCK (a FIFO cannot block the open); a failure is one line."""
+    try:
+        return os.open(os.fspath(path), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise _open_error(e, path, what) from None
+
+
 def read_input(path: str | os.PathLike, what: str, limit: int) -> bytes:
     """Read a whole input file (a kernel, an initrd, a System.map) of at most `limit` bytes.
 
     Opened with O_NONBLOCK so that a FIFO cannot block the open, then checked with fstat on the
     open descriptor (no window between check and use): only a regular file is read."""
-    try:
-        fd = os.open(os.fspath(path), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise _open_error(e, path, what) from None
+    fd = _open_input(path, what)
     try:
         st = os.fstat(fd)
         kind = _kind(st.st_mode)
@@ -105,10 +110,7 @@ def read_input(path: str | os.PathLike, what: str, limit: int) -> bytes:
 
 def input_file(path: str | os.PathLike, what: str, limit: int) -> Path:
     """Check that `path` is a readable regular file of at most `limit` bytes (without reading it)."""
-    try:
-        fd = os.open(os.fspath(path), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise _open_error(e, path, what) from None
+    fd = _open_input(path, what)
     try:
         st = os.fstat(fd)
     finally:

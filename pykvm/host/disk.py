@@ -23,7 +23,7 @@ import os
 import threading
 from pykvm.x86.layout import SECTOR  # noqa: F401  (the disks' unit, re-exported for devices)
 
-from .overlay import Overlay
+from .overlay import Overlay, pread_exact
 
 
 class DiskError(OSError):
@@ -134,13 +134,8 @@ class DiskImage(BlockBackend):
             raise DiskError(f"{self.path}: {n} bytes at {offset} outside a {self.size}-byte image")
 
     def _pread(self, offset: int, n: int) -> bytes:
-        out = bytearray()
-        while len(out) < n:
-            chunk = os.pread(self.fd, n - len(out), offset + len(out))
-            if not chunk:
-                raise DiskError(f"{self.path}: short read at {offset + len(out)}")
-            out += chunk
-        return bytes(out)
+        return pread_exact(self.fd, n, offset,
+                           lambda at: DiskError(f"{self.path}: short read at {at}"))
 
     def read(self, offset: int, n: int) -> bytes:
         self._check(offset, n)

@@ -24,6 +24,18 @@ import tempfile
 CHUNK = 4096
 
 
+
+def pread_exact(fd: int, n: int, offset: int, short) -> bytes:
+    """Exactly `n` bytes at `offset` (pread may return fewer); `short(at)` makes the error for an
+    end of file at `at` before that."""
+    out = bytearray()
+    while len(out) < n:
+        got = os.pread(fd, n - len(out), offset + len(out))
+        if not got:
+            raise short(offset + len(out))
+        out += got
+    return bytes(out)
+
 class Overlay:
     def __init__(self, size: int, base_read, directory: str | None = None):
         """`size`: the image's size. `base_read(offset, n)`: reads the image underneath."""
@@ -48,13 +60,7 @@ class Overlay:
 
     # ---- I/O ----
     def _pread(self, offset: int, n: int) -> bytes:
-        out = bytearray()
-        while len(out) < n:
-            got = os.pread(self.fd, n - len(out), offset + len(out))
-            if not got:
-                raise OSError(f"overlay: short read at {offset + len(out)}")
-            out += got
-        return bytes(out)
+        return pread_exact(self.fd, n, offset, lambda at: OSError(f"overlay: short read at {at}"))
 
     def _pwrite(self, offset: int, data) -> None:
         data = memoryview(data)

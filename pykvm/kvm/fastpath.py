@@ -52,16 +52,17 @@ class FastPath:
         regs = self.regs
         n = regs.uart_out_len
         if n:
-            data = ffi.buffer(regs.uart_out, n)[:]
-            regs.uart_out_len = 0
-            self._uart_device.out(data)
-            self._uart_device.bytes_out += n
+            regs.uart_out_len = 0          # the C loop is not running: the bytes stay put
+            self._hand_over(regs.uart_out, n, self._uart_device)
         n = regs.debug_out_len
         if n:
-            data = ffi.buffer(regs.debug_out, n)[:]
             regs.debug_out_len = 0
-            self._debug_device.out(data)
-            self._debug_device.bytes_out += n
+            self._hand_over(regs.debug_out, n, self._debug_device)
+
+    @staticmethod
+    def _hand_over(buf, n: int, device) -> None:
+        device.out(ffi.buffer(buf, n)[:])
+        device.bytes_out += n
 
     @property
     def handled(self) -> int:
