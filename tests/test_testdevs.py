@@ -272,3 +272,54 @@ def test_parse_fw_cfg_errors_are_one_line(spec, words):
     with pytest.raises(MachineError) as e:
         parse_fw_cfg(spec)
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- snapshot state (pykvm.devices.state)
+
+def _round_trip(make, poke):
+    a = make()
+    poke(a)
+    b = make()
+    b.restore_state(a.save_state())
+    assert b.save_state() == a.save_state()
+    return a, b
+
+
+def test_state_round_trips():
+    seen = []
+    _, dx = _round_trip(lambda: IsaDebugExit(seen.append), lambda d: d.write(0, 4, 9))
+    assert dx.value == 9
+    _, bs = _round_trip(lambda: BochsShutdown(lambda: None),
+                        lambda d: [d.write(0, 1, c) for c in b"Shut"])
+    for ch in b"down":
+        bs.write(0, 1, ch)
+    mem = GuestMemory.for_test(1 << 20)
+
+    def make_fw():
+        dev = F.FwCfg(ram_size=1 << 20, mem=mem)
+        dev.add_file("opt/x", b"abcdef")
+        return dev
+
+    def poke_fw(dev):
+        dev.write(0, 2, F.FW_CFG_FILE_FIRST)
+        dev.read(1, 1)
+        dev.read(1, 1)
+        dev.write(4, 4, 0x12345678)          # half a DMA address
+    _, fw = _round_trip(make_fw, poke_fw)
+    assert fw.read(1, 1) == ord("c") and bytes(fw._dma_addr[:4]) == (0x12345678).to_bytes(4, "little")
+    _, sc = _round_trip(Scratch32, lambda d: d.write(0, 4, 0xDEADBEEF))
+    assert sc.read(0, 4) == 0xDEADBEEF
+    _, io = _round_trip(IoMem, lambda d: d.write(8, 4, 0x01020304))
+    assert io.read(8, 4) == 0x01020304
+
+
+def test_irq_lines_state_comes_back_without_new_edges():
+    old = [RecordingIrqLine() for _ in range(24)]
+    dev = IrqLines(old)
+    dev.write(5, 1, 1)
+    new = [RecordingIrqLine() for _ in range(24)]
+    twin = IrqLines(new)
+    twin.restore_state(dev.save_state())
+    assert new[5].level and new[5].history == []        # restored silently
+    twin.write(5, 1, 0)
+    assert new[5].history == [False]

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 from typing import Callable
 
+from pykvm.devices.state import Stateful
+
 PORT = 0x8900
 MAGIC = b"Shutdown"
 
 
-class BochsShutdown:
+class BochsShutdown(Stateful):
+    STATE = ("matched",)
+
     def __init__(self, on_shutdown: Callable[[], None]):
         self.on_shutdown = on_shutdown
         self.matched = 0          # how many bytes of MAGIC have been seen in order

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from pykvm.devices.state import Stateful
+
 DEFAULT_PORT = 0xF4
 DEFAULT_SIZE = 4
 
@@ -48,8 +50,10 @@ def parse_spec(text: str | None) -> tuple[int, int]:
     return port, size
 
 
-class IsaDebugExit:
+class IsaDebugExit(Stateful):
     """The isa-debug-exit port. `value` is the last value written (None before any write)."""
+
+    STATE = ("value",)
 
     def __init__(self, on_exit: Callable[[int], None], size: int = DEFAULT_SIZE):
         self.on_exit = on_exit

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import struct
 
+from pykvm.devices.state import Stateful
 from pykvm.memory import GuestMemoryError
 
 PORT_BASE = 0x510           # selector; data at +1; DMA address at +4 (high) and +8 (low)
@@ -76,11 +77,16 @@ def check_name(name: str) -> None:
                          f"{FW_CFG_MAX_FILE_PATH - 1} characters")
 
 
-class FwCfg:
+class FwCfg(Stateful):
     """The fw_cfg device at offsets from PORT_BASE.
 
     ram_size, cpus: what FW_CFG_RAM_SIZE / FW_CFG_NB_CPUS / FW_CFG_MAX_CPUS report. mem: guest
-    memory for the DMA interface (None: no DMA, and FW_CFG_ID says so)."""
+    memory for the DMA interface (None: no DMA, and FW_CFG_ID says so).
+
+    Snapshot state is where the guest is in its reading (selector, offset, a half-written DMA
+    address); the items themselves are configuration the restoring VMM supplies again."""
+
+    STATE = ("selector", "offset", "_dma_addr", "dma_transfers", "errors")
 
     def __init__(self, *, ram_size: int, cpus: int = 1, mem=None):
         self.mem = mem

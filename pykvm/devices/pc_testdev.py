@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+from pykvm.devices.state import Stateful
 from pykvm.irq import IrqLine
 
 PORT_SCRATCH = 0xE0
@@ -31,8 +32,10 @@ IOMEM_BASE = 0xFF000000
 IOMEM_SIZE = 0x10000
 
 
-class Scratch32:
+class Scratch32(Stateful):
     """The 32-bit scratch register (shared by the 0xe0 and 0xe8 windows)."""
+
+    STATE = ("data",)
 
     def __init__(self) -> None:
         self.data = 0
@@ -47,8 +50,10 @@ class Scratch32:
         self.data = (self.data & ~mask) | ((value << shift) & mask)
 
 
-class FlushPage:
+class FlushPage(Stateful):
     """Port 0xe4: records the page addresses written (see the module docstring)."""
+
+    STATE = ("pages",)
 
     def __init__(self) -> None:
         self.pages: list[int] = []
@@ -60,7 +65,7 @@ class FlushPage:
         self.pages.append(value & ~0xFFF)
 
 
-class IrqLines:
+class IrqLines(Stateful):
     """Port 0x2000 + n: drive interrupt line n. `line(n)` gives the IrqLine for input n; lines
     are made on first use, so a testdev on a machine without that input costs nothing until a
     guest touches it."""
@@ -68,6 +73,19 @@ class IrqLines:
     def __init__(self, line: Callable[[int], IrqLine] | Sequence[IrqLine]):
         self._line = line if callable(line) else line.__getitem__
         self._lines: dict[int, IrqLine] = {}
+
+    def save_state(self) -> dict:
+        """The level of each line the guest has driven (the lines themselves are wiring)."""
+        return {"levels": {n: line.level for n, line in self._lines.items()}}
+
+    def restore_state(self, state: dict) -> None:
+        # Levels come back silently, as pykvm.devices.state does for IrqLine attributes: the
+        # interrupt controller's own saved state already holds what these lines did to it.
+        for n, level in state.get("levels", {}).items():
+            line = self._lines.get(int(n))
+            if line is None:
+                line = self._lines[int(n)] = self._line(int(n))
+            line.level = bool(level)
 
     def read(self, offset: int, size: int) -> int:
         return 0xFF if size == 1 else (1 << (8 * size)) - 1   # write-only in QEMU
@@ -82,8 +100,10 @@ class IrqLines:
                 line.set_level(bool((value >> (8 * i)) & 0xFF))
 
 
-class IoMem:
+class IoMem(Stateful):
     """The 64 KiB MMIO scratch buffer at 0xff000000."""
+
+    STATE = ("buf",)
 
     def __init__(self, size: int = IOMEM_SIZE):
         self.buf = bytearray(size)
