@@ -18,13 +18,18 @@ __all__ = ["Kvm", "Vm", "Vcpu", "KvmError", "KvmUnavailable", "KICK_SIGNAL", "ex
 
 
 def __getattr__(name):
-    if name == "Kvm":
-        from .system import Kvm
-        return Kvm
-    if name == "Vm":
-        from .vm import Vm
-        return Vm
-    if name in ("Vcpu", "KICK_SIGNAL"):
-        from . import vcpu
-        return getattr(vcpu, name)
+    try:
+        if name == "Kvm":
+            from .system import Kvm
+            return Kvm
+        if name == "Vm":
+            from .vm import Vm
+            return Vm
+        if name in ("Vcpu", "KICK_SIGNAL"):
+            from . import vcpu
+            return getattr(vcpu, name)
+    except AttributeError as e:
+        # Raised while loading the module (a binding built from older declarations, say): say so,
+        # rather than let `from pykvm.kvm import Kvm` report that the name does not exist.
+        raise ImportError(f"pykvm.kvm.{name} failed to load: {e}") from e
     raise AttributeError(f"module 'pykvm.kvm' has no attribute {name!r}")
