@@ -7,7 +7,8 @@
  * data write (two exits per character printed), POST codes and I/O delays on port 0x80, debug-console
  * output. This loop answers those in C and returns to Python for anything else. (The i8042 status
  * poll, another candidate, only spins when the controller is absent; pykvm always has one. PIT reads
- * are answered by KVM's in-kernel PIT; virtio notifications go through ioeventfd.)
+ * are answered by KVM's in-kernel PIT.) A virtio-blk device's QueueNotify, an MMIO exit, is served
+ * here too when the request stream is the common kind (virtio_blk_fast.h).
  *
  * Who owns the state: the Python device models do. Each fast-path device has a small register block
  * in this struct; when the fast path is on, the Python model keeps those registers *here* (its
@@ -27,6 +28,7 @@
 #include <linux/kvm.h>
 
 #define PYKVM_FAST_FLUSH (-100000)      /* "drain the output buffers, then call again" */
+#define PYKVM_FAST_VBLK (-100001)       /* "C served a virtio-blk kick; finish it (vblk->need)" */
 #define PYKVM_FAST_OUT_SIZE 1024
 
 /* 16550A UART registers the C side reads (pykvm/devices/serial.py owns their meaning). */
@@ -51,9 +53,12 @@ struct pykvm_fast {
     uint8_t uart_out[PYKVM_FAST_OUT_SIZE];
     uint8_t debug_out[PYKVM_FAST_OUT_SIZE];
     uint64_t handled;       /* exits answered in C */
+    struct pykvm_vblk *vblk;   /* a virtio-blk device served in C (virtio_blk_fast.h), or NULL */
 };
 
 #endif
+
+#include "virtio_blk_fast.h"
 
 /* ---- the loop ---- */
 
@@ -135,9 +140,21 @@ static long pykvm_run_fast(struct pykvm_vcpu *v)
     struct kvm_run *run = v->run;
     for (;;) {
         long r = pykvm_run(v);
-        if (r != KVM_EXIT_IO || !f || !f->enabled)
+        if (!f || !f->enabled)
             return r;
-        int done = pykvm_fast_io(f, run);
+        int done;
+        if (r == KVM_EXIT_IO) {
+            done = pykvm_fast_io(f, run);
+        } else if (r == KVM_EXIT_MMIO && f->vblk) {
+            int d = pykvm_vblk_mmio(f->vblk, run);
+            if (d == 2) {
+                f->handled++;
+                return PYKVM_FAST_VBLK;
+            }
+            done = d ? FAST_DONE : FAST_NO;
+        } else {
+            return r;
+        }
         if (done == FAST_NO)
             return r;
         f->handled++;

@@ -143,6 +143,11 @@ class GuestMemory:
                 out.append(view[off:off + size])
         return out
 
+    def spans(self):
+        """(first gpa, whole-region view) per region: for C code that gets the same regions and
+        checks its accesses as `_find` does (csrc/guest_mem.h)."""
+        return [(start, view) for start, _, view in self._spans]
+
     def read(self, gpa: int, size: int) -> bytes:
         view, off = self._find(gpa, size)
         return bytes(view[off:off + size])

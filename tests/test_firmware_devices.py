@@ -50,7 +50,8 @@ def sectors(data: bytes, first: int, count: int) -> bytes:
 
 # ---------------------------------------------------------------- virtio-blk
 
-def run_virtio_blk(path, args, *, snapshot=False, ioeventfd=False, readonly=False):
+def run_virtio_blk(path, args, *, snapshot=False, ioeventfd=False, readonly=False,
+                   fast_path=False):
     from pykvm.host.disk import DiskImage
     from pykvm.testing.firmware import run_firmware
     from pykvm.virtio import VirtioBlk, attach_mmio
@@ -68,7 +69,7 @@ def run_virtio_blk(path, args, *, snapshot=False, ioeventfd=False, readonly=Fals
         # The virtio-mmio transport drives an interrupt line, so the machine needs an irqchip;
         # the guest never enables interrupts and polls the used ring instead.
         r = run_firmware("virtio_blk", args=[0, layout.VIRTIO_MMIO_BASE, *args], setup=setup,
-                         irqchip="kernel", timeout=60)
+                         irqchip="kernel", timeout=60, fast_path=fast_path)
     return r, seen
 
 
@@ -98,6 +99,29 @@ def test_virtio_blk_guest_writes_land_in_the_host_file(tmp_path):
     assert seen["dev"].errors.get("request failed") == 1
     assert not seen["transport"].errors
     assert seen["arg"] == "virtio_mmio.device=4K@0xd0000000:5"
+
+
+@needs_kvm
+@pytest.mark.parametrize("readonly", [False, True])
+def test_virtio_blk_served_by_the_c_run_loop(tmp_path, readonly):
+    """With the C run loop (Machine(fast_path=True), as LinuxVM runs), the guest's plain reads,
+    writes and flushes are served in C, the rest (GET_ID, the read past the end, the write to a
+    read-only disk) by the Python model; the guest sees no difference."""
+    img = tmp_path / "disk.img"
+    ws, wn, hs, hn = 100, 37, 3, 9
+    before = make_disk(img, 1 << 20, hs, hn)
+    r, seen = run_virtio_blk(img, [ws, wn, hs, hn], readonly=readonly, fast_path=True)
+    dev = seen["dev"]
+    assert dev.fast_requests >= 3 + wn, r.text   # host read, flush, the sector-by-sector reads
+    if readonly:
+        assert "FAIL write sectors" in r.text and img.read_bytes() == before
+        assert dev.errors.get("request failed") == 2     # the write and the read past the end
+        return
+    assert_all_ok(r)
+    assert sectors(img.read_bytes(), ws, wn) == b"".join(pattern_guest(s)
+                                                         for s in range(ws, ws + wn))
+    assert dev.errors.get("request failed") == 1
+    assert not seen["transport"].errors
 
 
 @needs_kvm
@@ -181,7 +205,8 @@ def test_virtio_blk_benchmark_mode_reads_the_whole_range(tmp_path):
 
 
 @needs_kvm
-def test_virtio_blk_benchmark_write_mode_lands_and_flushes(tmp_path):
+@pytest.mark.parametrize("fast_path", [False, True])
+def test_virtio_blk_benchmark_write_mode_lands_and_flushes(tmp_path, fast_path):
     """Mode 1 with arg[7] = 1 (the write row's guest half): every write and the closing FLUSH
     succeed, and the file holds the guest's pattern where the first pass wrote."""
     img = tmp_path / "disk.img"
@@ -198,7 +223,7 @@ def test_virtio_blk_benchmark_write_mode_lands_and_flushes(tmp_path):
             attach_mmio(m, seen["dev"], 0)
         r = run_firmware("virtio_blk",
                          args=[1, layout.VIRTIO_MMIO_BASE, size, req, req, depth, 0, 1],
-                         setup=setup, irqchip="kernel", timeout=60)
+                         setup=setup, irqchip="kernel", timeout=60, fast_path=fast_path)
     assert r.status == 0, r.text
     m = re.search(r"bench bytes=(\d+) cycles=(\d+) requests=(\d+) notifies=(\d+) errors=(\d+)",
                   r.text)
@@ -209,6 +234,9 @@ def test_virtio_blk_benchmark_write_mode_lands_and_flushes(tmp_path):
     first = depth * req // SECTOR
     assert sectors(data, 0, first) == b"".join(pattern_guest(s) for s in range(first))
     assert not seen["dev"].errors
+    # With the C run loop every request and the flush are served in C (it is armed at
+    # DRIVER_OK, when the Python model looks at the empty queue once).
+    assert seen["dev"].fast_requests == (requests + 1 if fast_path else 0)
 
 
 # ---------------------------------------------------------------- ATA PIO on the PIIX IDE controller

@@ -46,3 +46,23 @@ class SharesRegisters:
             setattr(block, field, self.__dict__.pop(attr))
         self.shared = block
         self.__class__ = _shared_class(type(self))
+
+
+@lru_cache(maxsize=None)
+def _attribute_class(cls: type, pairs: tuple[tuple[str, str], ...]) -> type:
+    attrs = {attr: SharedRegister(field) for attr, field in pairs}
+    return type(cls.__name__, (cls,), {**attrs, "__doc__": cls.__doc__,
+                                       "__module__": cls.__module__})
+
+
+def share_attributes(obj, block, pairs) -> None:
+    """`share_registers` for an object that does not list its shared attributes itself (a virtio
+    queue's indices, a transport's InterruptStatus, an interrupt line's level, which the C
+    virtio-blk path keeps in its own struct): `obj.<attr>` lives in `block.<field>` from now on,
+    for each (attr, field) in `pairs`. `block` must own its memory (an ffi.new result), so that
+    it lives as long as `obj` does."""
+    pairs = tuple(pairs)
+    for attr, field in pairs:
+        setattr(block, field, obj.__dict__.pop(attr))
+    obj.shared = block
+    obj.__class__ = _attribute_class(type(obj), pairs)

@@ -30,6 +30,7 @@ class FastPath:
         self._uart_device = None
         self._debug_sink: Callable[[bytes], None] | None = None
         self._debug_device = None
+        self.virtio_blk = None      # pykvm.virtio.blk_fast.BlkFastPath
 
     # ---- binding devices ----
     def bind_uart(self, base: int, serial) -> None:
@@ -45,6 +46,17 @@ class FastPath:
     def bind_debugcon(self, port: int, debugcon) -> None:
         self.regs.debug_port = port
         self._debug_device = debugcon
+
+    def bind_virtio_blk(self, fast) -> None:
+        """A virtio-blk device's kicks (pykvm.virtio.blk_fast.BlkFastPath) served in C; one device
+        per machine (the struct has one pointer): further ones stay in Python."""
+        if self.virtio_blk is not None:
+            raise ValueError("a virtio-blk device is bound to the C run loop already")
+        self.virtio_blk = fast
+        self.regs.vblk = fast.block
+
+    def finish_virtio_blk(self) -> None:
+        self.virtio_blk.finish()
 
     # ---- output ----
     def drain(self) -> None:

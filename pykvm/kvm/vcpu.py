@@ -27,6 +27,7 @@ EAGAIN = errno.EAGAIN
 _run = lib.pykvm_run
 _run_fast = lib.pykvm_run_fast
 _FAST_FLUSH = lib.PYKVM_FAST_FLUSH
+_FAST_VBLK = lib.PYKVM_FAST_VBLK
 _EXIT_IO, _EXIT_MMIO, _IO_OUT = lib.KVM_EXIT_IO, lib.KVM_EXIT_MMIO, lib.KVM_EXIT_IO_OUT
 _OFF_UNION = ffi.offsetof("struct kvm_run", "io")
 _OFF_MMIO_DATA = ffi.offsetof("struct kvm_run", "mmio", "data")
@@ -162,6 +163,9 @@ class Vcpu:
             if reason >= 0:
                 return self.decode_exit(reason)
             if reason == _FAST_FLUSH:
+                continue
+            if reason == _FAST_VBLK:
+                fast.finish_virtio_blk()
                 continue
             if reason == -EINTR or reason == -EAGAIN:
                 self.kvm_run.immediate_exit = 0

@@ -133,7 +133,7 @@ class VirtioBlk(VirtioDevice):
         self.serial = serial[:VIRTIO_BLK_ID_BYTES]
         self.blk_size = blk_size
         self.capacity = disk.size // SECTOR
-        self.requests = 0
+        self.requests = 0           # served by this Python model (fast_requests: by C)
 
     def config_bytes(self) -> bytes:
         return struct.pack(
@@ -184,6 +184,20 @@ class VirtioBlk(VirtioDevice):
             self._finish_reads(run, run_start, buffers)
         if q.next_used != start:
             self.signal_used(q)
+        if self._fast is not None:
+            self._fast.arm()        # the C run loop may serve the next kick (blk_fast.py)
+
+    # ---- the C path (blk_fast.py), when a Machine's run loop serves kicks ----
+    _fast = None
+
+    def on_reset(self) -> None:
+        if self._fast is not None:
+            self._fast.disarm()
+
+    @property
+    def fast_requests(self) -> int:
+        """Requests the C run loop served (csrc/virtio_blk_fast.h)."""
+        return self._fast.requests if self._fast is not None else 0
 
     # ---- the short way, for plain reads ----
     def _plain_read(self, head: int) -> tuple[int, list[memoryview], int, int] | None:

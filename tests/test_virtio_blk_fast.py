@@ -1,0 +1,345 @@
+"""The C virtio-blk path (csrc/virtio_blk_fast.h, pykvm/virtio/blk_fast.py) held to the Python
+model: no /dev/kvm needed, the C code is called through cffi on guest RAM in bytearrays.
+
+Two worlds are built the same way - guest RAM in two regions with a gap, a disk image file, a
+VirtioBlk behind a VirtioMmio, a driver that brought it up - and fed the same generated request
+streams, hostile requests included (buffers outside RAM, chains that loop or run off the table,
+lengths that are not whole sectors, requests past the end, writes to a read-only disk, unknown
+types, indirect descriptors, heads outside the table, avail indices that jump). World A kicks the
+Python model; world B kicks through the C path, which serves what it can and hands the rest to
+the same Python model. After every kick, everything a guest or the VMM can see must be equal:
+guest RAM (used ring, statuses, data), the disk file, the queue's indices and error counts, the
+device's error counts and status, InterruptStatus and the interrupt line's edges.
+
+What is not generated, on purpose: a request's device-writable data buffer that overlaps the
+queue's own structures or another request's header or status byte (a guest corrupting its queue
+in the middle of a batch). C and Python both stay inside guest RAM there, but may see the
+corruption at different moments, as Python's merged reads already do against unmerged ones.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+import tempfile
+
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from pykvm.irq import IrqLine, RecordingIrqLine
+from pykvm.kvm._lib import ffi, lib
+from pykvm.memory import BytesBackend, GuestMemory, Region
+from pykvm.virtio import blk as B
+from pykvm.virtio import queue as Q
+from pykvm.virtio.blk_fast import BlkFastPath
+from pykvm.virtio.mmio import INTERRUPT_ACK, VirtioMmio
+from pykvm.virtio.mock import MmioDriver
+
+SECTOR = 512
+DISK_SECTORS = 64
+QSIZE = 16
+LOW = 0x10000                  # region 0: [0, LOW)
+HIGH_BASE, HIGH = 1 << 20, 0x8000   # region 1: [1 MiB, 1 MiB + 32 KiB); a gap between
+HDR_AREA, STATUS_AREA = 0x6000, 0x7000
+DATA_LOW = (0x8000, LOW)                     # data buffers: the top of region 0 ...
+DATA_HIGH = (HIGH_BASE, HIGH_BASE + HIGH)    # ... and all of region 1
+OUTSIDE = (LOW + 0x100, HIGH_BASE - 0x10, HIGH_BASE + HIGH - 4, 1 << 40, (1 << 64) - 8)
+
+
+def test_header_constants_agree_with_the_python_model():
+    assert (lib.VIRTIO_BLK_T_IN, lib.VIRTIO_BLK_T_OUT, lib.VIRTIO_BLK_T_FLUSH,
+            lib.VIRTIO_BLK_T_GET_ID) == (B.VIRTIO_BLK_T_IN, B.VIRTIO_BLK_T_OUT,
+                                         B.VIRTIO_BLK_T_FLUSH, B.VIRTIO_BLK_T_GET_ID)
+    assert (lib.VIRTIO_BLK_S_OK, lib.VIRTIO_BLK_S_IOERR, lib.VIRTIO_BLK_S_UNSUPP) == (
+        B.VIRTIO_BLK_S_OK, B.VIRTIO_BLK_S_IOERR, B.VIRTIO_BLK_S_UNSUPP)
+    assert (lib.VRING_DESC_F_NEXT, lib.VRING_DESC_F_WRITE, lib.VRING_DESC_F_INDIRECT,
+            lib.VRING_AVAIL_F_NO_INTERRUPT) == (Q.VIRTQ_DESC_F_NEXT, Q.VIRTQ_DESC_F_WRITE,
+                                                Q.VIRTQ_DESC_F_INDIRECT,
+                                                Q.VRING_AVAIL_F_NO_INTERRUPT)
+    from pykvm.virtio import mmio as M
+    from pykvm.virtio.device import VIRTIO_INT_VRING
+    assert (lib.VIRTIO_MMIO_QUEUE_NOTIFY, lib.VIRTIO_MMIO_INTERRUPT_ACK,
+            lib.VIRTIO_MMIO_INT_VRING) == (M.QUEUE_NOTIFY, M.INTERRUPT_ACK, VIRTIO_INT_VRING)
+
+
+# ---------------------------------------------------------------- the one door, in C
+
+u64 = st.integers(0, (1 << 64) - 1)
+near_edges = st.one_of(u64, st.integers(0, 0x30000), st.integers((1 << 64) - 0x1000,
+                                                                  (1 << 64) - 1))
+
+
+@settings(max_examples=400, deadline=None)
+@given(regions=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(1, 0x2000)),
+                        min_size=1, max_size=4),
+       top=st.booleans(), ranges=st.lists(st.tuples(near_edges, near_edges), max_size=20))
+def test_c_locate_agrees_with_guest_memory(regions, top, ranges):
+    """pykvm_mem_locate finds a range exactly when GuestMemory does, at the same offset, with
+    64-bit addresses and sizes that would wrap a careless sum."""
+    spans, at = [], 0
+    for gap, size in regions:
+        spans.append((at + gap, size))
+        at += gap + size
+    if top:     # the last region ends at the top of the address space
+        gpa, size = spans[-1]
+        spans[-1] = ((1 << 64) - size, size)
+        if len(spans) > 1 and spans[-2][0] + spans[-2][1] > spans[-1][0]:
+            spans.pop(-2)
+    mem = GuestMemory([Region(gpa, size, BytesBackend(size)) for gpa, size in spans])
+    c = ffi.new("struct pykvm_guest_mem *")
+    hosts = []
+    for i, (gpa, view) in enumerate(mem.spans()):
+        hosts.append(ffi.from_buffer(view[:]))
+        c.r[i].gpa, c.r[i].size, c.r[i].host = gpa, len(view), ffi.cast("uint8_t *", hosts[-1])
+    c.n = len(spans)
+    for gpa, size in ranges + [(g, s) for g, s in spans] + [(g + s, 0) for g, s in spans
+                                                          if g + s < 1 << 64]:
+        p = lib.pykvm_mem_locate(c, gpa, size)
+        try:
+            view, off = mem.locate(gpa, size)
+        except Exception:
+            assert p == ffi.NULL, (hex(gpa), size)
+            continue
+        assert p != ffi.NULL, (hex(gpa), size)
+        i = next(i for i, (_, v) in enumerate(mem.spans()) if v.obj is view.obj)
+        assert int(ffi.cast("uintptr_t", p)) - int(ffi.cast("uintptr_t", c.r[i].host)) == off
+
+
+# ---------------------------------------------------------------- C + Python against Python
+
+class EventfdLine(IrqLine):
+    """A line that raises like pykvm.machine.IrqfdLine (an eventfd write per rising edge), on an
+    eventfd with no VM behind it: the C path writes it itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def _raise_level(self, level: bool) -> None:
+        if level:
+            os.eventfd_write(self.fd, 1)
+
+    def edges(self) -> int:
+        try:
+            return os.eventfd_read(self.fd)
+        except BlockingIOError:
+            return 0
+
+
+class World:
+    def __init__(self, tmp: str, name: str, disk: bytes, readonly: bool, fast: bool,
+                 eventfd: bool):
+        from pykvm.host.disk import DiskImage
+        self.path = os.path.join(tmp, name)
+        with open(self.path, "wb") as f:
+            f.write(disk)
+        self.mem = GuestMemory([Region(0, LOW, BytesBackend(LOW)),
+                                Region(HIGH_BASE, HIGH, BytesBackend(HIGH))])
+        self.disk = DiskImage(self.path, readonly=readonly)
+        self.dev = B.VirtioBlk(self.disk, serial="prop", queue_size=QSIZE)
+        self.line = EventfdLine() if eventfd else RecordingIrqLine()
+        self.t = VirtioMmio(self.dev, self.mem, self.line)
+        self.fast = BlkFastPath(self.t, 0xD0000000) if fast else None
+        self.drv = MmioDriver(self.t, self.mem, 0x1000, 0x6000)
+        self.drv.init()
+        self.q = self.drv.queues[0]
+
+    def kick(self) -> None:
+        if self.fast is not None:
+            self.fast.kick()
+        else:
+            self.drv.kick(0)
+
+    def close(self) -> None:
+        self.disk.close()
+        if isinstance(self.line, EventfdLine):
+            os.close(self.line.fd)
+
+    def seen(self) -> dict:
+        q = self.dev.queues[0]
+        with open(self.path, "rb") as f:
+            disk = f.read()
+        edges = self.line.edges() if isinstance(self.line, EventfdLine) else self.line.history
+        return {
+            "ram": bytes(self.mem.spans()[0][1]) + bytes(self.mem.spans()[1][1]),
+            "disk": disk, "last_avail": q.last_avail, "next_used": q.next_used,
+            "broken": q.broken, "queue_errors": q.errors, "kinds": dict(q.error_kinds),
+            "dev_errors": dict(self.dev.errors), "requests": self.dev.requests
+            + self.dev.fast_requests, "status": self.t.status,
+            "interrupt_status": self.t.interrupt_status, "edges": edges,
+            "transport_errors": dict(self.t.errors),
+        }
+
+
+MUTATIONS = ("hdr_oob", "hdr_short", "hdr_long", "data_oob", "data_zero_oob", "status_oob",
+             "status_long", "no_status", "loop", "next_oob", "indirect", "extra_flag",
+             "wrong_dir", "odd_len", "huge_len", "past_end", "head_oob")
+
+request = st.fixed_dictionaries({
+    "type": st.sampled_from([B.VIRTIO_BLK_T_IN] * 4 + [B.VIRTIO_BLK_T_OUT] * 3
+                            + [B.VIRTIO_BLK_T_FLUSH, B.VIRTIO_BLK_T_GET_ID, 7]),
+    "sector": st.one_of(st.sampled_from(["next", "next", "gap"]),
+                        st.integers(0, DISK_SECTORS + 2)),
+    "segs": st.lists(st.sampled_from([SECTOR, 2 * SECTOR, 4 * SECTOR, 0]), min_size=1,
+                     max_size=3),
+    "high": st.booleans(),
+    "mutation": st.one_of(st.none(), st.none(), st.none(), st.sampled_from(MUTATIONS)),
+    "wild": st.sampled_from(OUTSIDE),
+    "fill": st.integers(0, 255),
+})
+kick = st.fixed_dictionaries({
+    "requests": st.lists(request, min_size=0, max_size=5),
+    "jump": st.integers(0, 30).map(lambda x: x == 0),      # rarely: avail.idx jumps
+    "ack": st.booleans(),
+    "no_interrupt": st.booleans(),
+})
+
+
+class Driver:
+    """Lays out one kick's requests in a world's queue (the same bytes in every world)."""
+
+    def __init__(self):
+        self.desc = 0
+        self.slot = 0
+        self.next_sector = 0
+
+    def lay_out(self, w: World, k: dict) -> None:
+        q, mem = w.q, w.mem
+        q.suppress_interrupts(k["no_interrupt"])
+        arena = {False: DATA_LOW[0], True: DATA_HIGH[0]}
+        for r in k["requests"]:
+            m = r["mutation"]
+            hdr = HDR_AREA + 16 * (self.slot % 64)
+            status = STATUS_AREA + (self.slot % 64)
+            self.slot += 1
+            sector = {"next": self.next_sector, "gap": self.next_sector + 1}.get(r["sector"],
+                                                                                 r["sector"])
+            segs = list(r["segs"])
+            if m == "odd_len":
+                segs[0] += 100
+            if m == "huge_len":
+                segs[0] = (B.MAX_REQUEST_BYTES // len(segs)) + SECTOR
+            if m == "past_end":
+                sector = DISK_SECTORS - 1
+            mem.write(hdr, struct.pack("<IIQ", r["type"], 0, sector))
+            mem.write(status, b"\xee")
+            write = r["type"] != B.VIRTIO_BLK_T_OUT
+            hlen = {"hdr_short": 8, "hdr_long": 24}.get(m, 16)
+            chain = [(r["wild"] if m == "hdr_oob" else hdr, hlen, Q.VIRTQ_DESC_F_NEXT)]
+            if r["type"] != B.VIRTIO_BLK_T_FLUSH or m == "wrong_dir":
+                for n in segs:
+                    big = n > 0x4000
+                    base = arena[r["high"]]
+                    if base + n > (DATA_HIGH[1] if r["high"] else DATA_LOW[1]) or big:
+                        base = arena[r["high"]] = DATA_LOW[0] if not r["high"] else DATA_HIGH[0]
+                    if not big:
+                        if write is False:
+                            mem.write(base, bytes([(r["fill"] + i) & 0xFF for i in range(256)])
+                                      * (n // 256) + bytes(n % 256))
+                        arena[r["high"]] = base + n
+                    flags = Q.VIRTQ_DESC_F_NEXT | (Q.VIRTQ_DESC_F_WRITE if write else 0)
+                    if m == "wrong_dir":
+                        flags ^= Q.VIRTQ_DESC_F_WRITE
+                    chain.append((base, n, flags))
+            if m == "data_oob" and len(chain) > 1:
+                chain[1] = (r["wild"], chain[1][1] or SECTOR, chain[1][2])
+            if m == "data_zero_oob" and len(chain) > 1:
+                chain[1] = (r["wild"], 0, chain[1][2])
+            slen = 2 if m == "status_long" else 1
+            chain.append((status if m != "status_oob" else r["wild"], slen,
+                          Q.VIRTQ_DESC_F_WRITE))
+            if m == "no_status":
+                chain.pop()
+                a, n, f = chain[-1]
+                chain[-1] = (a, n, f & ~Q.VIRTQ_DESC_F_NEXT)
+            if m == "extra_flag":
+                a, n, f = chain[0]
+                chain[0] = (a, n, f | 8)
+            if m == "indirect":
+                a, n, f = chain[-1]
+                chain[-1] = (a, 16, f | Q.VIRTQ_DESC_F_INDIRECT)
+            idx = [(self.desc + i) % QSIZE for i in range(len(chain))]
+            self.desc = (self.desc + len(chain)) % QSIZE
+            for i, (a, n, f) in enumerate(chain):
+                nxt = idx[i + 1] if i + 1 < len(idx) else 0
+                if m == "loop" and i == len(chain) - 1:
+                    f |= Q.VIRTQ_DESC_F_NEXT
+                    nxt = idx[0]
+                if m == "next_oob" and i == 0:
+                    nxt = QSIZE + 3
+                q.set_desc(idx[i], a & ((1 << 64) - 1), n & 0xFFFFFFFF, f & 0xFFFF, nxt)
+            if m == "head_oob":
+                q.publish(QSIZE + 1)
+            else:
+                q.publish(idx[0])
+            self.next_sector = sector + sum(segs) // SECTOR
+        if k["jump"]:
+            q.set_avail_idx((q.avail_idx + QSIZE + 1) & 0xFFFF)
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(kicks=st.lists(kick, min_size=1, max_size=6), readonly=st.booleans(),
+       eventfd=st.booleans(), seed=st.integers(0, 1 << 32))
+def test_c_path_matches_the_python_model(kicks, readonly, eventfd, seed):
+    disk = random.Random(seed).randbytes(DISK_SECTORS * SECTOR)     # no period: offsets show
+    with tempfile.TemporaryDirectory(prefix="pykvm-vblk-fast-") as tmp:
+        a = World(tmp, "a.img", disk, readonly, fast=False, eventfd=eventfd)
+        b = World(tmp, "b.img", disk, readonly, fast=True, eventfd=eventfd)
+        try:
+            assert b.fast.armed, "DRIVER_OK served the (empty) queue and armed the C path"
+            da, db = Driver(), Driver()
+            for k in kicks:
+                da.lay_out(a, k)
+                db.lay_out(b, k)
+                a.kick()
+                b.kick()
+                sa, sb = a.seen(), b.seen()
+                assert sa == sb
+                if k["ack"]:
+                    for w in (a, b):
+                        st_ = w.t.read(0x60, 4)
+                        if st_:
+                            w.t.write(INTERRUPT_ACK, 4, st_)
+                    assert a.seen() == b.seen()
+        finally:
+            a.close()
+            b.close()
+
+
+def test_c_serves_plain_requests_and_python_serves_the_rest(tmp_path):
+    """Not vacuous: on a plain stream C does the work (Python serves nothing), and a bad request
+    in the middle goes to Python, which counts it, with C carrying on at the next kick."""
+    disk = bytes(range(256)) * (DISK_SECTORS * SECTOR // 256)
+    w = World(str(tmp_path), "c.img", disk, readonly=False, fast=True, eventfd=True)
+    try:
+        d = Driver()
+        plain = {"type": B.VIRTIO_BLK_T_IN, "sector": 0, "segs": [SECTOR, SECTOR], "high": True,
+                 "mutation": None, "wild": 0, "fill": 0}
+        write = dict(plain, type=B.VIRTIO_BLK_T_OUT, sector=8, fill=9)
+        flush = dict(plain, type=B.VIRTIO_BLK_T_FLUSH)
+        d.lay_out(w, {"requests": [plain, dict(plain, sector="next"), write, flush],
+                      "jump": False, "no_interrupt": False})
+        w.kick()
+        assert (w.dev.requests, w.fast.requests) == (0, 4)
+        assert w.fast.block.reads == 2 and w.fast.block.writes == 1
+        assert w.fast.block.flushes == 1
+        assert w.line.edges() == 1 and w.t.interrupt_status == 1 and w.line.level
+        assert w.q.take_used() == [(0, 1025), (4, 1025), (8, 1), (12, 1)]
+        with open(w.path, "rb") as f:
+            f.seek(8 * SECTOR)
+            assert f.read(2 * SECTOR) == bytes((9 + i) & 0xFF for i in range(256)) * 4
+        bad = dict(plain, mutation="status_oob", wild=OUTSIDE[0])
+        d.lay_out(w, {"requests": [plain, bad, plain], "jump": False, "no_interrupt": False})
+        w.kick()
+        assert w.fast.block.fallbacks == 1
+        assert w.dev.requests == 3        # the bad one made Python redo the whole run
+        assert w.q.take_used()[1][1] == 0 and w.dev.queues[0].error_kinds
+        assert w.fast.armed              # Python served the kick and armed C again
+        d.lay_out(w, {"requests": [plain], "jump": False, "no_interrupt": False})
+        w.kick()
+        assert (w.dev.requests, w.fast.requests) == (3, 5)
+        w.drv.w(0x70, 0)                 # reset: C lets go
+        assert not w.fast.armed
+    finally:
+        w.close()
