@@ -478,6 +478,7 @@ struct pykvm_vblk {
     int fd;
     uint64_t capacity;
     uint8_t readonly;
+    uint8_t indirect;
     uint8_t flush_syncs;
     uint64_t max_request;
     uint64_t merge_max_bytes;

@@ -14,9 +14,10 @@
  *   - The loop below is VirtioBlk.process_queue's, step for step: pop a head as VirtQueue.pop_head
  *     does, decide "plain read?" exactly as VirtioBlk._plain_read does, merge adjacent plain reads
  *     into one preadv within the same limits, finish a run before anything else, serve a write or
- *     a flush as VirtioBlk._serve would when nothing is wrong with it.
+ *     a flush as VirtioBlk._serve would when nothing is wrong with it, and so a read, write or flush
+ *     whose descriptors are in an indirect table (Linux's requests are).
  *   - Anything C does not do itself - a request with a mistake in it (every error is the Python
- *     model's to count and answer), GET_ID, DISCARD, indirect descriptors, an I/O error - ends C's
+ *     model's to count and answer), GET_ID, DISCARD, an I/O error - ends C's
  *     part: the available index goes back to the first request C has not finished (the start of a
  *     pending run of reads, or this request), and Python's process_queue carries on from there.
  *     Up to that point C has done exactly what Python would have; from there Python does it.
@@ -68,6 +69,7 @@ struct pykvm_vblk {
     int fd;
     uint64_t capacity;                   /* sectors */
     uint8_t readonly;                    /* VirtioBlk.readonly: writes are refused (by Python) */
+    uint8_t indirect;                    /* VIRTIO_F_INDIRECT_DESC negotiated (VirtQueue.indirect) */
     uint8_t flush_syncs;                 /* DiskImage.flush fsyncs (not a read-only image) */
     uint64_t max_request;                /* VirtioBlk.MAX_REQUEST_BYTES */
     uint64_t merge_max_bytes;            /* VirtioBlk.MERGE_MAX_BYTES */
@@ -246,9 +248,12 @@ static int vblk_finish_reads(struct pykvm_vblk *b, uint8_t *used, uint64_t offse
     return 0;
 }
 
-/* A write or a flush in the exact shape drivers build, with nothing wrong in it, served as
- * VirtioBlk._serve serves it; -1 for anything else (Python serves it, from this request). */
-static int vblk_write_or_flush(struct pykvm_vblk *b, uint8_t *used, uint16_t head)
+/* A request the long way (VirtQueue._walk, then VirtioBlk._serve), for the shapes drivers build
+ * when nothing is wrong: a 16-byte header, the data, a one-byte status, in direct descriptors
+ * (writes and flushes) or in an indirect table (reads too: Linux puts every request of more than
+ * one buffer there once VIRTIO_F_INDIRECT_DESC is negotiated). -1 for anything else: Python
+ * serves it, from this request. */
+static int vblk_serve_chain(struct pykvm_vblk *b, uint8_t *used, uint16_t head)
 {
     uint32_t size = b->qsize;
     const uint8_t *table = pykvm_mem_locate(&b->mem, b->desc_addr, 16 * (uint64_t)size);
@@ -256,6 +261,18 @@ static int vblk_write_or_flush(struct pykvm_vblk *b, uint8_t *used, uint16_t hea
         return -1;
     struct vring_desc d;
     vblk_desc(table, head, &d);
+    int indirect = 0;
+    if (d.flags == VRING_DESC_F_INDIRECT) {
+        /* VIRTIO 1.2 2.7.5.3: the head names a table of len / 16 descriptors, walked from 0. */
+        if (!b->indirect || d.len == 0 || d.len % sizeof(d) || d.len / sizeof(d) > 32768)
+            return -1;
+        size = d.len / sizeof(d);
+        table = pykvm_mem_locate(&b->mem, d.addr, d.len);
+        if (!table)
+            return -1;
+        vblk_desc(table, 0, &d);
+        indirect = 1;
+    }
     if (d.flags != VRING_DESC_F_NEXT || d.len != sizeof(struct virtio_blk_outhdr))
         return -1;
     const uint8_t *hp = pykvm_mem_locate(&b->mem, d.addr, sizeof(struct virtio_blk_outhdr));
@@ -263,19 +280,21 @@ static int vblk_write_or_flush(struct pykvm_vblk *b, uint8_t *used, uint16_t hea
         return -1;
     struct virtio_blk_outhdr hdr;
     memcpy(&hdr, hp, sizeof(hdr));
-    if (hdr.type != VIRTIO_BLK_T_OUT && hdr.type != VIRTIO_BLK_T_FLUSH)
+    int in = hdr.type == VIRTIO_BLK_T_IN;
+    if (!(hdr.type == VIRTIO_BLK_T_OUT || hdr.type == VIRTIO_BLK_T_FLUSH || (in && indirect)))
         return -1;
+    uint16_t data_flags = in ? (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) : VRING_DESC_F_NEXT;
     uint16_t index = d.next;
     uint32_t k = 0;
     uint64_t total = 0;
     uint8_t *status = NULL;
-    /* At most `size` descriptors in all (the walk's loop budget), the header was one. */
+    /* At most `size` descriptors in all (the walk's loop budget); the header was one. */
     for (uint32_t step = 1; step < size; step++) {
         if (index >= size)
             return -1;
         vblk_desc(table, index, &d);
         index = d.next;
-        if (d.flags == VRING_DESC_F_NEXT && hdr.type == VIRTIO_BLK_T_OUT) {
+        if (d.flags == data_flags && hdr.type != VIRTIO_BLK_T_FLUSH) {
             if (k == PYKVM_VBLK_IOV_SCRATCH)
                 return -1;
             /* A zero-length buffer is skipped, unchecked, as DescChain._pieces skips it. */
@@ -297,21 +316,27 @@ static int vblk_write_or_flush(struct pykvm_vblk *b, uint8_t *used, uint16_t hea
     }
     if (!status)
         return -1;
-    if (hdr.type == VIRTIO_BLK_T_OUT) {
-        uint64_t sectors = total / PYKVM_VBLK_SECTOR;
-        if (b->readonly || total % PYKVM_VBLK_SECTOR || total > b->max_request
-            || hdr.sector > b->capacity || sectors > b->capacity - hdr.sector)
-            return -1;
-        if (vblk_rw(b->fd, b->iov, k, hdr.sector * PYKVM_VBLK_SECTOR, total, 1) < 0)
-            return -1;
-        b->writes++;
-    } else {
+    uint32_t written = 0;
+    if (hdr.type == VIRTIO_BLK_T_FLUSH) {
         if (b->flush_syncs && fsync(b->fd) < 0)
             return -1;
         b->flushes++;
+    } else {
+        uint64_t sectors = total / PYKVM_VBLK_SECTOR;
+        if ((!in && b->readonly) || total % PYKVM_VBLK_SECTOR || total > b->max_request
+            || hdr.sector > b->capacity || sectors > b->capacity - hdr.sector)
+            return -1;
+        if (vblk_rw(b->fd, b->iov, k, hdr.sector * PYKVM_VBLK_SECTOR, total, !in) < 0)
+            return -1;
+        if (in) {
+            written = (uint32_t)total;
+            b->reads++;
+        } else {
+            b->writes++;
+        }
     }
     *status = VIRTIO_BLK_S_OK;
-    vblk_used(b, used, head, 1);
+    vblk_used(b, used, head, written + 1);
     b->requests++;
     return 0;
 }
@@ -394,7 +419,7 @@ static uint32_t pykvm_vblk_notify(struct pykvm_vblk *b)
         if (b->run_n && vblk_finish_reads(b, used, run_start, run_end - run_start) < 0)
             goto fallback;
         run_first = at;
-        if (vblk_write_or_flush(b, used, (uint16_t)head) < 0)
+        if (vblk_serve_chain(b, used, (uint16_t)head) < 0)
             goto fallback;
     }
     if (b->run_n && vblk_finish_reads(b, used, run_start, run_end - run_start) < 0)

@@ -199,3 +199,16 @@ def test_int3_is_reported_as_a_breakpoint(cpl):
     r = F.run_firmware("fault", cpl=cpl, args=[4], timeout=20, complete_pvm_gaps=True)
     assert r.status == F.STATUS_EXCEPTION | 3, (r.stop, r.text)
     assert "fw: exception 3 (#BP breakpoint)" in r.text
+
+
+@needs_kvm
+def test_tlb_reach_probe_runs_its_chase():
+    """bench/tlb_reach.py's guest half: a full cycle through the buffer's pages (no timing here)."""
+    import re
+    from pykvm.testing.firmware import run_firmware
+    r = run_firmware("tlb_reach", args=[16 << 20, 1 << 20, 1000, 2], memory=20 << 20)
+    assert r.status == 0, r.text
+    m = re.search(r"tlb bytes=(\d+) pages=(\d+) loads=(\d+) best=(\d+) end=(0x[0-9a-f]+)", r.text)
+    assert m and (int(m.group(1)), int(m.group(2)), int(m.group(3))) == (1 << 20, 256, 1000)
+    end = int(m.group(5), 16)      # a pointer into the buffer, at its page's own line
+    assert 16 << 20 <= end < 17 << 20 and end % 4096 == (end // 4096 % 256 * 7 % 64) * 64

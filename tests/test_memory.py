@@ -87,3 +87,19 @@ def test_views_bounds_check_agrees_with_contains(gpa, size):
         assert not inside
     else:
         assert inside and len(v) == size
+
+
+@pytest.mark.parametrize("mib", [1, 3, 16, 23, 35])
+def test_mmap_backend_starts_guest_ram_on_a_huge_page_boundary(mib):
+    """KVM maps guest 2 MiB pages with host ones only when the slot's host address agrees with its
+    guest-physical one modulo 2 MiB; whatever the length, the RAM must start on a boundary."""
+    from pykvm.memory import MmapBackend
+    b = MmapBackend(mib << 20, hugepages=True)
+    try:
+        assert b.address() % (2 << 20) == 0
+        v = b.view()
+        assert len(v) == mib << 20
+        v[0], v[-1] = 1, 2          # the whole range is mapped and writable
+        assert (v[0], v[-1]) == (1, 2)
+    finally:
+        b.close()

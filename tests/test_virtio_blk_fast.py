@@ -40,7 +40,7 @@ DISK_SECTORS = 64
 QSIZE = 16
 LOW = 0x10000                  # region 0: [0, LOW)
 HIGH_BASE, HIGH = 1 << 20, 0x8000   # region 1: [1 MiB, 1 MiB + 32 KiB); a gap between
-HDR_AREA, STATUS_AREA = 0x6000, 0x7000
+HDR_AREA, STATUS_AREA, IND_AREA = 0x6000, 0x7000, 0x7400   # IND_AREA: 8 indirect tables
 DATA_LOW = (0x8000, LOW)                     # data buffers: the top of region 0 ...
 DATA_HIGH = (HIGH_BASE, HIGH_BASE + HIGH)    # ... and all of region 1
 OUTSIDE = (LOW + 0x100, HIGH_BASE - 0x10, HIGH_BASE + HIGH - 4, 1 << 40, (1 << 64) - 8)
@@ -128,7 +128,7 @@ class EventfdLine(IrqLine):
 
 class World:
     def __init__(self, tmp: str, name: str, disk: bytes, readonly: bool, fast: bool,
-                 eventfd: bool):
+                 eventfd: bool, indirect: bool = True):
         from pykvm.host.disk import DiskImage
         self.path = os.path.join(tmp, name)
         with open(self.path, "wb") as f:
@@ -141,7 +141,9 @@ class World:
         self.t = VirtioMmio(self.dev, self.mem, self.line)
         self.fast = BlkFastPath(self.t, 0xD0000000) if fast else None
         self.drv = MmioDriver(self.t, self.mem, 0x1000, 0x6000)
-        self.drv.init()
+        from pykvm.virtio.device import VIRTIO_F_INDIRECT_DESC
+        self.drv.init(want=None if indirect else self.dev.device_features & ~VIRTIO_F_INDIRECT_DESC)
+        assert self.dev.queues[0].indirect == indirect
         self.q = self.drv.queues[0]
 
     def kick(self) -> None:
@@ -173,7 +175,9 @@ class World:
 
 MUTATIONS = ("hdr_oob", "hdr_short", "hdr_long", "data_oob", "data_zero_oob", "status_oob",
              "status_long", "no_status", "loop", "next_oob", "indirect", "extra_flag",
-             "wrong_dir", "odd_len", "huge_len", "past_end", "head_oob")
+             "wrong_dir", "odd_len", "huge_len", "past_end", "head_oob",
+             # for requests in an indirect table
+             "ind_oob", "ind_len", "ind_zero", "ind_huge", "ind_with_next", "ind_write_flag")
 
 request = st.fixed_dictionaries({
     "type": st.sampled_from([B.VIRTIO_BLK_T_IN] * 4 + [B.VIRTIO_BLK_T_OUT] * 3
@@ -183,7 +187,8 @@ request = st.fixed_dictionaries({
     "segs": st.lists(st.sampled_from([SECTOR, 2 * SECTOR, 4 * SECTOR, 0]), min_size=1,
                      max_size=3),
     "high": st.booleans(),
-    "mutation": st.one_of(st.none(), st.none(), st.none(), st.sampled_from(MUTATIONS)),
+    "indirect": st.booleans(),
+    "mutation": st.one_of(st.none(), st.sampled_from(MUTATIONS)),
     "wild": st.sampled_from(OUTSIDE),
     "fill": st.integers(0, 255),
 })
@@ -258,16 +263,39 @@ class Driver:
             if m == "indirect":
                 a, n, f = chain[-1]
                 chain[-1] = (a, 16, f | Q.VIRTQ_DESC_F_INDIRECT)
-            idx = [(self.desc + i) % QSIZE for i in range(len(chain))]
-            self.desc = (self.desc + len(chain)) % QSIZE
+            if r["indirect"]:
+                # The chain in its own table (indices from 0), one INDIRECT descriptor in the ring.
+                table = IND_AREA + 128 * (self.slot % 8)
+                idx = list(range(len(chain)))
+                size = len(chain)
+            else:
+                idx = [(self.desc + i) % QSIZE for i in range(len(chain))]
+                size = QSIZE
             for i, (a, n, f) in enumerate(chain):
                 nxt = idx[i + 1] if i + 1 < len(idx) else 0
                 if m == "loop" and i == len(chain) - 1:
                     f |= Q.VIRTQ_DESC_F_NEXT
                     nxt = idx[0]
                 if m == "next_oob" and i == 0:
-                    nxt = QSIZE + 3
-                q.set_desc(idx[i], a & ((1 << 64) - 1), n & 0xFFFFFFFF, f & 0xFFFF, nxt)
+                    nxt = size + 3
+                desc = struct.pack("<QIHH", a & ((1 << 64) - 1), n & 0xFFFFFFFF, f & 0xFFFF, nxt)
+                if r["indirect"]:
+                    mem.write(table + 16 * i, desc)
+                else:
+                    mem.write(q.desc_addr + 16 * idx[i], desc)
+            if r["indirect"]:
+                ilen = {"ind_len": 16 * size + 8, "ind_zero": 0,
+                        "ind_huge": 16 * 40000}.get(m, 16 * size)
+                iflags = Q.VIRTQ_DESC_F_INDIRECT | {
+                    "ind_with_next": Q.VIRTQ_DESC_F_NEXT,
+                    "ind_write_flag": Q.VIRTQ_DESC_F_WRITE}.get(m, 0)
+                head = self.desc
+                q.set_desc(head, r["wild"] if m == "ind_oob" else table, ilen, iflags,
+                           (head + 1) % QSIZE)
+                idx = [head]
+                self.desc = (self.desc + 1) % QSIZE
+            else:
+                self.desc = (self.desc + len(chain)) % QSIZE
             if m == "head_oob":
                 q.publish(QSIZE + 1)
             else:
@@ -280,12 +308,12 @@ class Driver:
 @settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(kicks=st.lists(kick, min_size=1, max_size=6), readonly=st.booleans(),
-       eventfd=st.booleans(), seed=st.integers(0, 1 << 32))
-def test_c_path_matches_the_python_model(kicks, readonly, eventfd, seed):
+       eventfd=st.booleans(), seed=st.integers(0, 1 << 32), indirect=st.booleans())
+def test_c_path_matches_the_python_model(kicks, readonly, eventfd, seed, indirect):
     disk = random.Random(seed).randbytes(DISK_SECTORS * SECTOR)     # no period: offsets show
     with tempfile.TemporaryDirectory(prefix="pykvm-vblk-fast-") as tmp:
-        a = World(tmp, "a.img", disk, readonly, fast=False, eventfd=eventfd)
-        b = World(tmp, "b.img", disk, readonly, fast=True, eventfd=eventfd)
+        a = World(tmp, "a.img", disk, readonly, fast=False, eventfd=eventfd, indirect=indirect)
+        b = World(tmp, "b.img", disk, readonly, fast=True, eventfd=eventfd, indirect=indirect)
         try:
             assert b.fast.armed, "DRIVER_OK served the (empty) queue and armed the C path"
             da, db = Driver(), Driver()
@@ -315,7 +343,7 @@ def test_c_serves_plain_requests_and_python_serves_the_rest(tmp_path):
     try:
         d = Driver()
         plain = {"type": B.VIRTIO_BLK_T_IN, "sector": 0, "segs": [SECTOR, SECTOR], "high": True,
-                 "mutation": None, "wild": 0, "fill": 0}
+                 "mutation": None, "wild": 0, "fill": 0, "indirect": False}
         write = dict(plain, type=B.VIRTIO_BLK_T_OUT, sector=8, fill=9)
         flush = dict(plain, type=B.VIRTIO_BLK_T_FLUSH)
         d.lay_out(w, {"requests": [plain, dict(plain, sector="next"), write, flush],
@@ -339,6 +367,13 @@ def test_c_serves_plain_requests_and_python_serves_the_rest(tmp_path):
         d.lay_out(w, {"requests": [plain], "jump": False, "no_interrupt": False})
         w.kick()
         assert (w.dev.requests, w.fast.requests) == (3, 5)
+        # Linux's shape: every request in an indirect table; C serves reads, writes, flushes.
+        d.lay_out(w, {"requests": [dict(plain, indirect=True), dict(write, indirect=True),
+                                   dict(flush, indirect=True)],
+                      "jump": False, "no_interrupt": False})
+        w.kick()
+        assert (w.dev.requests, w.fast.requests) == (3, 8)
+        assert [n for _, n in w.q.take_used()] == [1025, 1025, 1, 1]  # the last kick's, these
         w.drv.w(0x70, 0)                 # reset: C lets go
         assert not w.fast.armed
     finally:

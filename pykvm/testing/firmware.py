@@ -310,7 +310,7 @@ def run_firmware(name: str, *, cpl: int = 3, args: Iterable[int] = (), timeout: 
                  memory: int = 16 << 20, setup: Callable | None = None,
                  echo: Callable[[bytes], None] | None = None,
                  complete_pvm_gaps: bool = False, irqchip: str = "none",
-                 fast_path: bool = False) -> FirmwareResult:
+                 fast_path: bool = False, hugepages: bool = True) -> FirmwareResult:
     """Build `name`, boot it on a fresh Machine, run it to its exit, and report.
 
     setup(machine) is called before the first instruction, to add devices (e.g. a counter on the
@@ -321,7 +321,8 @@ def run_firmware(name: str, *, cpl: int = 3, args: Iterable[int] = (), timeout: 
     "none" (the default: firmware that needs none), "user" (pykvm's Python 8259 pair and 8254,
     injected with KVM_INTERRUPT: firmware/timer.c) or "kernel" (needed by devices that drive an
     interrupt line, e.g. a virtio-mmio device from attach_mmio, even when the guest polls).
-    fast_path: the Machine's C run loop (pykvm.fastpath), as LinuxVM's machines have it."""
+    fast_path: the Machine's C run loop (pykvm.fastpath), as LinuxVM's machines have it.
+    hugepages: Machine(hugepages=...), how guest RAM is backed."""
     from ..devices.debugcon import DebugCon
     from ..stop import StopReason
     from ..x86 import layout
@@ -334,7 +335,8 @@ def run_firmware(name: str, *, cpl: int = 3, args: Iterable[int] = (), timeout: 
         if echo is not None:
             echo(data)
 
-    with firmware_machine(memory, irqchip=irqchip, fast_path=fast_path) as m:
+    with firmware_machine(memory, irqchip=irqchip, fast_path=fast_path,
+                          hugepages=hugepages) as m:
         m.add_pio(layout.PORT_DEBUG, 1, DebugCon(out), "debugcon")
         m.add_exit_port()
         prepare(m, elf, cpl=cpl, args=args)

@@ -21,6 +21,10 @@ uses: 5, 6, 7, 9, 10, 11. The line is edge-triggered at the PIC (ELCR is 0); tha
 virtio-mmio drops the line when the driver acknowledges InterruptStatus and Linux's handler looks
 at the used rings only after acknowledging, so every new batch of used buffers is a new edge.
 
+A virtio-blk device on a machine with the C run loop (`Machine(fast_path=True)`, as LinuxVM has)
+gets its common requests served in C on the vCPU's thread (blk_fast.py), whatever `ioeventfd` says
+(one disk per machine, a plain image file).
+
 With `ioeventfd=True` and a machine that has a KVM `vm`, guest writes to QueueNotify are caught by
 KVM itself (KVM_IOEVENTFD with the queue index as datamatch): the vCPU does not exit, an eventfd is
 signalled, and a thread (`IoEventNotifier`) calls the device's notify under the device lock. Without

@@ -7,8 +7,8 @@ A kick (the guest's write to QueueNotify) is an MMIO exit. With this bound, the 
 it first: if the path is armed, C walks the queue itself - plain reads merged into preadv, writes
 with pwritev, flushes with fsync, straight between the disk image and guest RAM - fills the used
 ring and raises the interrupt, and the vCPU goes back into the guest without the interpreter. What
-C does not do (any request with a mistake in it, GET_ID, DISCARD, indirect descriptors, an I/O
-error, an interrupt line that is not a KVM irqfd) it hands back: `finish()` lets the Python model,
+C does not do (any request with a mistake in it, GET_ID, DISCARD, an I/O error, an interrupt
+line that is not a KVM irqfd) it hands back: `finish()` lets the Python model,
 which stays the reference, carry on from the first request C did not finish.
 
 One copy of the state: the queue's `last_avail`/`next_used`, the transport's `interrupt_status` and
@@ -96,6 +96,7 @@ class BlkFastPath:
         b.fd = disk.fd
         b.capacity = dev.capacity
         b.readonly = bool(dev.readonly)
+        b.indirect = bool(q.indirect)
         b.flush_syncs = not (disk.readonly or disk.snapshot)
         b.armed = 1
 
