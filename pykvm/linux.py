@@ -178,7 +178,8 @@ class LinuxVM:
         from .devices.ide import AtaDrive, IdeChannel, PiixIde
         primary = IdeChannel(self.machine.irq_line(layout.IRQ_ATA0),
                              AtaDrive(self.disk) if self.disk is not None else None)
-        self.ide = PiixIde(primary, IdeChannel(self.machine.irq_line(layout.IRQ_ATA1)))
+        self.ide = PiixIde(primary, IdeChannel(self.machine.irq_line(layout.IRQ_ATA1)),
+                           memory=self.machine.mem)       # bus-master DMA (ide/bmdma.py)
         self.ide.register_on(self.machine.pio)
         self.pci.add(self.ide)
         if self.disk is not None:

@@ -28,8 +28,9 @@ A block is one sector, or the SET MULTIPLE MODE count for the MULTIPLE commands.
 Shortcuts, admitted:
 - Infinitely fast media: BSY is never seen except during a software reset; the whole block is read
   from the backend when DRQ is set.
-- No DMA: IDENTIFY advertises none (words 49 bit 8, 63, 88 are 0), the controller has no bus-master
-  BAR, and libata (ata_pci_bmdma_init: "BAR4 is zero") falls back to PIO.
+- DMA only through a bus-master controller (bmdma.py, `dma_capable`): READ/WRITE DMA (EXT) and
+  multiword DMA modes 0-2 in IDENTIFY (words 49 bit 8, 63); no Ultra DMA (word 88 is 0). Without
+  the engine IDENTIFY advertises no DMA and libata runs PIO.
 - CHS addressing uses the default 16-head, 63-sector translation; INITIALIZE DEVICE PARAMETERS is
   accepted and ignored (libata sends it only to pre-ATA-4 drives).
 - Host I/O errors become UNC (read) or ABRT (write) on the failing LBA, counted in `host_errors`.
@@ -65,6 +66,10 @@ CMD_READ_MULTIPLE_EXT = 0x29
 CMD_WRITE_SECTORS = (0x30, 0x31)
 CMD_WRITE_SECTORS_EXT = 0x34
 CMD_WRITE_MULTIPLE_EXT = 0x39
+CMD_READ_DMA = (0xC8, 0xC9)
+CMD_READ_DMA_EXT = 0x25
+CMD_WRITE_DMA = (0xCA, 0xCB)
+CMD_WRITE_DMA_EXT = 0x35
 CMD_READ_VERIFY = (0x40, 0x41)
 CMD_READ_VERIFY_EXT = 0x42
 CMD_EXECUTE_DIAGNOSTIC = 0x90
@@ -107,7 +112,7 @@ class AtaDrive(Stateful):
     # The disk's contents are not device state: the VMM reattaches the same image.
     STATE = ("multiple", "write_cache", "read_ahead", "host_errors", "commands", "aborted",
              "irq_pending", "buf", "pos", "_xfer", "_ext", "hob", "regs", "device", "error",
-             "status")
+             "status", "dma_capable", "mwdma_mode", "dma_request", "_dma_error")
 
     def __init__(self, backend: BlockBackend, serial: str = "PYKVM0000000001",
                  model: str = "PYKVM HARDDISK", firmware: str = "1.0"):
@@ -130,6 +135,12 @@ class AtaDrive(Stateful):
         self.device = 0
         self.error = 0
         self.status = 0
+        # Bus-master DMA (bmdma.py): offered only when the controller has the engine. The
+        # multiword DMA mode SET FEATURES selected (IDENTIFY word 63 reports it), or None.
+        self.dma_capable = False
+        self.mwdma_mode: int | None = None
+        self.dma_request: tuple[int, int, bool] | None = None    # lba, count, to the disk
+        self._dma_error = ABRT
         self.reset()
 
     # --- reset and signature ---
@@ -142,6 +153,7 @@ class AtaDrive(Stateful):
         self.device = 0
         self.status = DRDY | DSC
         self._xfer = None
+        self.dma_request = None
         self.buf = bytearray()
         self.pos = 0
         self.irq_pending = False
@@ -224,6 +236,10 @@ class AtaDrive(Stateful):
             else:
                 self._start_rw(cmd in (CMD_READ_MULTIPLE_EXT, CMD_WRITE_MULTIPLE_EXT),
                                cmd in (CMD_WRITE_MULTIPLE, CMD_WRITE_MULTIPLE_EXT), self.multiple)
+        elif self.dma_capable and (cmd in CMD_READ_DMA or cmd in CMD_WRITE_DMA
+                                   or cmd in (CMD_READ_DMA_EXT, CMD_WRITE_DMA_EXT)):
+            self._start_dma(cmd in (CMD_READ_DMA_EXT, CMD_WRITE_DMA_EXT),
+                            cmd in CMD_WRITE_DMA or cmd == CMD_WRITE_DMA_EXT)
         elif cmd in CMD_READ_VERIFY or cmd == CMD_READ_VERIFY_EXT:
             ext = cmd == CMD_READ_VERIFY_EXT
             span = self._lba_count(ext)
@@ -263,8 +279,12 @@ class AtaDrive(Stateful):
     def _set_features(self) -> None:
         sub, count = self.regs[1], self.regs[2]
         if sub == SF_SET_XFER_MODE:
-            # PIO default (00h, 01h) or flow-control PIO mode 0-4 (08h-0Ch); no DMA modes.
+            # PIO default (00h, 01h) or flow-control PIO mode 0-4 (08h-0Ch); multiword DMA mode
+            # 0-2 (20h-22h) with a bus-master controller; no Ultra DMA.
             if count in (0x00, 0x01) or 0x08 <= count <= 0x0C:
+                self._complete()
+            elif self.dma_capable and 0x20 <= count <= 0x22:
+                self.mwdma_mode = count - 0x20
                 self._complete()
             else:
                 self._fail(ABRT)
@@ -297,6 +317,57 @@ class AtaDrive(Stateful):
         else:
             self._next_read_block()
 
+    def _start_dma(self, ext: bool, to_disk: bool) -> None:
+        """A DMA command: check it like PIO, then wait, DRQ set, for the bus master to move the
+        data [ATA7 vol 2, "DMA command protocol"]. bmdma.BusMaster.kick() does the rest."""
+        span = self._lba_count(ext)
+        if span is None:
+            self._fail(IDNF)
+            return
+        lba, count = span
+        if lba + count > self.sectors:
+            self._fail(IDNF, min(lba, self.sectors), ext)
+            return
+        if to_disk and self.backend.readonly:
+            self._fail(ABRT, lba, ext)
+            return
+        self._ext = ext
+        self.buf = bytearray()
+        self.pos = 0
+        self.dma_request = (lba, count, to_disk)
+        self.status = DRDY | DSC | DRQ
+
+    def dma_read(self) -> bytes | None:
+        """The sectors of the pending DMA read, or None after a host I/O error (dma_end fails it)."""
+        lba, count, _ = self.dma_request
+        try:
+            return self.backend.read(lba * SECTOR, count * SECTOR)
+        except (DiskError, OSError):
+            self.host_errors += 1
+            self._dma_error = UNC
+            return None
+
+    def dma_write(self, data: bytes) -> bool:
+        lba, count, _ = self.dma_request
+        try:
+            self.backend.write(lba * SECTOR, data[:count * SECTOR])
+        except (DiskError, OSError):
+            self.host_errors += 1
+            self._dma_error = ABRT
+            return False
+        return True
+
+    def dma_end(self, ok: bool) -> None:
+        """The bus master is done with the pending command: complete it, or fail it (the host's
+        error, or ABRT for a transfer the engine could not finish), and interrupt either way."""
+        lba = self.dma_request[0] if self.dma_request else None
+        self.dma_request = None
+        if ok:
+            self._complete()
+        else:
+            self._fail(self._dma_error, lba, self._ext)
+        self._dma_error = ABRT
+
     def _start_data_in(self, data: bytes) -> None:
         self.buf = bytearray(data)
         self.pos = 0
@@ -327,7 +398,8 @@ class AtaDrive(Stateful):
     # --- the data register ---
     def data_read(self, size: int) -> int | None:
         """`size` bytes from the DRQ buffer, or None if no data-in transfer is in progress."""
-        if not self.status & DRQ or self._xfer is not None and self._xfer[2]:
+        if not self.status & DRQ or self._xfer is not None and self._xfer[2] \
+                or self.dma_request is not None:
             return None
         chunk = self.buf[self.pos:self.pos + size]
         self.pos += size
@@ -339,7 +411,7 @@ class AtaDrive(Stateful):
         """`n` bytes of a data-in transfer at once (one `rep insw`), if they lie within the current
         DRQ block; None otherwise, and the caller goes word by word. Same effect as n/2 reads."""
         if not self.status & DRQ or self._xfer is not None and self._xfer[2] \
-                or self.pos + n > len(self.buf):
+                or self.dma_request is not None or self.pos + n > len(self.buf):
             return None
         chunk = bytes(self.buf[self.pos:self.pos + n])
         self.pos += n
@@ -407,7 +479,9 @@ class AtaDrive(Stateful):
         w[3] = HEADS
         w[6] = SECTORS_PER_TRACK
         w[47] = 0x8000 | MAX_MULTIPLE         # 80h in the high byte, max sectors per DRQ block
-        w[49] = (1 << 9) | (1 << 11)          # LBA; IORDY supported. Bit 8 (DMA) clear: PIO only
+        w[49] = (1 << 9) | (1 << 11)          # LBA; IORDY supported
+        if self.dma_capable:
+            w[49] |= 1 << 8                   # DMA supported (multiword, word 63)
         w[50] = 0x4000
         w[51] = 0x0200                        # PIO timing mode 2 (obsolete word, still read)
         w[53] = 0x0003                        # words 54-58 and 64-70 are valid; 88 is not
@@ -419,7 +493,8 @@ class AtaDrive(Stateful):
         w[59] = (0x0100 | self.multiple) if self.multiple else 0
         lba28 = min(total, 0x0FFFFFFF)
         w[60], w[61] = lba28 & 0xFFFF, lba28 >> 16
-        w[63] = 0                             # no multiword DMA
+        if self.dma_capable:                  # multiword DMA modes 0-2; high byte: selected
+            w[63] = 0x0007 | ((1 << (8 + self.mwdma_mode)) if self.mwdma_mode is not None else 0)
         w[64] = 0x0003                        # PIO modes 3 and 4
         w[65] = w[66] = w[67] = w[68] = 120   # cycle times, ns (PIO 4)
         w[80] = 0x00F0                        # ATA-4 .. ATA-7

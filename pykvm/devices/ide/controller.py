@@ -26,8 +26,9 @@ level is recomputed after every access (kvmtool style) and goes to IRQ 14/15 thr
 PIC sees the rising edge as the ISA IDE interrupt.
 
 **The PCI function** (`PiixIde`): 8086:7010 (82371SB PIIX3 IDE), class 01h/01h, programming interface
-80h (bus-master capable, both channels in compatibility mode: legacy ports and IRQs). No BARs: without
-BAR4 libata runs PIO only. ata_piix's prereset checks the IDE decode enable bits (config 41h and 43h
+80h (bus-master capable, both channels in compatibility mode: legacy ports and IRQs). Given guest
+memory, BAR4 holds the bus-master DMA engine (bmdma.py) and ata_piix uses multiword DMA; without it
+there are no BARs and libata runs PIO only. ata_piix's prereset checks the IDE decode enable bits (config 41h and 43h
 bit 7, the top bit of IDETIM) before touching a channel, so both are set. The timing registers
 (40h-4Fh) are writable and otherwise ignored: timing does not exist here.
 
@@ -55,7 +56,7 @@ class IdeChannel(Stateful):
     """One ATA channel: bus device for the 8 command-block ports (offsets 0-7); `control` is the bus
     device for the control block port (offset 0). `drives` = [master, slave], None where absent."""
 
-    STATE = ("selected", "devctl", "bad_accesses", "irq", "_present")
+    STATE = ("selected", "devctl", "bad_accesses", "irq", "_present", "bus_master")
 
     @property
     def _present(self) -> tuple:
@@ -70,6 +71,7 @@ class IdeChannel(Stateful):
         self.devctl = 0
         self.control = _ControlPort(self)
         self.bad_accesses = 0
+        self.bus_master = None          # bmdma.BusMaster, when the controller has the DMA engine
 
     @property
     def drive(self) -> AtaDrive | None:
@@ -163,6 +165,8 @@ class IdeChannel(Stateful):
         drive = self.drive
         if drive is not None:                  # commands to an absent device go nowhere
             drive.execute(cmd)
+            if drive.dma_request is not None and self.bus_master is not None:
+                self.bus_master.kick()         # START may already be set (any order will do)
 
     # --- control block ---
     def read_alt_status(self) -> int:
@@ -208,13 +212,33 @@ class PiixIde(PciDevice):
 
     STATE = PciDevice.STATE + ("primary", "secondary")
 
-    def __init__(self, primary: IdeChannel, secondary: IdeChannel):
+    def __init__(self, primary: IdeChannel, secondary: IdeChannel, memory=None):
         super().__init__(0x8086, 0x7010, 0x010180)
         self.primary = primary
         self.secondary = secondary
         self.wmask[0x40:0x50] = b"\xff" * 16
         self.config[0x41] = 0x80               # IDETIM primary: IDE decode enable
         self.config[0x43] = 0x80               # IDETIM secondary: IDE decode enable
+        if memory is not None:
+            # The bus-master engine: 16 ports at BAR4 (BMIBA), 8 per channel (bmdma.py).
+            from pykvm.devices.ide.bmdma import BusMaster
+            self.add_bar(4, 16, "io")
+            for channel in (primary, secondary):
+                channel.bus_master = BusMaster(channel, memory)
+                for drive in channel.drives:
+                    if drive is not None:
+                        drive.dma_capable = True
+
+    def bar_read(self, index: int, offset: int, size: int) -> int:
+        channel = self.primary if offset < 8 else self.secondary
+        if index != 4 or channel.bus_master is None:
+            return super().bar_read(index, offset, size)
+        return channel.bus_master.read(offset % 8, size)
+
+    def bar_write(self, index: int, offset: int, size: int, value: int) -> None:
+        channel = self.primary if offset < 8 else self.secondary
+        if index == 4 and channel.bus_master is not None:
+            channel.bus_master.write(offset % 8, size, value)
 
     def register_on(self, pio) -> None:
         self.primary.register_on(pio, PRIMARY, "primary")
