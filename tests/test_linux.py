@@ -1,8 +1,9 @@
 """Full Linux boots through the public API and the CLI, checked against the kernel's own console.
 
 On a KVM-PVM host no guest userland can run (docs/kvm-pvm.md), so these boots stop at the
-kernel's "Run /init"; on a VT-x/AMD-V host the userland tests go on to the busybox init and skip here,
-naming the host. Each boot prints the command line it used (visible with pytest -s or on failure).
+kernel's "Run /init"; the userland test is marked `amdv` and runs on VT-x/AMD-V hosts directly and in
+the AMD-V lane here (more userland stories: test_linux_userland.py). Each boot prints the command
+line it used (visible with pytest -s or on failure).
 """
 
 import re
@@ -27,9 +28,6 @@ BOOT_TIMEOUT = 900
 # the tests give the guest what it needs, no more.
 MEMORY = "64M"
 ON_PVM = pvm.host_kind() == pvm.KVM_PVM
-NO_USERLAND = pytest.mark.skipif(
-    ON_PVM, reason="this host's /dev/kvm is KVM-PVM: guest user mode cannot run here "
-                   "(a syscall from guest CPL3 faults), so boots stop at 'Run /init'")
 
 
 def boot_lines_in_order(vm, patterns, timeout=BOOT_TIMEOUT):
@@ -103,7 +101,7 @@ def test_kernel_panic_gives_exit_status_3(kernel, tmp_path):
     assert "stopped: panic" in p.stderr
 
 
-@NO_USERLAND
+@pytest.mark.amdv     # guest userland: directly on VT-x/AMD-V, in the AMD-V lane on KVM-PVM
 def test_userland_runs_and_reboots(kernel, rootfs):
     with LinuxVM(kernel.bzimage, initrd=rootfs, append=REBOOT_ARG, memory=MEMORY) as vm:
         vm.start(timeout=BOOT_TIMEOUT)

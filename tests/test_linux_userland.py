@@ -23,7 +23,7 @@ from pykvm.halt import HaltWatch
 
 pytestmark = [pytest.mark.amdv, pytest.mark.kvm, pytest.mark.linux]
 
-TIMEOUT = 600            # per step; generous for a loaded machine under TCG
+TIMEOUT = 300            # per step; generous for a loaded machine under TCG
 MEMORY = "64M"
 WRITE_MIB = 6            # "several MiB" of userland writes per disk story
 
@@ -40,25 +40,37 @@ def sbin(tool):
     return path
 
 
-def booted(vm):
+def booted(vm, tmp_path):
+    """Start `vm`, its console also in tmp_path/console.log (kept with a failed lane run), and
+    wait for the busybox init's marker."""
+    log = open(tmp_path / "console.log", "wb")
+    vm.console.tee_file(log)
+    vm.machine.on_stop.append(lambda stop: log.close())
     vm.start(timeout=3 * TIMEOUT)
     vm.console.expect(USERLAND_MARKER, timeout=TIMEOUT)
     return vm
 
 
-def test_shell_on_hvc0_reads_virtio_rng_and_powers_off(kernel):
+def sha256_in(output):
+    """A sha256sum line's digest (kernel messages may share the console: look for the digest)."""
+    m = re.search(r"\b([0-9a-f]{64})\s+/", output)
+    assert m, output
+    return m.group(1)
+
+
+def test_shell_on_hvc0_reads_virtio_rng_and_powers_off(kernel, tmp_path):
     """The shell on the virtio console; /dev/hwrng backed by virtio-rng; `poweroff -f` with no
     kernel message on the console (loglevel=0), so the end is seen in the vCPU's state alone."""
     with LinuxVM(kernel, initrd=initramfs(), memory=MEMORY, console="hvc0", rng=True,
                  append="loglevel=0") as vm:
-        booted(vm)
+        booted(vm, tmp_path)
         r = vm.shell("echo $((6 * 7)); uname -r")      # arithmetic: no echo of the typed line
         assert r.status == 0 and r.output.splitlines()[0] == "42", r
         assert r.output.splitlines()[1].endswith("-pykvm"), r
         assert vm.shell("false").status == 1
         missing = vm.shell("ls /no/such/file")
         assert missing.status != 0 and "No such file" in missing.output
-        assert vm.shell("readlink /proc/$$/fd/0").output == "/dev/hvc0\n"   # the shell's tty
+        assert vm.shell("readlink /proc/$$/fd/1").output == "/dev/hvc0\n"   # the shell's tty
         assert vm.devices.serial.bytes_out == 0           # nothing went to COM1
 
         rng = vm.virtio[-1]
@@ -107,17 +119,19 @@ def test_userland_writes_reach_the_ext4_image(kernel, tmp_path, disk_bus):
     image = tmp_path / "root.ext4"
     shutil.copyfile(disk_image(), image)
     with LinuxVM(kernel, disk=image, disk_bus=disk_bus, append="rw", memory=MEMORY) as vm:
-        booted(vm)
+        booted(vm, tmp_path)
         assert vm.shell("cat /etc/pykvm-disk", check=True).output.startswith("pykvm test disk")
         r = vm.shell(f"dd if=/dev/urandom of=/written.bin bs=1M count={WRITE_MIB} 2>/dev/null && "
                      "mkdir -p /pykvm && echo from the guest > /pykvm/note && sync && "
                      "sha256sum /written.bin", timeout=TIMEOUT, check=True)
-        guest_sum = r.output.split()[0]
+        guest_sum = sha256_in(r.output)
         # What a clean shutdown does before the power goes: the journal is written back, the
         # filesystem marked clean (`poweroff -f` skips init's unmounting).
         vm.shell("mount -o remount,ro /", timeout=TIMEOUT, check=True)
         stop = vm.poweroff(timeout=TIMEOUT)
     assert stop.reason in ("halt", "poweroff"), stop
+    if disk_bus == "ide":
+        assert vm.ide.primary.bus_master.transfers > 0       # ata_piix took the DMA engine
     fsck = subprocess.run([sbin("e2fsck"), "-fn", str(image)], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     out = tmp_path / "written.bin"
@@ -135,7 +149,7 @@ def test_snapshot_leaves_the_image_byte_identical_with_the_python_irqchip(kernel
     before = hashlib.sha256(image.read_bytes()).hexdigest()
     with LinuxVM(kernel, disk=image, snapshot=True, irqchip="user", append="rw",
                  memory=MEMORY) as vm:
-        booted(vm)
+        booted(vm, tmp_path)
         vm.shell("dd if=/dev/zero of=/scratch bs=1M count=2 2>/dev/null && sync", timeout=TIMEOUT,
                  check=True)
         assert vm.shell("wc -c < /scratch").output.strip() == str(2 << 20)
@@ -169,7 +183,7 @@ class PrivateNetns:
         os.close(self.home)
 
 
-def test_guest_userland_pings_the_host_over_virtio_net(kernel):
+def test_guest_userland_pings_the_host_over_virtio_net(kernel, tmp_path):
     if os.geteuid() != 0 or not os.path.exists("/dev/net/tun") or not shutil.which("ip"):
         pytest.skip("needs root, /dev/net/tun and iproute2 for a tap in a private network namespace")
     with PrivateNetns():
@@ -177,7 +191,7 @@ def test_guest_userland_pings_the_host_over_virtio_net(kernel):
             tap = vm.virtio[-1].backend.name          # the kernel numbered it (pykvmtap%d)
             subprocess.run(["ip", "addr", "add", f"{HOST_IP}/24", "dev", tap], check=True)
             subprocess.run(["ip", "link", "set", tap, "up"], check=True)
-            booted(vm)
+            booted(vm, tmp_path)
             vm.shell(f"ip addr add {GUEST_IP}/24 dev eth0 && ip link set eth0 up", check=True)
             r = vm.shell(f"ping -c 3 -W 10 {HOST_IP}", timeout=TIMEOUT)
             assert r.status == 0, r.output
@@ -189,10 +203,10 @@ def test_guest_userland_pings_the_host_over_virtio_net(kernel):
 
 # --- Debian's stock kernels ---------------------------------------------------------------------
 
-def test_debian_cloud_kernel_reaches_userland_with_no_extra_arguments():
+def test_debian_cloud_kernel_reaches_userland_with_no_extra_arguments(tmp_path):
     with LinuxVM(cloud_kernel(), initrd=initramfs(), memory="256M") as vm:
         assert "initcall_blacklist" not in str(vm.cmdline)
-        booted(vm)
+        booted(vm, tmp_path)
         assert vm.shell("uname -r", check=True).output.strip().endswith("-cloud-amd64")
         stop = vm.poweroff(timeout=TIMEOUT)
     assert stop.reason in ("halt", "poweroff"), stop
