@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -165,11 +166,6 @@ class LanePlugin:
         nodeids = [i.nodeid for i in session.items if i.get_closest_marker(MARK)]
         self._say(f"running {len(nodeids)} {MARK} test(s) in the AMD-V lane: building assets, "
                   "then one L1 boot under QEMU TCG")
-        run_dir = new_run_dir()
-        results = run_dir / "results.jsonl"
-        # Hypothesis keeps its example database in the checkout, read-only in L1: use the share.
-        env = {**os.environ, RESULTS_ENV: str(results),
-               "HYPOTHESIS_STORAGE_DIRECTORY": str(run_dir / "hypothesis")}
         timeout = float(os.environ.get("PYKVM_LANE_TIMEOUT", DEFAULT_TIMEOUT))
         verbose = self.config.option.verbose > 0 or self.config.option.capture == "no"
         capman = self.config.pluginmanager.getplugin("capturemanager")
@@ -178,8 +174,14 @@ class LanePlugin:
             sys.stderr.buffer.write(chunk)
             sys.stderr.flush()
 
+        run_dir = None
         try:
             _prepare_assets()
+            run_dir = new_run_dir()
+            results = run_dir / "results.jsonl"
+            # Hypothesis keeps its example database in the checkout, read-only in L1: use the share.
+            env = {**os.environ, RESULTS_ENV: str(results),
+                   "HYPOTHESIS_STORAGE_DIRECTORY": str(run_dir / "hypothesis")}
             if verbose and capman is not None:
                 with capman.global_and_fixture_disabled():
                     self.result = run(self._inner_argv(run_dir, nodeids), cwd=self.config.rootpath,
@@ -187,9 +189,11 @@ class LanePlugin:
             else:
                 self.result = run(self._inner_argv(run_dir, nodeids), cwd=self.config.rootpath,
                                   env=env, timeout=timeout, run_dir=run_dir)
-        except Exception as e:  # AssetError, LaneUnavailable, OSError: every marked test says why
+        except Exception as e:  # AssetError, LaneError, OSError: every marked test says why
             self.error = f"the AMD-V lane could not start: {e}"
             self._say(self.error)
+            if run_dir is not None:
+                shutil.rmtree(run_dir, ignore_errors=True)
             return
         for line in (results.read_text() if results.exists() else "").splitlines():
             try:

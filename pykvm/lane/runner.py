@@ -18,6 +18,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -140,10 +141,21 @@ def run(argv: Sequence[str], *, cwd: str | Path | None = None, env: Mapping[str,
     return _result(run_dir, timed_out, timeout)
 
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when our process dies (prctl(2) PR_SET_PDEATHSIG), so a
+    killed test run leaves no QEMU behind to burn a core after it has let go of the lock."""
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
 def _run_qemu(cmd: list[str], run_dir: Path, timeout: float, output: Callable[[bytes], None] | None) -> bool:
     """Run QEMU to its end or the timeout; stream COM2 into output.log (and ``output``). True on timeout."""
     with open(run_dir / "output.log", "wb") as out, open(run_dir / "qemu.log", "wb") as err:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+                                preexec_fn=_die_with_parent)
 
         def pump() -> None:
             while chunk := os.read(proc.stdout.fileno(), 65536):
