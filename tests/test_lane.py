@@ -204,7 +204,7 @@ def test_qemu_command_line(tmp_path):
 
 
 def test_qemu_command_line_refuses_white_space_in_the_share():
-    with pytest.raises(ValueError, match="white space"):
+    with pytest.raises(qemu.LaneError, match="white space"):
         qemu.kernel_cmdline("/tmp/a b")
 
 

@@ -52,7 +52,7 @@ def qemu_binary() -> str:
 def kernel_cmdline(share: Path) -> str:
     """L1's command line. The share's path goes to /init (which mounts it there in the chroot)."""
     if any(c.isspace() for c in str(share)):
-        raise ValueError(f"the lane's run directory {share} contains white space")
+        raise LaneError(f"the lane's run directory {share} contains white space (set TMPDIR elsewhere)")
     return f"console=ttyS0 panic=-1 {SHARE_ARG}={share}"
 
 

@@ -84,9 +84,9 @@ def job_environment(base: Mapping[str, str], run_dir: Path) -> dict[str, str]:
     return env
 
 
-def check_cwd(cwd: Path, run_dir: Path) -> None:
+def check_cwd(cwd: Path, run_dir: Path | None = None) -> None:
     """Refuse a working directory that L1 cannot see (under :data:`HIDDEN`, outside the share)."""
-    if cwd == run_dir or run_dir in cwd.parents:
+    if run_dir is not None and (cwd == run_dir or run_dir in cwd.parents):
         return
     for hidden in HIDDEN:
         if cwd == Path(hidden) or Path(hidden) in cwd.parents:
@@ -116,7 +116,7 @@ def run(argv: Sequence[str], *, cwd: str | Path | None = None, env: Mapping[str,
     progress = progress or Progress("lane")
     qemu = qemu_binary()
     cwd = Path(cwd or os.getcwd()).resolve()
-    check_cwd(cwd, run_dir.resolve() if run_dir is not None else Path("/nonexistent"))
+    check_cwd(cwd, run_dir.resolve() if run_dir is not None else None)
     kernel = l1_kernel(progress=progress)
     initrd = l1_initramfs(kernel, progress=progress)
     run_dir = run_dir or new_run_dir()
@@ -141,7 +141,10 @@ def run(argv: Sequence[str], *, cwd: str | Path | None = None, env: Mapping[str,
     return _result(run_dir, timed_out, timeout)
 
 
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# <linux/prctl.h>. Copied, against pykvm's habit of taking constants from headers through the
+# compiled binding: prctl numbers are fixed syscall ABI, and the lane (which only runs QEMU) should
+# not need the KVM binding built.
+_PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent() -> None:

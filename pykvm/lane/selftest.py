@@ -36,7 +36,7 @@ def _stdout(chunk: bytes) -> None:
 def selftest(command: list[str], *, timeout: float, keep: bool = False) -> int:
     progress = Progress("selftest")
     qemu_binary()  # before building anything: say at once what is missing
-    check_cwd(Path.cwd().resolve(), Path("/nonexistent"))
+    check_cwd(Path.cwd().resolve())
     if not command:
         from ..assets import initramfs, test_kernel
         kernel, initrd = test_kernel(progress=progress), initramfs(progress=progress)
