@@ -382,3 +382,64 @@ def test_get_id_does_not_name_the_host_file(tmp_path):
         dev, drv, q, feats, irq = setup(disk)
         head, n = submit(drv, q, [hdr(B.VIRTIO_BLK_T_GET_ID)], [20, 1])
         assert q.written(head) == b"pykvm-disk".ljust(20, b"\0") + b"\0"
+
+
+# ---- a model of the disk: reads return what earlier writes put there ----
+
+def _split(data_len, cuts):
+    """data_len bytes cut into segments at the given fractions (each piece non-empty)."""
+    points = sorted({int(data_len * c) for c in cuts if 0 < int(data_len * c) < data_len})
+    edges = [0, *points, data_len]
+    return [b - a for a, b in zip(edges, edges[1:])]
+
+
+request = st.tuples(
+    st.sampled_from([B.VIRTIO_BLK_T_IN, B.VIRTIO_BLK_T_OUT, B.VIRTIO_BLK_T_OUT,
+                     B.VIRTIO_BLK_T_FLUSH, B.VIRTIO_BLK_T_GET_ID, 77]),
+    st.one_of(st.integers(0, SECTORS + 1), st.sampled_from([2**64 - 1, 2**63, SECTORS - 1])),
+    st.integers(0, 4),                                              # sectors of data
+    st.lists(st.floats(0, 1), max_size=3),                          # where the segments split
+    st.integers(0, 255))                                            # the byte written
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(requests=st.lists(request, min_size=1, max_size=12))
+def test_fuzz_requests_against_a_disk_model(requests):
+    """Statuses by VIRTIO 1.2 5.2.6 (OK in range, IOERR past the capacity, UNSUPP for an unknown
+    type), the bytes an IN returns equal to a bytearray model of the disk that OUTs update, and
+    the disk equal to the model at the end. The oracle is slicing, not the device's code."""
+    disk = FakeDisk(SECTORS * 512)
+    disk.buf[:] = bytes((i * 13 + i // 512) & 0xFF for i in range(SECTORS * 512))
+    model = bytearray(disk.buf)
+    dev, drv, q, feats, irq = setup(disk, serial="fuzz")
+    for rtype, sector, n, cuts, fill in requests:
+        data_len = n * 512
+        in_range = sector + n <= SECTORS
+        if rtype == B.VIRTIO_BLK_T_OUT:
+            payload = bytes([fill]) * data_len
+            pieces, pos = [], 0
+            for ln in _split(data_len, cuts):
+                pieces.append(payload[pos:pos + ln])
+                pos += ln
+            head, used = submit(drv, q, [hdr(rtype, sector), *pieces], [1])
+            status = q.written(head)[-1]
+            assert status == (B.VIRTIO_BLK_S_OK if in_range else B.VIRTIO_BLK_S_IOERR)
+            if status == B.VIRTIO_BLK_S_OK:
+                model[sector * 512:sector * 512 + data_len] = payload
+        elif rtype == B.VIRTIO_BLK_T_IN:
+            head, used = submit(drv, q, [hdr(rtype, sector)], [*_split(data_len, cuts), 1])
+            got = q.written(head)
+            assert got[-1] == (B.VIRTIO_BLK_S_OK if in_range else B.VIRTIO_BLK_S_IOERR)
+            if in_range:
+                assert got[:-1] == bytes(model[sector * 512:sector * 512 + data_len])
+                assert used == data_len + 1
+        elif rtype == B.VIRTIO_BLK_T_FLUSH:
+            head, used = submit(drv, q, [hdr(rtype, 0)], [1])
+            assert q.written(head) == bytes([B.VIRTIO_BLK_S_OK])
+        elif rtype == B.VIRTIO_BLK_T_GET_ID:
+            head, used = submit(drv, q, [hdr(rtype, 0)], [20, 1])
+            assert q.written(head) == b"fuzz".ljust(20, b"\0") + bytes([B.VIRTIO_BLK_S_OK])
+        else:
+            head, used = submit(drv, q, [hdr(rtype, sector)], [1])
+            assert q.written(head) == bytes([B.VIRTIO_BLK_S_UNSUPP])
+        assert disk.buf == model
