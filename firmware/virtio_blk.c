@@ -37,7 +37,8 @@
  * mode 1, benchmark:
  *   arg[2] bytes to transfer (default 1 MiB), arg[3] bytes per request (default 128 KiB, at most
  *   MAX_REQUEST), arg[4] segment size (default 64 KiB), arg[5] requests per notify (default 4,
- *   at most MAX_INFLIGHT, and DEPTH x REQUEST at most POOL), arg[6] marker port (default 0:
+ *   at most MAX_INFLIGHT, DEPTH x REQUEST at most POOL and DEPTH x (REQUEST / SEGMENT + 2)
+ *   descriptors at most QSIZE), arg[6] marker port (default 0:
  *   none): the guest writes 1 there just before the first request and 2 after the last
  *   completes, so the VMM can time the transfer alone. arg[7] direction: 0 read (default), 1
  *   write, then one FLUSH (inside the marks: a write is only done when it is on stable storage,
@@ -120,11 +121,14 @@ struct blk_req_hdr {
 };
 
 /* Up to MAX_INFLIGHT requests of up to MAX_REQUEST bytes each, all their buffers in one POOL:
- * 8 x 1 MiB, or 32 x 4 KiB (small requests need a deep queue to amortise the notify exit). */
-#define MAX_INFLIGHT 32
+ * 8 x 1 MiB, or 64 x 4 KiB (small requests need a deep queue to amortise the notify exit). Each
+ * request takes descs_per_req descriptors (header, data segments, status): 8 by default, fewer in
+ * a benchmark whose requests need fewer, so that more fit in the ring. */
+#define MAX_INFLIGHT 128
 #define MAX_REQUEST (1u << 20)
 #define POOL (8u << 20)
-#define DESCS_PER_REQ (QSIZE / MAX_INFLIGHT) /* header + data segments + status */
+#define DESCS_PER_REQ 8
+static unsigned descs_per_req = DESCS_PER_REQ;
 
 static struct virtq_desc desc[QSIZE] __attribute__((aligned(4096)));
 static struct virtq_avail avail __attribute__((aligned(4096)));
@@ -231,7 +235,7 @@ static int init_device(uint64_t base, uint64_t *capacity)
 static void queue_request(unsigned slot, uint32_t type, uint64_t sector, void *buf, uint32_t len,
                           uint32_t seg)
 {
-    unsigned first = slot * DESCS_PER_REQ, d = first;
+    unsigned first = slot * descs_per_req, d = first;
     hdrs[slot] = (struct blk_req_hdr){type, 0, sector};
     statuses[slot] = 0xff;
     desc[d] = (struct virtq_desc){(uint64_t)&hdrs[slot], sizeof(hdrs[slot]), VIRTQ_DESC_F_NEXT,
@@ -357,13 +361,15 @@ static int bench(uint64_t capacity)
     uint64_t total = fw_arg(2, 1 << 20), req = fw_arg(3, 128 << 10), seg = fw_arg(4, 64 << 10);
     uint64_t depth = fw_arg(5, 4), port = fw_arg(6, 0), write = fw_arg(7, 0);
     if (req == 0 || req > MAX_REQUEST || req % SECTOR || seg == 0 || seg % SECTOR
-        || (req + seg - 1) / seg + 2 > DESCS_PER_REQ || depth == 0 || depth > MAX_INFLIGHT
+        || (req + seg - 1) / seg + 2 > QSIZE || depth == 0 || depth > MAX_INFLIGHT
+        || depth * ((req + seg - 1) / seg + 2) > QSIZE
         || depth * req > POOL || capacity < req / SECTOR || write > 1) {
         fw_printf("virtio_blk: FAIL bad benchmark parameters\n");
         return 0x30;
     }
     uint64_t sectors_per_req = req / SECTOR, sector = 0, done = 0, requests = 0, sum = 0;
     uint32_t type = write ? T_OUT : T_IN;
+    descs_per_req = (unsigned)((req + seg - 1) / seg + 2);
     int errors = 0;
     if (write) /* what the first pass writes: the host checks it (tests/test_firmware_devices.py) */
         for (uint64_t k = 0; k < depth; k++)
