@@ -125,7 +125,7 @@ def test_ide_identify_does_not_name_the_host_file(image):
 
 def _spinning_kernel(tmp_path):
     """An ELF 'vmlinux' whose entry is `jmp .`: it runs until the VMM stops it."""
-    from pykvm.boot.synthetic import make_elf
+    from pykvm.testing.synthetic import make_elf
     path = tmp_path / "vmlinux"
     path.write_bytes(make_elf([(0x1000000, b"\xeb\xfe" + bytes(62), 0x1000)], 0x1000000,
                               banner=b"Linux version 6.1.0-spin (t@t) #1"))

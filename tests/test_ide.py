@@ -366,10 +366,11 @@ def test_fuzz_ide_slave_and_secondary(seq):
             assert d.host_errors == 0, (name, unit)
             if d.status & ERR:
                 assert d.error and not d.status & DRQ, (name, unit)
-            if d.status & DRQ and d.buf and d._xfer is not None and not d._xfer[2] and d.pos == 0:
-                # a read's DRQ block: from this drive's disk, at the sector the transfer is at
-                n = d.buf[0]
-                assert n == list(drives).index((name, unit)), (name, unit, n)
+        sel = pio.find(base).device.drive
+        if op == "cmd" and value in (0x20, 0x24, 0xC4) and sel is not None and sel.status & DRQ:
+            # a read's first DRQ block comes from the selected drive's own disk
+            n = sel.buf[0]
+            assert n == [d for d in drives.values()].index(sel), (channel_name, n)
         channel = pio.find(base).device
         assert irqs[channel_name].level == bool(
             channel.drive is not None and channel.drive.irq_pending and not channel.devctl & 0x02)
