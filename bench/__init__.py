@@ -11,6 +11,7 @@ the same run, and prints one table:
 3. bench.boot      Linux boot to "Run /init": wall time, exits, the VMM's share
 4. bench.blk       virtio-blk sequential read (firmware/virtio_blk) against host pread
 5. bench.startup   VMM start-up to the first guest byte; resident memory beyond guest RAM
+6. bench.snapshot  restore against a cold boot to the same point; memory of N clones (issue 13)
 
 Each module runs alone too: `python -m bench.<name> [--quick]` or `python bench/<name>.py`.
 bench/README.md says how to read the table.

@@ -19,11 +19,11 @@ if __package__ in (None, ""):
 from bench import header_lines  # noqa: E402
 from bench.table import Section, failed_section, format_table  # noqa: E402
 
-SECTIONS = ("exits", "stream", "compress", "boot", "blk", "startup")
+SECTIONS = ("exits", "stream", "compress", "boot", "blk", "startup", "snapshot")
 
 
 def _runners(opts):
-    from bench import blk, boot, compute, exits, startup
+    from bench import blk, boot, compute, exits, snapshot, startup
     irqchips = boot.IRQCHIPS if opts.irqchip == "all" else (opts.irqchip,)
     return {
         "exits": ("1. Exit round trip", lambda: exits.exit_rows(opts.quick, opts.skip_qemu)),
@@ -33,6 +33,7 @@ def _runners(opts):
                                                          opts.boot_timeout)),
         "blk": ("4. virtio-blk", lambda: blk.blk_rows(opts.quick)),
         "startup": ("5. VMM start-up and memory", lambda: startup.startup_rows(opts.quick)),
+        "snapshot": ("6. Snapshots", lambda: snapshot.snapshot_rows(opts.quick, opts.build)),
     }
 
 

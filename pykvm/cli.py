@@ -4,6 +4,7 @@
     pykvm boot KERNEL [DISK] [...]     boot a Linux kernel with its console on the terminal
     pykvm selftest [-- COMMAND ...]    pykvm (or COMMAND) on a real AMD-V /dev/kvm, in the AMD-V lane:
                                        QEMU TCG with SVM (exit statuses: pykvm/lane/selftest.py)
+    pykvm restore SNAPSHOT [...]       run a saved VM on (pykvm/snapshot/cli.py)
 
 Exit status of `pykvm boot` (also in the README):
     0    the guest powered off, halted, rebooted, or --until matched
@@ -96,6 +97,8 @@ def cmd_boot(args) -> int:
         if kind != "tap":
             raise UsageError(f"--net {args.net}: only tap[:NAME] is supported")
         net_tap = name or "pykvm%d"
+    from .snapshot import cli as snapshot_cli
+    snapshot_cli.check_boot_options(args, UsageError)
     _check_boot_args(args)
     memory = parse_size(args.memory)
     test_devices = _test_devices(args)
@@ -114,7 +117,7 @@ def cmd_boot(args) -> int:
             DeviceConfig(disk=args.disk, disk_bus=args.disk_bus, readonly=args.readonly,
                          snapshot=args.snapshot, rng=args.rng, net_tap=net_tap,
                          console="hvc0" if args.hvc else "ttyS0"),
-            until=args.until)
+            until=args.until or args.save_at)
         vm = LinuxVM(config)
     with vm, _stop_on_sigterm(vm.machine):
         from .testdevs import add_test_devices
@@ -145,6 +148,7 @@ def cmd_boot(args) -> int:
         elif args.console not in ("none", "stdio"):
             log = open(args.console, "wb")
             vm.console.tee_file(log)
+        saver = snapshot_cli.SaveOnSignal(vm) if args.save_to else None
         try:
             if interactive and os.isatty(0):
                 def quit_():
@@ -154,12 +158,17 @@ def cmd_boot(args) -> int:
             else:
                 stop = vm.run(args.timeout)
         finally:
+            if saver:
+                saver.close()
             if log:
                 log.close()
         if stub is not None:
             stub.close()
         print(file=sys.stderr)
         _say(f"stopped: {stop.reason}: {stop.message}")
+        saved = snapshot_cli.save_after_boot(vm, args, stop, _say)
+        if saved is not None:
+            return saved
         if profiler is not None:
             profiler.stop()
             _say("guest profile:\n" + profiler.report())
@@ -350,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a fw_cfg file item, as QEMU's -fw_cfg (or string=TEXT); repeatable")
     boot.add_argument("--testdev", action="store_true",
                       help="QEMU's pc-testdev: scratch ports 0xe0/0xe8, IRQ lines at 0x2000")
+    from .snapshot import cli as snapshot_cli
+    snapshot_cli.add_boot_options(boot)
     boot.set_defaults(fn=cmd_boot)
 
     selftest = sub.add_parser("selftest", help="run a check (or COMMAND) on AMD-V in the AMD-V lane",
@@ -363,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "share, with the L1 console and the command's output)")
     selftest.add_argument("command", nargs=argparse.REMAINDER, help="command to run instead of the check")
     selftest.set_defaults(fn=cmd_selftest)
+    snapshot_cli.add_restore_command(sub, lambda args: snapshot_cli.cmd_restore(
+        args, _say, _terminal_sink))
     return p
 
 
@@ -374,9 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     from .host.tap import TapError
     from .machine import MachineError
     from .lane import LaneError
+    from .snapshot import SnapshotError
     try:
         return args.fn(args)
-    except (UsageError, MachineError, BootError, KvmUnavailable, AssetError, TapError, LaneError) as e:
+    except (UsageError, MachineError, BootError, KvmUnavailable, AssetError, TapError, LaneError,
+            SnapshotError) as e:
         _say(f"error: {e}")
         return EXIT_BAD_INPUT
     except KvmError as e:

@@ -77,7 +77,7 @@ class LinuxVM:
     The keywords are the configuration's field names (each group's docstring says what they mean);
     given with a config, they replace its fields. The result is `self.config`."""
 
-    def __init__(self, kernel: str | os.PathLike | LinuxConfig, **options):
+    def __init__(self, kernel: str | os.PathLike | LinuxConfig, *, _restore=None, **options):
         if isinstance(kernel, LinuxConfig):
             config = kernel.replace(**options) if options else kernel
         else:
@@ -86,8 +86,9 @@ class LinuxVM:
         boot, hw, dev = config.boot, config.machine, config.devices
         pvm_workarounds, irqchip, console = hw.pvm_workarounds, hw.irqchip, dev.console
         self.memory = hw.memory
-        kernel_bytes = _read_file(boot.kernel, "kernel")
-        initrd_bytes = _read_file(boot.initrd, "initrd") if boot.initrd else None
+        if _restore is None:        # a restored VM's kernel is already in its RAM (pykvm/snapshot/)
+            kernel_bytes = _read_file(boot.kernel, "kernel")
+            initrd_bytes = _read_file(boot.initrd, "initrd") if boot.initrd else None
 
         self.host_kind = pvm.host_kind()
         if pvm_workarounds is None:
@@ -113,7 +114,8 @@ class LinuxVM:
         self.console = ConsoleLog()
         self.attached: list = []        # VirtioAttachment of each virtio device, in attach order
         self.disk = None
-        self.machine = Machine(self.memory, irqchip=irqchip, fast_path=hw.fast_path)
+        self.machine = Machine(self.memory, irqchip=irqchip, fast_path=hw.fast_path,
+                               ram=_restore.ram_backend if _restore is not None else None)
         try:
             self.devices = add_pc_devices(self.machine, self.console)
             self.pci = self._add_pci()
@@ -131,11 +133,16 @@ class LinuxVM:
             self._add_virtio(self.disk if dev.disk_bus == "virtio-mmio" else None, dev.readonly,
                              dev.rng, dev.net_tap, console, dev.ioeventfd)
             self._add_clock_args()
-            if irqchip == "kernel":
-                self._write_mptable()
-            self.plan = load_linux(self.machine.mem, kernel_bytes, str(self.cmdline),
-                                   initrd=initrd_bytes, decompress=boot.decompress)
-            self._setup_vcpu()
+            if _restore is not None:
+                from .snapshot.linux import apply_to
+                self.plan = None
+                apply_to(self, _restore)
+            else:
+                if irqchip == "kernel":
+                    self._write_mptable()
+                self.plan = load_linux(self.machine.mem, kernel_bytes, str(self.cmdline),
+                                       initrd=initrd_bytes, decompress=boot.decompress)
+                self._setup_vcpu()
         except BaseException:
             self.close()
             raise
@@ -239,6 +246,22 @@ class LinuxVM:
         cpu.setup_msrs(vcpu)
         cpu.setup_long_mode(vcpu, self.machine.mem, entry=self.plan.entry_rip, cr3=self.plan.cr3,
                             rsi=self.plan.zero_page_gpa, rsp=self.plan.stack)
+
+    # ---- snapshots (pykvm/snapshot/) ----
+    def save(self, path: str | os.PathLike) -> int:
+        """Save this stopped VM to `path` (RAM, vCPU, irqchip, every device, the disk overlay);
+        returns the file size. Restore it with LinuxVM.restore(path), in any process."""
+        from .snapshot.linux import save_linux
+        return save_linux(self, path)
+
+    @classmethod
+    def restore(cls, path: str | os.PathLike, *, until: str | None = None, clone: bool = False,
+                verify: bool = False, **overrides) -> "LinuxVM":
+        """A VM restored from a snapshot, ready to run() or start() from where it was saved.
+        `clone`: give it its own MAC and fresh entropy (pykvm/snapshot/linux.py); `verify`:
+        check RAM's checksum (reads the whole file). SnapshotError for a bad or foreign file."""
+        from .snapshot.linux import restore_linux
+        return restore_linux(cls, path, until=until, clone=clone, verify=verify, **overrides)
 
     # ---- running ----
     def run(self, timeout: float | None = None) -> Stop:

@@ -68,10 +68,12 @@ class Machine:
     irqchip: "kernel" puts KVM's PIC/IOAPIC/LAPIC and PIT in the kernel (fast); "user" uses pykvm's
     Python i8259 pair and i8254 and injects their interrupts itself (slower, every step visible);
     "none" leaves the vCPU with no interrupt controller at all (firmware tests).
-    fast_path: run the vCPU loop in C (csrc/fastpath.h), answering hot port I/O without Python."""
+    fast_path: run the vCPU loop in C (csrc/fastpath.h), answering hot port I/O without Python.
+    ram: a factory (gpa, size) -> backend for each RAM region (default: anonymous memory)."""
 
     def __init__(self, memory: int = 64 * layout.MiB, *, irqchip: str = "kernel",
-                 kvm: Kvm | None = None, hugepages: bool = True, fast_path: bool = False):
+                 kvm: Kvm | None = None, hugepages: bool = True, fast_path: bool = False,
+                 ram: Callable[[int, int], object] | None = None):
         if memory < 1 * layout.MiB or memory % 4096:
             raise MachineError(f"memory size {memory} is not a positive multiple of 4 KiB "
                                "(at least 1 MiB)")
@@ -110,7 +112,8 @@ class Machine:
         regions = []
         for slot, (gpa, size) in enumerate(layout.ram_regions(memory)):
             try:
-                backend = MmapBackend(size, hugepages=hugepages)
+                # ram(gpa, size): another backend, e.g. a snapshot's RAM mapped from its file
+                backend = ram(gpa, size) if ram else MmapBackend(size, hugepages=hugepages)
             except OSError as e:    # ENOMEM: more than the host will map (a bad --memory)
                 self.vm.close()
                 if self._own_kvm:

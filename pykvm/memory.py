@@ -7,8 +7,9 @@ mapping. Every device model and loader reads and writes guest memory through `Gu
 `GuestMemory.write` (or `view` for zero-copy), which bounds-check the GPA range, so a guest that hands
 us a bad pointer gets an error rather than us touching host memory outside guest RAM.
 
-Two backends: `MmapBackend` (anonymous shared mapping, what KVM is given) and `BytesBackend`
-(a bytearray, for unit tests with no /dev/kvm).
+Three backends: `MmapBackend` (an anonymous mapping, what KVM is given), `FileBackend` (a file
+mapped copy-on-write: a restored snapshot's RAM) and `BytesBackend` (a bytearray, for unit tests
+with no /dev/kvm).
 """
 
 from __future__ import annotations
@@ -97,6 +98,21 @@ class MmapBackend:
             self.mmap.close()
         except BufferError:
             pass  # someone still holds a view; the mapping goes when they do
+
+
+class FileBackend(MmapBackend):
+    """Guest RAM mapped copy-on-write from a file (a snapshot's RAM section, pykvm/snapshot/).
+
+    mmap(MAP_PRIVATE) of `size` bytes at `offset` (a multiple of the page size): nothing is read
+    up front, a page comes from the page cache when the guest (or KVM on its behalf) first touches
+    it, and the first write to a page gives this process its own copy. So many VMs restored from
+    one file share every page none of them has written, and the file never changes."""
+
+    def __init__(self, fd: int, offset: int, size: int):
+        self.size = size
+        self.mmap = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE,
+                              prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+        self._view = memoryview(self.mmap)
 
 
 @dataclass

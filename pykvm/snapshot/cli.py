@@ -1,0 +1,118 @@
+"""`pykvm boot --save-at/--save-to` and `pykvm restore`: the command line's side of snapshots.
+
+    pykvm boot bzImage --initrd rd --save-at 'Run /init' --save-to vm.snap   # boot, save, stop
+    pykvm boot bzImage --initrd rd --save-to vm.snap      # ... save when sent SIGUSR1
+    pykvm restore vm.snap [--until REGEX] [--console FILE] [--timeout S] [--clone] [--verify]
+
+`pykvm restore` exit status: as `pykvm boot` (0 stopped as asked, 1 VMM error, 3 panic, 4
+timeout, 130 interrupted), and 2 for a snapshot it cannot use - not a snapshot, truncated,
+corrupted, another format version, taken on another kind of host, or a disk image that changed
+since - with a one-line message.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+SAVE_SIGNAL = signal.SIGUSR1
+
+
+def add_boot_options(boot) -> None:
+    boot.add_argument("--save-at", metavar="REGEX",
+                      help="when a console line matches REGEX, save the VM to --save-to and stop")
+    boot.add_argument("--save-to", metavar="FILE",
+                      help="snapshot file: written at --save-at, or when pykvm gets SIGUSR1")
+
+
+def check_boot_options(args, usage_error) -> None:
+    if args.save_at and not args.save_to:
+        raise usage_error("--save-at needs --save-to FILE")
+    if args.save_at and args.until:
+        raise usage_error("--save-at and --until both stop the boot: give one")
+
+
+class SaveOnSignal:
+    """SIGUSR1 stops the VM so that it can be saved (the vCPU must be out of KVM_RUN)."""
+
+    def __init__(self, vm):
+        from pykvm.stop import Stop, StopReason
+        self.requested = False
+
+        def handler(signum, frame):
+            self.requested = True
+            vm.machine.request_stop(Stop(StopReason.INTERRUPTED, message="SIGUSR1: saving"))
+        self._old = signal.signal(SAVE_SIGNAL, handler)
+
+    def close(self) -> None:
+        signal.signal(SAVE_SIGNAL, self._old)
+
+
+def save_after_boot(vm, args, stop, say) -> int | None:
+    """After `pykvm boot` stopped: save if asked. Returns an exit status to use instead of the
+    stop's, or None."""
+    from pykvm.stop import StopReason
+    if not args.save_to:
+        return None
+    by_signal = stop.reason is StopReason.INTERRUPTED and "SIGUSR1" in stop.message
+    if not (by_signal or (args.save_at and stop.reason is StopReason.UNTIL)):
+        return None
+    size = vm.save(args.save_to)
+    say(f"saved to {args.save_to} ({size >> 20} MiB, sparse)")
+    return 0
+
+
+def add_restore_command(sub, run_fn) -> None:
+    p = sub.add_parser("restore", help="run a VM saved with --save-to / vm.save()",
+                       description="Restore a saved VM in this process and run it on from where "
+                       "it stopped. Exit status as for boot; 2 for a snapshot that cannot be used.")
+    p.add_argument("snapshot", help="snapshot file")
+    p.add_argument("--until", metavar="REGEX", help="stop with status 0 when a console line matches")
+    p.add_argument("--timeout", type=float, help="stop after this many seconds (exit status 4)")
+    p.add_argument("--console", default="stdio", metavar="stdio|none|FILE",
+                   help="where the guest console goes (default: the terminal)")
+    p.add_argument("--clone", action="store_true",
+                   help="give this VM its own identity (MAC, fresh virtio-rng entropy)")
+    p.add_argument("--verify", action="store_true",
+                   help="check guest RAM's checksum first (reads the whole file)")
+    p.add_argument("--save-to", metavar="FILE", help="save again when pykvm gets SIGUSR1")
+    p.add_argument("--save-at", metavar="REGEX",
+                   help="when a console line matches REGEX, save to --save-to and stop")
+    p.set_defaults(fn=run_fn)
+
+
+def cmd_restore(args, say, terminal_sink) -> int:
+    from pykvm.linux import LinuxVM
+    from pykvm.snapshot import SnapshotError
+    from pykvm.stop import StopReason
+
+    if args.save_at and not args.save_to:
+        say("error: --save-at needs --save-to FILE")
+        return 2
+    try:
+        vm = LinuxVM.restore(args.snapshot, until=args.until or args.save_at, clone=args.clone,
+                             verify=args.verify)
+    except SnapshotError as e:
+        say(f"error: {e}")
+        return 2
+    with vm:
+        log = None
+        if args.console == "stdio":
+            vm.console.tee(terminal_sink(sys.stdout.buffer, raw=False))
+        elif args.console != "none":
+            log = open(args.console, "wb")
+            vm.console.tee_file(log)
+        saver = SaveOnSignal(vm) if args.save_to else None
+        try:
+            stop = vm.run(args.timeout)
+        finally:
+            if saver:
+                saver.close()
+            if log:
+                log.close()
+        say(f"stopped: {stop.reason}: {stop.message}")
+        saved = save_after_boot(vm, args, stop, say)
+        if saved is not None:
+            return saved
+        from pykvm.cli import EXIT_VMM_ERROR, STOP_STATUS
+        return STOP_STATUS.get(stop.reason, EXIT_VMM_ERROR) if stop.reason is not StopReason.UNTIL else 0

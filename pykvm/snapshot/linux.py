@@ -1,0 +1,81 @@
+"""Snapshots of a LinuxVM: `vm.save(path)` and `LinuxVM.restore(path)` (pykvm/linux.py) land here.
+
+Saving records the LinuxVM's options (what it was built from), so restoring builds the same VM -
+same devices at the same addresses, same disk attached the same way - with its RAM mapped from the
+snapshot and no kernel loaded, and then puts every vCPU, the in-kernel irqchip and every device
+model back where they were. The console starts empty: it shows what the guest prints from the
+instruction after the save on.
+
+Clones (`clone=True`): every restore of one snapshot is the same machine, down to the state of the
+guest's random number generator. A clone gets what QEMU and Firecracker give theirs where pykvm
+can: a new MAC address on its virtio-net device (the device's config space; a guest driver that
+already read it keeps the old one until it re-reads), and fresh host entropy from its virtio-rng
+for every request from then on (the device reads os.urandom; nothing of the original's entropy is
+replayed). The guest's own CRNG state in RAM is the original's until the guest reseeds: Linux
+pulls from virtio-rng (hwrng) on its own schedule, and a VM generation ID device (ACPI VMGENID,
+which makes Linux reseed at once) is not implemented yet: see README "Snapshots".
+"""
+
+from __future__ import annotations
+
+import os
+
+from .devices import machine_devices, unsaved_devices
+from .machine import Snapshot, SnapshotError, save_machine
+
+
+def save_linux(vm, path: str | os.PathLike) -> int:
+    """Save a stopped LinuxVM. Returns the file's size in bytes."""
+    disks = {"disk": vm.disk} if vm.disk is not None else {}
+    config = {"kind": "LinuxVM", "config": vm.config.to_dict(),
+              "unsaved_devices": unsaved_devices(vm.machine)}
+    return save_machine(path, vm.machine, machine_devices(vm.machine), config=config, disks=disks)
+
+
+def restore_linux(cls, path: str | os.PathLike, *, until: str | None = None,
+                  clone: bool = False, verify: bool = False, **overrides):
+    """Build a LinuxVM like the saved one and put the saved state into it. `overrides`: options
+    that may differ from the saved VM's without changing the machine (fast_path, ioeventfd,
+    pvm_workarounds)."""
+    allowed = {"fast_path", "ioeventfd", "pvm_workarounds"}
+    bad = set(overrides) - allowed
+    if bad:
+        raise SnapshotError(f"these options cannot change on restore: {', '.join(sorted(bad))}")
+    snap = Snapshot(path, verify=verify)
+    try:
+        from pykvm.cli_checks import InputError
+        from pykvm.config import LinuxConfig
+        kind = snap.config.get("kind")
+        if kind != "LinuxVM" or not isinstance(snap.config.get("config"), dict):
+            raise SnapshotError(f"{snap.path} is a snapshot of a {kind or 'machine'}, not of a "
+                                "LinuxVM")
+        try:
+            config = LinuxConfig.from_dict(snap.config["config"]).replace(until=until, **overrides)
+        except (TypeError, KeyError, InputError) as e:   # saved by a pykvm with other options
+            raise SnapshotError(f"{snap.path}: its VM configuration does not fit this pykvm "
+                                f"({e})") from None
+        snap.check_disks()
+        vm = cls(config, _restore=snap)
+    finally:
+        snap.close()
+    if clone:
+        make_clone(vm)
+    return vm
+
+
+def apply_to(vm, snap: Snapshot) -> None:
+    """Called by LinuxVM.__init__ with `_restore`: the machine is built, its RAM is the snapshot's."""
+    from pykvm.x86 import cpu
+    cpu.setup_cpuid(vm.machine.kvm, vm.machine.vcpu)
+    disks = {"disk": vm.disk} if vm.disk is not None else {}
+    snap.apply(vm.machine, machine_devices(vm.machine), disks)
+
+
+def make_clone(vm) -> None:
+    """Give a restored VM its own identity (see the module docstring for what that covers)."""
+    from pykvm.virtio import VirtioNet
+    from pykvm.virtio.net import random_mac
+    for device in vm.virtio:
+        if isinstance(device, VirtioNet):
+            device.mac = random_mac()
+            device.config_changed()
