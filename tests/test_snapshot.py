@@ -119,12 +119,17 @@ def saved_linux(tmp_path_factory):
     disk = d / "disk.img"
     disk.write_bytes(os.urandom(1 << 20))
     path = d / "linux.snap"
+    from pykvm.snapshot.linux import save_on_stop
     with LinuxVM(kernel.bzimage, initrd=initramfs(), memory="64M", until=SAVE_AT,
                  disk=disk, snapshot=True, rng=True, append="root=/dev/ram0") as vm:
-        stop = vm.run(BOOT_TIMEOUT)
-        assert stop.reason == "until", (stop, vm.console.tail())
         vm.disk.write(4096, b"written before the save")     # as a guest write would land
-        vm.save(path)
+        # Saved by the library as the run stops, from the vCPU's thread (start(), not run()).
+        save_on_stop(vm, path, when=lambda stop: stop.reason == "until")
+        vm.start(BOOT_TIMEOUT)
+        stop = vm.wait()
+        assert stop.reason == "until", (stop, vm.console.tail())
+        assert path.exists()
+        vm.machine.on_stop.pop(0)
         # Saving does not end the VM: it runs on to Run /init.
         vm.console.on_line(RUN_INIT, lambda m: vm.machine.request_stop(
             Stop("until", message="init")))

@@ -32,6 +32,16 @@ def save_linux(vm, path: str | os.PathLike) -> int:
     return save_machine(path, vm.machine, machine_devices(vm.machine), config=config, disks=disks)
 
 
+def save_on_stop(vm, path: str | os.PathLike, when=None) -> None:
+    """Save `vm` to `path` whenever its run ends (any stop: until, timeout, panic, a stop() from
+    another thread, ...), or only when `when(stop)` is true. The save runs on the vCPU's thread
+    right after it left KVM_RUN, before run() returns or wait() wakes."""
+    def hook(stop) -> None:
+        if when is None or when(stop):
+            save_linux(vm, path)
+    vm.machine.on_stop.insert(0, hook)
+
+
 def restore_linux(cls, path: str | os.PathLike, *, until: str | None = None,
                   clone: bool = False, verify: bool = False, **overrides):
     """Build a LinuxVM like the saved one and put the saved state into it. `overrides`: options
