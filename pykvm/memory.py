@@ -106,13 +106,16 @@ class FileBackend(MmapBackend):
     mmap(MAP_PRIVATE) of `size` bytes at `offset` (a multiple of the page size): nothing is read
     up front, a page comes from the page cache when the guest (or KVM on its behalf) first touches
     it, and the first write to a page gives this process its own copy. So many VMs restored from
-    one file share every page none of them has written, and the file never changes."""
+    one file share every page none of them has written, and the file never changes. (Page-cache
+    pages are 4 KiB here: the 2 MiB alignment MmapBackend makes for huge pages would buy nothing.)"""
 
     def __init__(self, fd: int, offset: int, size: int):
         self.size = size
         self.mmap = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE,
                               prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
-        self._view = memoryview(self.mmap)
+        self.offset = 0
+        self._whole = memoryview(self.mmap)
+        self._view = self._whole
 
 
 @dataclass

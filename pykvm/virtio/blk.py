@@ -194,6 +194,11 @@ class VirtioBlk(VirtioDevice):
         if self._fast is not None:
             self._fast.disarm()
 
+    def after_restore(self) -> None:
+        # A snapshot restore changed the queues behind C's copy of their addresses: C waits
+        # until Python has served a kick again (blk_fast.py).
+        self.on_reset()
+
     @property
     def fast_requests(self) -> int:
         """Requests the C run loop served (csrc/virtio_blk_fast.h)."""
