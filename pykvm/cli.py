@@ -122,6 +122,7 @@ def cmd_boot(args) -> int:
     with vm, _stop_on_sigterm(vm.machine):
         from .testdevs import add_test_devices
         add_test_devices(vm.machine, **test_devices)
+        vm.test_devices = test_devices      # a snapshot records them (pykvm/snapshot/linux.py)
         stub = _start_gdb(vm, args, gdb_address)
         profiler = None
         if args.profile:

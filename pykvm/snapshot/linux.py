@@ -28,6 +28,9 @@ def save_linux(vm, path: str | os.PathLike) -> int:
     """Save a stopped LinuxVM. Returns the file's size in bytes."""
     disks = {"disk": vm.disk} if vm.disk is not None else {}
     config = {"kind": "LinuxVM", "config": vm.config.to_dict(),
+              # The CLI's QEMU-compatible test devices (pykvm/testdevs.py) are added after the
+              # LinuxVM is built; the restoring side adds them again the same way.
+              "test_devices": getattr(vm, "test_devices", None),
               "unsaved_devices": unsaved_devices(vm.machine)}
     return save_machine(path, vm.machine, machine_devices(vm.machine), config=config, disks=disks)
 
@@ -76,6 +79,11 @@ def restore_linux(cls, path: str | os.PathLike, *, until: str | None = None,
 def apply_to(vm, snap: Snapshot) -> None:
     """Called by LinuxVM.__init__ with `_restore`: the machine is built, its RAM is the snapshot's."""
     from pykvm.x86 import cpu
+    test_devices = snap.config.get("test_devices")
+    if test_devices:
+        from pykvm.testdevs import add_test_devices
+        add_test_devices(vm.machine, **test_devices)
+        vm.test_devices = test_devices
     cpu.setup_cpuid(vm.machine.kvm, vm.machine.vcpu)
     disks = {"disk": vm.disk} if vm.disk is not None else {}
     snap.apply(vm.machine, machine_devices(vm.machine), disks)
