@@ -76,6 +76,16 @@ def _open_input(path: str | os.PathLike, what: str) -> int:
         raise _open_error(e, path, what) from None
 
 
+def _check_file(st: os.stat_result, path, what: str, limit: int) -> None:
+    """A regular file of at most `limit` bytes, by the fstat of its open descriptor."""
+    kind = _kind(st.st_mode)
+    if kind is not None:
+        raise InputError(f"{what} {path} is {kind}, not a file")
+    if st.st_size > limit:
+        raise InputError(f"{what} {path} is {st.st_size >> 20} MiB, more than the "
+                         f"{limit >> 20} MiB a {what} can be")
+
+
 def read_input(path: str | os.PathLike, what: str, limit: int) -> bytes:
     """Read a whole input file (a kernel, an initrd, a System.map) of at most `limit` bytes.
 
@@ -83,13 +93,7 @@ def read_input(path: str | os.PathLike, what: str, limit: int) -> bytes:
     open descriptor (no window between check and use): only a regular file is read."""
     fd = _open_input(path, what)
     try:
-        st = os.fstat(fd)
-        kind = _kind(st.st_mode)
-        if kind is not None:
-            raise InputError(f"{what} {path} is {kind}, not a file")
-        if st.st_size > limit:
-            raise InputError(f"{what} {path} is {st.st_size >> 20} MiB, more than the "
-                             f"{limit >> 20} MiB a {what} can be")
+        _check_file(os.fstat(fd), path, what, limit)
         chunks, total = [], 0
         while True:
             try:
@@ -112,15 +116,9 @@ def input_file(path: str | os.PathLike, what: str, limit: int) -> Path:
     """Check that `path` is a readable regular file of at most `limit` bytes (without reading it)."""
     fd = _open_input(path, what)
     try:
-        st = os.fstat(fd)
+        _check_file(os.fstat(fd), path, what, limit)
     finally:
         os.close(fd)
-    kind = _kind(st.st_mode)
-    if kind is not None:
-        raise InputError(f"{what} {path} is {kind}, not a file")
-    if st.st_size > limit:
-        raise InputError(f"{what} {path} is {st.st_size >> 20} MiB, more than the "
-                         f"{limit >> 20} MiB a {what} can be")
     return Path(path)
 
 

@@ -298,18 +298,27 @@ class AtaDrive(Stateful):
             return
         self._complete()
 
-    def _start_rw(self, ext: bool, write: bool, block: int) -> None:
+    def _checked_span(self, ext: bool, write: bool) -> tuple[int, int] | None:
+        """(lba, count) of a read or write command, or None after failing it: IDNF for sectors
+        that do not exist, ABRT for a write to a read-only disk."""
         span = self._lba_count(ext)
         if span is None:
             self._fail(IDNF)
-            return
+            return None
         lba, count = span
         if lba + count > self.sectors:
             self._fail(IDNF, min(lba, self.sectors), ext)
-            return
+            return None
         if write and self.backend.readonly:
             self._fail(ABRT, lba, ext)
+            return None
+        return span
+
+    def _start_rw(self, ext: bool, write: bool, block: int) -> None:
+        span = self._checked_span(ext, write)
+        if span is None:
             return
+        lba, count = span
         self._xfer = (lba, count, write, block)
         self._ext = ext
         if write:
@@ -320,17 +329,10 @@ class AtaDrive(Stateful):
     def _start_dma(self, ext: bool, to_disk: bool) -> None:
         """A DMA command: check it like PIO, then wait, DRQ set, for the bus master to move the
         data [ATA7 vol 2, "DMA command protocol"]. bmdma.BusMaster.kick() does the rest."""
-        span = self._lba_count(ext)
+        span = self._checked_span(ext, to_disk)
         if span is None:
-            self._fail(IDNF)
             return
         lba, count = span
-        if lba + count > self.sectors:
-            self._fail(IDNF, min(lba, self.sectors), ext)
-            return
-        if to_disk and self.backend.readonly:
-            self._fail(ABRT, lba, ext)
-            return
         self._ext = ext
         self.buf = bytearray()
         self.pos = 0
