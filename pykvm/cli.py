@@ -253,8 +253,8 @@ def _test_devices(args) -> dict:
 def cmd_selftest(args) -> int:
     from .lane.selftest import selftest
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if args.timeout <= 0:
-        raise UsageError(f"--timeout {args.timeout:g}: must be positive")
+    from . import cli_checks
+    args.timeout = cli_checks.timeout(args.timeout)    # positive, finite, waitable (not inf/nan)
     return selftest(command, timeout=args.timeout, keep=args.keep)
 
 

@@ -197,6 +197,11 @@ _VALUES = {
     "--net": st.sampled_from(["tap:a-name-far-too-long", "tap:a/b", "vde", "tap:..", "tap: x"]),
     "--disk-bus": st.sampled_from(["scsi", ""]),
     "--irqchip": st.sampled_from(["none", "x"]),
+    "--module": st.sampled_from(["fifo", "missing", "/dev/zero"]),
+    "--gdb": st.sampled_from(["tcp::99999", "tcp::0", "junk", "tcp::-1", ""]),
+    "--debug-exit": st.sampled_from(["0x99999", "zz", "0xf4,3", "-1", "0xf4,0"]),
+    "--fw-cfg": st.sampled_from(["junk", "name=opt/x,file=/dev/zero", "name=opt/x,file=nope",
+                                 "name=x,string=y", "file=/dev/zero"]),
 }
 _FLAGS = ["--readonly", "--snapshot", "--rng", "--hvc", "--stats", "--no-fast-path",
           "--no-decompress", "--irqchip=user", "--disk-bus=ide"]
@@ -212,7 +217,7 @@ def boot_argv(draw, folder):
     bad = draw(st.lists(st.sampled_from(sorted(_VALUES)), min_size=0, max_size=3, unique=True))
     for opt in bad:
         value = draw(_VALUES[opt])
-        if opt in ("--console", "--trace", "--profile", "--initrd"):
+        if opt in ("--console", "--trace", "--profile", "--initrd", "--module"):
             value = path(value) if value and not value.startswith("/") else value
         argv.append(f"{opt}={value}")
     argv += draw(st.lists(st.sampled_from(_FLAGS), max_size=3, unique=True))
@@ -261,11 +266,12 @@ def test_subprocess(files, args, phrase):
 def test_table_is_true(files, capsys):
     """docs/bad-input.md: each row's example, run, gives the row's status and message."""
     table = (REPO / "docs" / "bad-input.md").read_text()
-    rows = re.findall(r"^\| `pykvm boot ([^`]*)` \| (\d+) \| ([^|]+) \|", table, re.M)
-    assert len(rows) >= 20
+    rows = re.findall(r"^\| `pykvm ((?:boot|info|selftest) [^`]*)` \| (\d+) \| ([^|]+) \|", table,
+                      re.M)
+    assert len(rows) >= 40
     for example, status, message in rows:
-        argv = ["boot", *[a.replace("DIR/", f"{files}/") for a in example.split()]]
-        if "--console" not in argv:
+        argv = [a.replace("DIR/", f"{files}/") for a in example.split()]
+        if argv[0] == "boot" and "--console" not in argv:
             argv += ["--console", "none"]
         got, err = _run_main(argv, capsys)
         assert got == int(status), (example, err)
