@@ -193,9 +193,11 @@ def test_guest_userland_pings_the_host_over_virtio_net(kernel, tmp_path):
             subprocess.run(["ip", "link", "set", tap, "up"], check=True)
             booted(vm, tmp_path)
             vm.shell(f"ip addr add {GUEST_IP}/24 dev eth0 && ip link set eth0 up", check=True)
-            r = vm.shell(f"ping -c 3 -W 10 {HOST_IP}", timeout=TIMEOUT)
+            # One echo: busybox ping paces later ones (and its -W) with alarm(), which the test
+            # kernel lacks (no CONFIG_POSIX_TIMERS); it ends on its own after the first reply.
+            r = vm.shell(f"ping -c 1 {HOST_IP}", timeout=120)
             assert r.status == 0, r.output
-            assert re.search(r"3 packets transmitted, [1-3] packets received", r.output), r.output
+            assert re.search(r"1 packets transmitted, 1 packets received", r.output), r.output
             neigh = subprocess.run(["ip", "neigh", "show", GUEST_IP], capture_output=True, text=True)
             assert "lladdr" in neigh.stdout          # the host learnt the guest's MAC by ARP
             vm.poweroff(timeout=TIMEOUT)

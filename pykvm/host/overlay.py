@@ -43,9 +43,14 @@ class Overlay:
         self._base_read = base_read
         folder = directory or os.environ.get("PYKVM_OVERLAY_DIR") or tempfile.gettempdir()
         fd, path = tempfile.mkstemp(prefix="pykvm-overlay-", dir=folder)
-        os.unlink(path)
+        try:
+            # Sparse: no blocks until written. Sized before the unlink: on a 9p mount (QEMU's
+            # -virtfs, e.g. TMPDIR in the AMD-V lane) ftruncate of an unlinked file fails ENOENT,
+            # while reads and writes through the open fd keep working.
+            os.ftruncate(fd, size)
+        finally:
+            os.unlink(path)
         self.fd = fd
-        os.ftruncate(fd, size)            # sparse: no blocks until written
         self._bits = bytearray((size + CHUNK - 1) // CHUNK // 8 + 1)
         self.written = 0
 
