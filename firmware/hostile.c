@@ -4,11 +4,12 @@
  *
  * args:
  *   arg[0] mode:
- *     0 console flood through a virtio-console (virtio-mmio at arg[2], default 0xd0000000):
+ *     0 transmit flood through a virtio-console (virtio-mmio at arg[2], default 0xd0000000;
+ *       arg[4] the device ID, default 3; 1 for a virtio-net, whose transmitq is queue 1 too):
  *       brings the device up (VIRTIO 1.2 3.1.1), then puts arg[1] bytes (default 64 MiB) of text
- *       on the transmitq (queue 1, 5.3.2) in chains of one arg[3]-byte buffer (default 1 MiB),
- *       one notify each. (A debug-port flood would take a VM exit per byte: KVM-PVM completes
- *       `rep outsb` one byte per exit.)
+ *       on the transmitq (queue 1, 5.3.2 / 5.1.2) in chains of one arg[3]-byte buffer (default
+ *       1 MiB), one notify each. It never posts a receive buffer. (A debug-port flood would take
+ *       a VM exit per byte: KVM-PVM completes `rep outsb` one byte per exit.)
  *     1 unclaimed MMIO sweep: a byte read at each of arg[1] (default 65536) addresses from
  *       arg[2] (default 0xd8000000, in the MMIO hole where the firmware machine has nothing)
  *       every arg[3] bytes (default 8): one exit per address, each a new unclaimed address.
@@ -60,10 +61,10 @@ static inline void wr64(unsigned lo, const void *p)
     wr(lo + 4, (uint32_t)((uint64_t)p >> 32));
 }
 
-static int console_flood(uint64_t total, uint64_t base, uint64_t size)
+static int tx_flood(uint64_t total, uint64_t base, uint64_t size, uint64_t device_id)
 {
     mmio = (volatile uint8_t *)base;
-    if (rd(R_MAGIC) != 0x74726976 || rd(R_VERSION) != 2 || rd(R_DEVICE_ID) != VIRTIO_ID_CONSOLE)
+    if (rd(R_MAGIC) != 0x74726976 || rd(R_VERSION) != 2 || rd(R_DEVICE_ID) != device_id)
         return 0x10;
     if (size == 0 || size > MAX_CHUNK)
         return 0x11;
@@ -117,7 +118,8 @@ int main(void)
 {
     uint64_t mode = fw_arg(0, 0);
     if (mode == 0) {
-        int r = console_flood(fw_arg(1, 64 << 20), fw_arg(2, 0xd0000000), fw_arg(3, MAX_CHUNK));
+        int r = tx_flood(fw_arg(1, 64 << 20), fw_arg(2, 0xd0000000), fw_arg(3, MAX_CHUNK),
+                         fw_arg(4, VIRTIO_ID_CONSOLE));
         if (r)
             return r;
     } else if (mode == 1) {

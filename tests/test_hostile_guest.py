@@ -118,3 +118,66 @@ def test_snapshot_overlay_does_not_grow_the_vmm(tmp_path):
     growth = after - base
     assert growth < 48 * MiB, f"RSS grew {growth >> 20} MiB for {total >> 20} MiB of guest writes"
     assert os.stat(img).st_blocks == 0          # still all holes: nothing reached the image
+
+
+class EndlessNet:
+    """A host network that always has another frame for the guest and takes every frame the
+    guest sends: counts, keeps nothing. `fileno` is always readable (an eventfd kept set)."""
+
+    def __init__(self):
+        import os as _os
+        self.fd = _os.eventfd(1, _os.EFD_NONBLOCK)
+        self.sent = self.sent_bytes = self.recvs = 0
+
+    def recv(self):
+        self.recvs += 1
+        return bytes(12) + b"\xff" * 1502
+
+    def send(self, frame):
+        self.sent += 1
+        self.sent_bytes += len(frame)
+
+    def fileno(self):
+        return self.fd
+
+
+def test_virtio_net_flood_both_ways_is_bounded():
+    """The guest transmits 16 MiB in 1514-byte frames and never enables its receive queue, while
+    the host side always has frames for it: every transmitted frame goes to the backend, no
+    frame is read for a queue that cannot take it, the receive thread sleeps instead of
+    spinning on the always-readable backend, and the VMM's RSS stays where a short run left it."""
+    from pykvm.virtio import VirtioNet
+
+    def run(total):
+        backend = EndlessNet()
+        seen = {}
+        with firmware_machine(16 * MiB, irqchip="kernel") as m:
+            console = ConsoleLog()
+            m.add_pio(layout.PORT_DEBUG, 1, DebugCon(console.write), "debugcon")
+            m.add_exit_port()
+            attached = attach_mmio(m, VirtioNet(backend), 0)
+            dev, polls = attached.device, []
+            real_poll = dev.poll_rx
+
+            def counted_poll():
+                polls.append(1)
+                return real_poll()
+            dev.poll_rx = counted_poll             # what the receive thread calls each wakeup
+            attached.start()                       # the receive thread, watching the backend
+            prepare(m, build("hostile"), args=[0, total, layout.VIRTIO_MMIO_BASE, 1514, 1])
+            m.on_stop.append(lambda stop: seen.update(rss=rss(), polls=len(polls)))
+            stop = m.run(timeout=120)
+            attached.close()
+        assert stop.reason == "exit" and stop.status == 0, (stop, console.tail())
+        return backend, seen
+
+    run(1514 * 100)
+    _, base = run(1514 * 100)
+    total = 1514 * 11_000                          # ~16 MiB
+    backend, seen = run(total)
+    assert backend.sent == 11_000 and backend.sent_bytes == total
+    assert backend.recvs == 0
+    # wakeups of the receive thread: a few (activation, the 1 s select timeout), not a spin
+    assert seen["polls"] < 50, seen["polls"]
+    growth = seen["rss"] - base["rss"]
+    assert growth < 8 * MiB, f"RSS grew {growth >> 20} MiB"

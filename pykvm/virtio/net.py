@@ -218,8 +218,9 @@ class VirtioNet(VirtioDevice):
         while not self._stop:
             with self.lock:
                 # Watch the backend only when a frame could go somewhere; otherwise its fd
-                # stays readable and we would spin.
-                blocked = self.rx_waiting or not self.active
+                # stays readable and we would spin. That includes a receive queue the driver
+                # has not enabled (a guest may never enable it); its first kick wakes us.
+                blocked = self.rx_waiting or not self.active or not self.queues[RX].ready
             fds = [self._wake_r] if blocked else [self._wake_r, backend_fd]
             ready, _, _ = select.select(fds, [], [], 1.0)
             if self._wake_r in ready:
