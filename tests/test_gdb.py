@@ -169,13 +169,15 @@ def test_memory_reads_writes_and_breakpoints_leave_no_int3_behind():
     assert stub._command("z0,3001,1", b"") == "OK" and not stub._bps
 
 
-def test_hardware_breakpoints_are_refused_with_a_reason():
+def test_watchpoints_are_refused_with_a_reason_on_kvm_pvm():
     said = []
     stub, _, _ = fake_stub()
+    stub.pvm = True
     stub.log = said.append
-    assert stub._command("Z1,3000,1", b"") == ""        # empty: "not supported" to gdb
-    assert stub._command("Z2,3000,4", b"") == ""
-    assert len(said) == 1 and "KVM_CAP_GUEST_DEBUG_HW_BPS = 0" in said[0]
+    assert stub._command("Z2,3000,4", b"") == ""        # empty: "not supported" to gdb
+    assert stub._command("Z4,3000,4", b"") == ""
+    assert stub._command("Z1,3000,1", b"") == "OK"      # execution breakpoints work there
+    assert len(said) == 1 and "KVM-PVM" in said[0] and "software watchpoints" in said[0]
 
 
 def test_queries():
@@ -330,3 +332,37 @@ def test_gdb_on_the_test_kernel_with_its_vmlinux():
     assert '$1 = "swapper' in out and re.search(r"cs\s+0x10\b", out), out
     assert "smp_setup_processor_id" in out, out                  # step went into the next call
     assert "exited normally" in out and code == 0, out + err
+
+
+# ---------------------------------------------------------------- debug registers (no KVM)
+
+def test_dr7_encodes_each_slot():
+    from pykvm.gdb.stub import _HwPoint, dr7_for
+    assert dr7_for([None] * 4) == 0
+    # slot 0: execute (RW 00, LEN 00); slot 2: 4-byte write watch (RW 01, LEN 11); GE set
+    dr7 = dr7_for([_HwPoint(1, 0x1000, 1), None, _HwPoint(2, 0x2000, 4), None])
+    assert dr7 == (1 << 0) | (1 << 4) | (0b01 << 24) | (0b11 << 26) | (1 << 9)
+    assert dr7_for([None, None, None, _HwPoint(4, 0x8, 8)]) == (1 << 6) | (0b11 << 28) | (0b10 << 30) | (1 << 9)
+
+
+def test_hardware_points_fill_four_slots():
+    stub, _, _ = fake_stub()
+    for i in range(4):
+        assert stub._command(f"Z1,{0x1000 + i:x},1", b"") == "OK"
+    assert stub._command("Z2,3000,4", b"") == "E28"              # all four in use
+    assert stub._command("z1,1002,1", b"") == "OK"
+    assert stub._command("Z2,3001,4", b"") == "E22"              # not aligned
+    assert stub._command("Z2,3000,4", b"") == "OK"
+    assert stub._hw[2] is not None and stub._hw[2].kind == 2
+
+
+@needs_kvm
+@needs_gdb
+@needs_gcc
+def test_gdb_hardware_breakpoint_in_cpl0_code():
+    # DR0/DR7 through KVM_GUESTDBG_USE_HW_BP: on KVM-PVM the instruction emulator checks them.
+    from pykvm.testing.gdb import debug_firmware
+    result, out = debug_firmware("hello", ["hbreak main", "continue", "p $pc == main",
+                                           "delete", "continue"], cpl=0)
+    assert "Hardware assisted breakpoint 1" in out and "Breakpoint 1, main ()" in out, out
+    assert "$1 = 1" in out and "exited normally" in out and result.status == 0, out

@@ -170,6 +170,11 @@ static void setup_tables(void)
 {
     for (int v = 0; v < 32; v++)
         fw_set_interrupt_gate((unsigned)v, (void (*)(void))fw_isr_table[v]);
+    /* #BP may be raised from user mode: `int3` checks the gate's DPL against CPL like any `int n`
+     * (SDM 6.12.1.1) and a DPL0 gate turns a CPL3 int3 into #GP. Linux makes it a DPL3 "system
+     * gate" for the same reason (arch/x86/kernel/idt.c); so do we, so that a debugger's int3 in
+     * CPL3 code is a #BP the VMM can intercept (KVM_GUESTDBG_USE_SW_BP). */
+    idt[3].type_attr = 0xee;
     struct table_ptr idtr = {sizeof(idt) - 1, (uint64_t)idt};
     __asm__ volatile("lidt %0" ::"m"(idtr));
 

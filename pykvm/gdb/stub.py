@@ -25,8 +25,15 @@ How the CPU is made to stop (KVM_SET_GUEST_DEBUG, Documentation/virt/kvm/api.rst
   stub continues by single-stepping and compares each new PC with the breakpoints instead, until
   the guest leaves real mode. Guest code at CPL3 runs natively there and its #DB/#BP go to the
   guest's own IDT, so stepping and breakpoints in user mode do not reach the stub on such hosts.
-- hardware breakpoints and watchpoints (Z1-Z4): need KVM_CAP_GUEST_DEBUG_HW_BPS; where the host
-  reports 0 the stub refuses them (empty reply: gdb says they are unsupported) and says why once.
+- hardware breakpoints and watchpoints (Z1-Z4): the CPU's debug registers, DR0-DR3 holding up to
+  four addresses and DR7 saying what each watches (SDM Vol. 3B, 18.2 "Debug registers": L0-L3
+  enable bits, R/W0-3 00 execute / 01 write / 11 read or write, LEN0-3 1, 2, 8 or 4 bytes), given
+  to KVM with KVM_GUESTDBG_USE_HW_BP; a hit is a `Debug` exit (#DB) whose DR6 bits 0-3 name the
+  slot. x86 KVM always offers the four (KVM_CAP_GUEST_DEBUG_HW_BPS is an arm64 capability and
+  reads 0 on every x86 host; QEMU uses the four unconditionally too). On KVM-PVM, measured here:
+  execution breakpoints fire in CPL0 code (KVM's instruction emulator checks DR7 before each
+  instruction) but a data watchpoint never does, so the stub refuses Z2-Z4 there (empty reply:
+  gdb falls back to software watchpoints, which single-step) and says why once.
 - Ctrl-C in gdb (byte 0x03): every vCPU is kicked and held; the stop is reported as SIGINT.
 
 Memory (m/M/X) is addressed as gdb addresses it - linear (virtual) addresses, translated through
@@ -82,6 +89,7 @@ class _Cpu:
     action: str | None = None           # "c" or "s": what to do when released
     mode: str = "run"                   # while running: "run", "step", "step-to-bp"
     control: int = -1                   # the guest-debug control last set (-1: never)
+    debugreg: tuple = ()                # and the debug registers given with it
     inject_bp: bool = False
     regs: R.RegisterFile | None = None
 
@@ -91,6 +99,32 @@ class _Event:
     cpu: _Cpu
     signal: int
     extra: str = ""                     # e.g. "swbreak:;"
+
+
+# gdb's Z1-Z4 kinds -> DR7 R/W field, and access length -> DR7 LEN field (SDM 18.2.4)
+_DR7_RW = {1: 0b00, 2: 0b01, 3: 0b11, 4: 0b11}
+_DR7_LEN = {1: 0b00, 2: 0b01, 4: 0b11, 8: 0b10}
+_WATCH_REPLY = {2: "watch", 3: "rwatch", 4: "awatch"}
+
+
+@dataclass(frozen=True)
+class _HwPoint:
+    kind: int                           # 1 execute, 2 write, 3 read, 4 access (gdb's Z kinds)
+    addr: int
+    length: int
+
+
+def dr7_for(points: list[_HwPoint | None]) -> int:
+    """DR7 for up to four debug-register slots (None: unused)."""
+    dr7 = 0
+    for i, p in enumerate(points):
+        if p is not None:
+            length = 1 if p.kind == 1 else p.length     # execute breakpoints use LEN 00
+            dr7 |= (1 << (2 * i)) | (_DR7_RW[p.kind] << (16 + 4 * i)) \
+                | (_DR7_LEN[length] << (18 + 4 * i))
+    if dr7:
+        dr7 |= 1 << 9                   # GE: exact data breakpoints (recommended, 18.2.4)
+    return dr7
 
 
 @dataclass
@@ -132,15 +166,12 @@ class GdbStub:
             host_kind = detect()
         self.pvm = host_kind == "KVM-PVM"
         self.log = log or (lambda msg: print(f"pykvm: gdb: {msg}", file=sys.stderr, flush=True))
-        self.hw_bps = 0
-        try:
-            self.hw_bps = machine.kvm.check_extension(lib.KVM_CAP_GUEST_DEBUG_HW_BPS)
-        except Exception:
-            pass
+        self.hw_bps = 4                     # DR0-DR3 (see the module docstring)
         self._cv = threading.Condition()
         self._pause = False                 # held: vCPUs park at their next exit
         self._events: list[_Event] = []
         self._bps: dict[int, _Breakpoint] = {}
+        self._hw: list[_HwPoint | None] = [None] * 4
         self._planted = False
         self._phys_mode = False
         self._g_cpu = self.cpus[0]
@@ -253,18 +284,24 @@ class GdbStub:
         if cpu.inject_bp:
             control |= lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_INJECT_BP
             cpu.inject_bp = False
-        self._set_debug(cpu, control)
+        debugreg = ()
+        if any(self._hw):
+            control |= lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_USE_HW_BP
+            debugreg = tuple(p.addr if p else 0 for p in self._hw) + (0, 0, 0, dr7_for(self._hw))
+        self._set_debug(cpu, control, debugreg)
 
-    def _set_debug(self, cpu: _Cpu, control: int) -> None:
-        if control == cpu.control and not control & self._lib.KVM_GUESTDBG_INJECT_BP:
+    def _set_debug(self, cpu: _Cpu, control: int, debugreg: tuple = ()) -> None:
+        if (control, debugreg) == (cpu.control, cpu.debugreg) \
+                and not control & self._lib.KVM_GUESTDBG_INJECT_BP:
             return
         try:
-            cpu.vcpu.set_guest_debug(control)
+            cpu.vcpu.set_guest_debug(control, debugreg)
         except OSError:
             # KVM_GUESTDBG_BLOCKIRQ is Linux 5.16+: older KVMs refuse the unknown bit.
             control &= ~self._lib.KVM_GUESTDBG_BLOCKIRQ
-            cpu.vcpu.set_guest_debug(control)
+            cpu.vcpu.set_guest_debug(control, debugreg)
         cpu.control = control
+        cpu.debugreg = debugreg
 
     def _on_interrupted(self, machine) -> None:
         if not self._pause:
@@ -286,7 +323,12 @@ class GdbStub:
                 cpu.inject_bp = True
                 self._resume_cpu(cpu, "c" if cpu.mode != "step" else "s")
             return None
-        if cpu.mode == "step":
+        hit = next((i for i in range(4) if e.dr6 & (1 << i) and self._hw[i] is not None), None)
+        if hit is not None:                  # a debug-register breakpoint or watchpoint
+            p = self._hw[hit]
+            extra = "hwbreak:;" if p.kind == 1 else f"{_WATCH_REPLY[p.kind]}:{p.addr:x};"
+            self._stop_all(cpu, _Event(cpu, SIGTRAP, extra))
+        elif cpu.mode == "step":
             self._stop_all(cpu, _Event(cpu, SIGTRAP))
         elif cpu.mode == "step-to-bp":
             if pc in self._bps:
@@ -476,6 +518,7 @@ class GdbStub:
         with self._cv:
             self._unplant()
             self._bps.clear()
+            self._hw = [None] * 4
             self._events.clear()
             self._pause = False
             self._running = False
@@ -503,7 +546,7 @@ class GdbStub:
         if text == "?":
             return self._last_stop
         if text.startswith("qSupported"):
-            return ("PacketSize=20000;qXfer:features:read+;swbreak+;vContSupported+;"
+            return ("PacketSize=20000;qXfer:features:read+;swbreak+;hwbreak+;vContSupported+;"
                     "QStartNoAckMode+")
         if text == "QStartNoAckMode":
             self._noack = True
@@ -641,17 +684,17 @@ class GdbStub:
         return "OK"
 
     def _breakpoint(self, text: str) -> str:
-        kind, addr, _ = text[1:].split(",", 2)
+        kind, addr, length = text[1:].split(",", 2)
         addr = int(addr, 16)
-        if kind != "0":
+        if kind in ("2", "3", "4") and self.pvm:
             if not self._told_hw:
                 self._told_hw = True
-                self.log("hardware breakpoints and watchpoints are not available: this host's KVM "
-                         f"reports KVM_CAP_GUEST_DEBUG_HW_BPS = {self.hw_bps}"
-                         + ("" if self.hw_bps == 0 else " (and pykvm does not drive debug "
-                                                          "registers yet)")
-                         + "; use software breakpoints (break), which need no hardware")
+                self.log("hardware watchpoints are not available on this KVM-PVM host (its "
+                         "instruction emulator checks only execution breakpoints in DR7): gdb "
+                         "falls back to software watchpoints, which single-step")
             return ""
+        if kind != "0":
+            return self._hw_point(text[0] == "Z", int(kind), addr, int(length.split(";")[0], 16))
         with self._cv:
             if text[0] == "Z":
                 self._bps.setdefault(addr, _Breakpoint(addr))
@@ -660,6 +703,23 @@ class GdbStub:
                 if bp is not None and bp.phys is not None and \
                         self.machine.mem.read(bp.phys, 1) == bytes((INT3,)):
                     self.machine.mem.write(bp.phys, bp.saved)
+        return "OK"
+
+    def _hw_point(self, insert: bool, kind: int, addr: int, length: int) -> str:
+        if kind not in _DR7_RW or (kind != 1 and length not in _DR7_LEN) or \
+                (kind != 1 and addr % length):
+            return "E22"                      # x86 watches 1, 2, 4 or 8 aligned bytes
+        point = _HwPoint(kind, addr, length if kind != 1 else 1)
+        with self._cv:
+            if insert:
+                if point in self._hw:
+                    return "OK"
+                free = [i for i, p in enumerate(self._hw[:self.hw_bps]) if p is None]
+                if not free:
+                    return "E28"              # all debug registers in use (ENOSPC)
+                self._hw[free[0]] = point
+            else:
+                self._hw = [None if p == point else p for p in self._hw]
         return "OK"
 
     # ------------------------------------------------------------ memory

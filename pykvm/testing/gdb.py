@@ -38,7 +38,8 @@ def debug_firmware(name: str, commands: list[str], *, cpl: int = 3, args=(),
     box: dict = {}
 
     def setup(machine) -> None:
-        stub = GdbStub(machine, address=("127.0.0.1", 0), wait=True, log=lambda msg: None)
+        quiet = None if os.environ.get("PYKVM_GDB_TRACE") else (lambda msg: None)
+        stub = GdbStub(machine, address=("127.0.0.1", 0), wait=True, log=quiet)
         stub.start()
         box["stub"] = stub
         argv = [gdb, "-batch", "-nx", "-ex", f"target remote 127.0.0.1:{stub.port}"]
