@@ -34,3 +34,12 @@ def test_test_kernel_reaches_a_busybox_shell():
         vm.send("echo lane-$((6 * 7))-ok\n")
         vm.console.expect(r"lane-42-ok", timeout=TIMEOUT)
         vm.stop()
+
+
+def test_the_selftest_check_passes_here():
+    """What `pykvm selftest` runs in L1 (pykvm/lane/check.py), run where this test runs."""
+    p = subprocess.run([sys.executable, "-m", "pykvm.lane.check", str(test_kernel().bzimage), str(initramfs())],
+                       capture_output=True, text=True, timeout=2 * TIMEOUT + 180)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "selftest: ok: /dev/kvm here is" in p.stdout
+    assert "selftest: ok: the test kernel reached its busybox userland and powered off" in p.stdout

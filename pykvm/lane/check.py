@@ -2,7 +2,8 @@
 
 1. ``pykvm info`` must say the host (L1) is AMD-V (or VT-x: the check also runs on real hardware);
 2. ``pykvm boot`` must take the test kernel to its busybox userland (the marker line is printed by
-   /init, from guest user mode: on a KVM-PVM host this is where a boot stops short).
+   /init, from guest user mode: on a KVM-PVM host this is where a boot stops short), whose
+   ``poweroff -f`` must then end the run with exit status 0 (the kernel halts the vCPU).
 
 Each step prints what it ran and its verdict; the exit status is 0 when both pass, else 1.
 """
@@ -13,7 +14,7 @@ import subprocess
 import sys
 
 from .. import pvm
-from ..assets.userland import USERLAND_MARKER
+from ..assets.userland import POWEROFF_ARG, USERLAND_MARKER
 
 BOOT_TIMEOUT = 300
 
@@ -51,15 +52,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"selftest: FAILED: pykvm info (exit {info.returncode}) reports host kind "
               f"{kinds[0] if kinds else '?'}, not {pvm.AMD_V}: {info.stderr.strip()}", flush=True)
 
-    boot = _run([*py, "boot", kernel, "--initrd", initrd, "--memory", "64M", "--until", USERLAND_MARKER,
+    boot = _run([*py, "boot", kernel, "--initrd", initrd, "--memory", "64M", "--append", POWEROFF_ARG,
                  "--timeout", str(BOOT_TIMEOUT), "--console", "stdio"], BOOT_TIMEOUT + 60, show=False)
-    if boot.returncode == 0 and USERLAND_MARKER in boot.stdout:
-        print("selftest: ok: the test kernel reached its busybox userland", flush=True)
-    else:
+    stopped = [line for line in boot.stderr.splitlines() if "stopped:" in line]
+    if USERLAND_MARKER not in boot.stdout:
         failed += 1
-        last = (boot.stderr.strip().splitlines() or ["no message"])[-1]
-        print(f"selftest: FAILED: pykvm boot exited {boot.returncode} before {USERLAND_MARKER!r}: {last}",
-              flush=True)
+        print(f"selftest: FAILED: the test kernel did not reach userland ({USERLAND_MARKER!r}); pykvm boot "
+              f"exited {boot.returncode}: {(stopped or boot.stderr.strip().splitlines() or ['?'])[-1]}", flush=True)
+    elif boot.returncode != 0:
+        failed += 1
+        print(f"selftest: FAILED: userland ran, but its poweroff did not end pykvm boot with status 0 "
+              f"(exit {boot.returncode}: {(stopped or ['?'])[-1].strip()})", flush=True)
+    else:
+        print(f"selftest: ok: the test kernel reached its busybox userland and powered off "
+              f"({stopped[-1].split('stopped: ', 1)[-1] if stopped else 'exit 0'})", flush=True)
     return 1 if failed else 0
 
 
