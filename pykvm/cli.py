@@ -65,6 +65,8 @@ def cmd_info(args) -> int:
         print(f"API version:      {kvm.api_version}")
         print(f"host kind:        {kind}")
         print(f"max vCPUs:        {kvm.max_vcpus} (recommended {caps['NR_VCPUS']})")
+        print(f"pykvm boot:       1 vCPU by default (--cpus N, up to {kvm.max_vcpus}), "
+              "ACPI tables on (--no-acpi: MP table only)")
         print(f"memory slots:     {caps['NR_MEMSLOTS']}")
         print(f"vCPU mmap size:   {kvm.vcpu_mmap_size} bytes")
         print(f"supported CPUID:  {kvm.supported_cpuid().nent} leaves")
@@ -113,7 +115,8 @@ def cmd_boot(args) -> int:
             BootConfig(args.kernel, initrd=args.initrd, append=args.append or "",
                        decompress=not args.no_decompress),
             MachineConfig(memory=memory, irqchip=args.irqchip, fast_path=not args.no_fast_path,
-                          pvm_workarounds=not args.no_pvm_workarounds and None),
+                          pvm_workarounds=not args.no_pvm_workarounds and None,
+                          acpi=not args.no_acpi),
             DeviceConfig(disk=args.disk, disk_bus=args.disk_bus, readonly=args.readonly,
                          snapshot=args.snapshot, rng=args.rng, net_tap=net_tap,
                          console="hvc0" if args.hvc else "ttyS0"),
@@ -140,7 +143,7 @@ def cmd_boot(args) -> int:
                 _say("added kernel arguments for this host: " + " ".join(vm.added_pvm_args))
         desc = vm.plan.description
         _say(f"booting {desc.get('format', 'kernel')} {desc.get('kernel_version', '').split(' ')[0]} with "
-             f"{memory >> 20} MiB; command line: {vm.cmdline}")
+             f"{memory >> 20} MiB, {_machine_summary(vm)}; command line: {vm.cmdline}")
         log = None
         interactive = args.console == "stdio"
         if interactive:
@@ -278,6 +281,10 @@ def _stop_on_sigterm(machine):
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+def _machine_summary(vm) -> str:
+    cpus = len(getattr(vm.machine, "vcpus", [vm.machine.vcpu]))
+    acpi = getattr(vm, "acpi", None) is not None
+    return f"{cpus} vCPU{'s' if cpus != 1 else ''}, " + ("ACPI" if acpi else "no ACPI (MP table)")
 
 
 def _terminal_sink(out, raw: bool):
@@ -335,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="let the kernel decompress itself (classic bzImage boot)")
     boot.add_argument("--no-pvm-workarounds", action="store_true",
                       help="on KVM-PVM hosts, do not add kernel arguments or complete emulation gaps")
+    boot.add_argument("--no-acpi", action="store_true",
+                      help="no ACPI tables: the MP table describes the machine (power-off is "
+                      "seen on the console, reboot goes through the i8042)")
     boot.add_argument("--irqchip", choices=IRQCHIPS, default="kernel",
                       help="interrupt controllers and PIT in KVM (default) or in pykvm's Python models")
     boot.add_argument("--no-fast-path", action="store_true",

@@ -72,12 +72,16 @@ class MachineConfig:
     """memory: bytes or "256M" (always bytes after). irqchip: "kernel" (KVM's PIC/IOAPIC/LAPIC/PIT,
     the fast default) or "user" (pykvm's Python i8259 pair and i8254; the kernel gets
     `nolapic noapic`). fast_path: answer the hot port I/O (serial console polling, POST port) in C;
-    False sends every exit through Python. pvm_workarounds: None = when the host is KVM-PVM."""
+    False sends every exit through Python. pvm_workarounds: None = when the host is KVM-PVM.
+    acpi: ACPI tables and the PM registers (pykvm.acpi), so the guest powers off and resets the
+    way PCs do; False keeps the MP-table-only machine (reboot through the i8042, `reboot=k`, and
+    power-off seen on the console)."""
 
     memory: int = DEFAULT_MEMORY
     irqchip: str = "kernel"
     fast_path: bool = True
     pvm_workarounds: bool | None = None
+    acpi: bool = True
 
     def __post_init__(self) -> None:
         memory = cli_checks.size(self.memory)

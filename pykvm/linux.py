@@ -38,7 +38,9 @@ DEFAULT_ARGS = [
 
 PANIC_LINE = r"Kernel panic - not syncing"
 # `poweroff` when the kernel can cut the power (ACPI): kernel_power_off() prints this first. With
-# no power-off hardware the reboot syscall turns a power-off into a halt (kernel/reboot.c).
+# no power-off hardware the reboot syscall turns a power-off into a halt (kernel/reboot.c). With
+# pykvm's ACPI (acpi=True) the kernel goes on to write PM1a_CNT, and that write is the stop
+# (pykvm.acpi.platform): the console line is only watched without ACPI.
 POWEROFF_LINE = r"reboot: Power down"
 # `halt`, and `poweroff` when the kernel has no way to cut the power (no ACPI): kernel_halt() prints
 # this, then every CPU executes hlt with interrupts off (pykvm.halt sees that state too).
@@ -102,6 +104,8 @@ class LinuxVM:
             for arg in USER_IRQCHIP_ARGS:
                 self.cmdline.add_default(arg)
         for key, value in DEFAULT_ARGS:
+            if key == "reboot" and hw.acpi:
+                continue        # Linux's default: the FADT's reset register first, then the i8042
             self.cmdline.add_default(key, value)
         self.added_pvm_args: list[str] = []
         if pvm_workarounds:
@@ -114,6 +118,7 @@ class LinuxVM:
         self.console = ConsoleLog()
         self.attached: list = []        # VirtioAttachment of each virtio device, in attach order
         self.disk = None
+        self.acpi = None                # pykvm.acpi.platform.AcpiPlatform when acpi=True
         self.machine = Machine(self.memory, irqchip=irqchip, fast_path=hw.fast_path,
                                ram=_restore.ram_backend if _restore is not None else None)
         try:
@@ -133,6 +138,12 @@ class LinuxVM:
             self._add_virtio(self.disk if dev.disk_bus == "virtio-mmio" else None, dev.readonly,
                              dev.rng, dev.net_tap, console, dev.ioeventfd)
             self._add_clock_args()
+            if hw.acpi:
+                from .acpi.platform import install_acpi
+                # The PM registers always; the tables only on a fresh boot (a restored guest's RAM
+                # already holds them).
+                self.acpi = install_acpi(self.machine, cpus=1, pci_irqs=self._pci_routes(),
+                                         write_tables=_restore is None)
             if _restore is not None:
                 from .snapshot.linux import apply_to
                 self.plan = None
@@ -141,7 +152,8 @@ class LinuxVM:
                 if irqchip == "kernel":
                     self._write_mptable()
                 self.plan = load_linux(self.machine.mem, kernel_bytes, str(self.cmdline),
-                                       initrd=initrd_bytes, decompress=boot.decompress)
+                                       initrd=initrd_bytes, decompress=boot.decompress,
+                                       acpi_rsdp=self.acpi.tables.rsdp if self.acpi else 0)
                 self._setup_vcpu()
         except BaseException:
             self.close()
@@ -156,8 +168,9 @@ class LinuxVM:
         watch_for_final_halt(self.machine)
         self.console.on_line(PANIC_LINE, lambda m: self.machine.request_stop(
             Stop(StopReason.PANIC, message="the kernel panicked")))
-        self.console.on_line(POWEROFF_LINE, lambda m: self.machine.request_stop(
-            Stop(StopReason.POWEROFF, message="the guest powered off")))
+        if not hw.acpi:
+            self.console.on_line(POWEROFF_LINE, lambda m: self.machine.request_stop(
+                Stop(StopReason.POWEROFF, message="the guest powered off")))
         self.console.on_line(HALT_LINE, lambda m: self.machine.request_stop(
             Stop(StopReason.HALT, message="the guest halted the system")))
         until = config.until
@@ -192,16 +205,21 @@ class LinuxVM:
         if self.disk is not None:
             self.cmdline.add_default("root", "/dev/sda")
 
-    def _write_mptable(self) -> None:
-        """Describe the CPU, the IOAPIC and the interrupt routes (ISA and PCI INTx) in an MP table
-        (pykvm/x86/mptable.py), as the in-kernel irqchip provides them."""
+    def _pci_routes(self) -> list[tuple[int, int, int]]:
+        """(slot, pin, irq) for each PCI INTx in use (the IDE function is on its legacy IRQs)."""
         from .devices.pci.device import INTERRUPT_LINE, INTERRUPT_PIN
         routes = []
         for slot, function, device in self.pci.functions():
             pin = device.config[INTERRUPT_PIN]
             if pin and function == 0 and device is not getattr(self, "ide", None):
                 routes.append((slot, pin, device.config[INTERRUPT_LINE]))
-        gpa, blob = mptable.build(cpus=1, pci_irqs=routes)
+        return routes
+
+    def _write_mptable(self) -> None:
+        """Describe the CPU, the IOAPIC and the interrupt routes (ISA and PCI INTx) in an MP table
+        (pykvm/x86/mptable.py), as the in-kernel irqchip provides them. Written with ACPI too: an
+        ACPI kernel prefers the MADT, and one booted with acpi=off still finds its CPUs."""
+        gpa, blob = mptable.build(cpus=1, pci_irqs=self._pci_routes())
         self.machine.mem.write(gpa, blob)
 
     def _add_clock_args(self) -> None:

@@ -249,7 +249,8 @@ def test_attach_mmio_registers_and_announces():
     args = [attach_mmio(m, VirtioRng(), i).kernel_arg for i in range(3)]
     assert args[0] == "virtio_mmio.device=4K@0xd0000000:5"
     assert args[2] == "virtio_mmio.device=4K@0xd0002000:7"
-    assert virtio_mmio_irq(3) == 9 and layout.IRQ_RTC not in VIRTIO_IRQS
+    assert virtio_mmio_irq(3) == 10 and layout.IRQ_RTC not in VIRTIO_IRQS
+    assert layout.IRQ_SCI not in VIRTIO_IRQS       # the ACPI SCI's line
     with pytest.raises(ValueError):
         virtio_mmio_irq(len(VIRTIO_IRQS))
     base = layout.VIRTIO_MMIO_BASE + layout.VIRTIO_MMIO_SIZE

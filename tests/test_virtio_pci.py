@@ -279,8 +279,8 @@ def test_pci_cfg_access_capability():
 def test_attach_pci_picks_distinct_irqs_and_sets_elcr():
     m = FakeMachine()
     ts = [attach_pci(m, m.pci, VirtioRng()).transport for _ in range(3)]
-    assert [t.config[INTERRUPT_LINE] for t in ts] == [11, 10, 9]
-    assert m.userirq.pic.level_triggered == {9, 10, 11}
+    assert [t.config[INTERRUPT_LINE] for t in ts] == [11, 10, 7]    # 9 is the ACPI SCI's
+    assert m.userirq.pic.level_triggered == {7, 10, 11}
     assert [t.slot for t in ts] == [1, 2, 3]
     attached = attach_pci(m, m.pci, VirtioRng(), irq=5)
     assert attached.transport.config[INTERRUPT_LINE] == 5 and attached.irq == 5

@@ -68,8 +68,11 @@ class BootPlan:
 
 def load_linux(mem: GuestMemory, kernel: bytes, cmdline: str | Cmdline,
                initrd: bytes | None = None, decompress: bool = True,
-               rng_seed: bool = True) -> BootPlan:
+               rng_seed: bool = True, acpi_rsdp: int = 0) -> BootPlan:
     """Load a bzImage or ELF vmlinux, its initrd and command line; return how to enter it.
+
+    `acpi_rsdp`: where the VMM put the ACPI RSDP (pykvm.acpi), passed to the kernel in the zero
+    page and the PVH start info; 0 = no ACPI tables.
 
     Raises BootError (one line: the problem and the fix) for an unusable image or too little RAM.
     """
@@ -106,11 +109,11 @@ def load_linux(mem: GuestMemory, kernel: bytes, cmdline: str | Cmdline,
         setup_data = layout.SETUP_DATA
     mem.write(layout.ZERO_PAGE, build_zero_page(
         stage.header, cmdline_gpa=layout.CMDLINE, cmdline_size=stage.cmdline_max, e820=e820,
-        initrd=initrd_range, setup_data=setup_data))
+        initrd=initrd_range, setup_data=setup_data, acpi_rsdp=acpi_rsdp))
     start_info = None
     if stage.pvh_entry is not None:
         for gpa, blob in build_pvh_start_info(cmdline_gpa=layout.CMDLINE, e820=e820,
-                                              initrd=initrd_range).items():
+                                              initrd=initrd_range, acpi_rsdp=acpi_rsdp).items():
             mem.write(gpa, blob)
         start_info = layout.PVH_START_INFO
     cr3 = paging.write_identity_map(mem)

@@ -58,10 +58,11 @@ from .device import STATUS_DRIVER_OK, VirtioDevice
 from .mmio import QUEUE_NOTIFY, VirtioMmio
 from .pci import VirtioPci
 
-# ISA IRQs that the PC's own devices use (or the PIC cascade, the FPU, the PS/2 mouse).
+# ISA IRQs that the PC's own devices use (or the PIC cascade, the FPU, the PS/2 mouse, the ACPI
+# SCI: a level-triggered line the guest's ACPI driver owns).
 _LEGACY_IRQS = frozenset({layout.IRQ_PIT, layout.IRQ_KEYBOARD, layout.IRQ_CASCADE,
-                          layout.IRQ_COM2, layout.IRQ_COM1, layout.IRQ_RTC, layout.IRQ_MOUSE,
-                          layout.IRQ_FPU, layout.IRQ_ATA0, layout.IRQ_ATA1})
+                          layout.IRQ_COM2, layout.IRQ_COM1, layout.IRQ_RTC, layout.IRQ_SCI,
+                          layout.IRQ_MOUSE, layout.IRQ_FPU, layout.IRQ_ATA0, layout.IRQ_ATA1})
 VIRTIO_IRQS = tuple(i for i in range(layout.IRQ_VIRTIO_FIRST, 16) if i not in _LEGACY_IRQS)
 
 

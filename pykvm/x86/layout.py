@@ -32,6 +32,10 @@ CMDLINE = 0x20000         # kernel command line (boot.rst: anywhere below 0xa000
 CMDLINE_MAX = 0x10000
 EBDA_START = 0x9fc00      # extended BIOS data area: the e820 map stops low RAM here
 HIMEM_START = 0x100000    # 1 MiB: the protected-mode kernel (boot.rst "code32_start")
+# ACPI tables (pykvm/acpi/): the RSDP first, where an OS searching for it looks (the BIOS area
+# 0xe0000-0xfffff, ACPI 6.5 5.2.5.1), the other tables after it. Not RAM in the e820 map.
+ACPI_TABLES = 0xe0000
+ACPI_TABLES_END = 0x100000
 
 # --- Firmware test programs (firmware/) are linked to run from here. ---
 FIRMWARE_BASE = 0x100000
@@ -58,6 +62,7 @@ IRQ_CASCADE = 2            # the slave 8259's INT, on the master's IR2
 IRQ_COM2 = 3
 IRQ_COM1 = 4
 IRQ_RTC = 8
+IRQ_SCI = 9                # the ACPI System Control Interrupt (the FADT's SCI_INT)
 IRQ_MOUSE = 12             # PS/2 auxiliary device
 IRQ_FPU = 13               # x87 FERR# on a PC/AT
 IRQ_ATA0 = 14
@@ -82,6 +87,7 @@ PORT_DEBUG = 0xe9          # Bochs/QEMU debug console: a byte written here is pr
 PORT_EXIT = 0xf4           # firmware test programs write their exit status here
 PORT_ELCR = 0x4d0          # edge/level control of both 8259s (one byte each)
 PORT_PCI_CONFIG = 0xcf8    # PCI configuration mechanism #1: CONFIG_ADDRESS, CONFIG_DATA at +4
+PORT_ACPI_PM = 0x600       # the ACPI PM registers: PM1a event/control, PM timer, reset (16 ports)
 
 SECTOR = 512              # a disk sector (virtio-blk and ATA address these), and a bzImage's
                            # setup_sects unit: the PC's 512-byte sector from the BIOS days on
