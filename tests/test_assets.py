@@ -265,8 +265,8 @@ def test_fragment_asks_for_what_pykvm_needs():
                    "VIRTIO_PCI", "VIRTIO_BLK", "VIRTIO_NET", "IP_PNP", "VIRTIO_CONSOLE", "HW_RANDOM_VIRTIO",
                    "ATA_PIIX", "BLK_DEV_SD", "EXT4_FS", "BLK_DEV_INITRD", "RD_GZIP", "DEVTMPFS_MOUNT",
                    "PROC_FS", "SYSFS", "BINFMT_ELF", "BINFMT_SCRIPT", "PVH", "EARLY_PRINTK",
-                   # --cpus N, the ACPI tables, and gdb reading kernel structures
-                   "SMP", "ACPI", "DEBUG_INFO_DWARF_TOOLCHAIN_DEFAULT"]:
+                   # --cpus N, the ACPI tables (and --no-acpi's MP table), gdb reading kernel structures
+                   "SMP", "ACPI", "X86_MPPARSE", "DEBUG_INFO_DWARF_TOOLCHAIN_DEFAULT"]:
         assert frag.get(f"CONFIG_{needed}") == "y", needed
     for harmful in ["MODULES", "PTP_1588_CLOCK_KVM", "RANDOMIZE_BASE", "UNWINDER_ORC", "FTRACE", "KPROBES",
                     "KVM_GUEST"]:
