@@ -17,6 +17,15 @@ counted in `unclaimed`.
 
 Two small adapters sit between a bus and a device: `LockedDevice` (a device also fed from another
 thread) and `Window` (one register of a device reached at a port of its own).
+
+**Several vCPUs.** With more than one vCPU, exits reach the bus from several threads at once. A bus
+made with `serialize=True` (Machine does so when it has more than one vCPU) gives every device it
+registers a lock of its own and takes it around each access (`SerializedDevice`), so a device model
+sees one access at a time, as it would on one CPU; devices on different locks still run in
+parallel. A device that keeps itself consistent says so with a class attribute
+`thread_safe = True` and is registered as it is (LockedDevice; the ACPI PM registers, which lock
+their own state). The range table itself is replaced as a whole on every (un)registration (PCI
+BARs move while other vCPUs run), so a lookup never sees half of a change.
 """
 
 from __future__ import annotations
@@ -44,8 +53,13 @@ class BusOverlapError(ValueError):
 class Range:
     base: int
     length: int
-    device: Any
+    device: Any          # the device as registered
     name: str
+    target: Any = None   # what accesses go to: the device, or its SerializedDevice
+
+    def __post_init__(self) -> None:
+        if self.target is None:
+            object.__setattr__(self, "target", self.device)
 
     @property
     def end(self) -> int:
@@ -55,10 +69,11 @@ class Range:
 class Bus:
     """A range map from addresses to devices."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, serialize: bool = False):
         self.name = name
-        self._bases: list[int] = []
-        self._ranges: list[Range] = []
+        self.serialize = serialize
+        # (bases, ranges): sorted starts and their Ranges, swapped as one value on every change.
+        self._table: tuple[list[int], list[Range]] = ([], [])
         self.unclaimed = 0
         # address -> count, for the exit tracer: the first UNCLAIMED_LOG_MAX distinct addresses;
         # accesses to further ones are only counted in unclaimed_other (a guest sweeping the whole
@@ -72,35 +87,39 @@ class Bus:
     def register(self, base: int, length: int, device: Device, name: str | None = None) -> None:
         if length <= 0:
             raise ValueError("a device range needs a positive length")
-        new = Range(base, length, device, name or type(device).__name__)
-        i = bisect.bisect_left(self._bases, base)
-        for neighbour in self._ranges[max(i - 1, 0):i + 1]:
+        target = device
+        if self.serialize and not getattr(device, "thread_safe", False):
+            target = SerializedDevice(device)
+        new = Range(base, length, device, name or type(device).__name__, target)
+        bases, ranges = self._table
+        i = bisect.bisect_left(bases, base)
+        for neighbour in ranges[max(i - 1, 0):i + 1]:
             if neighbour.base < new.end and new.base < neighbour.end:
                 raise BusOverlapError(
                     f"{self.name}: {new.name} at {base:#x}+{length:#x} overlaps "
                     f"{neighbour.name} at {neighbour.base:#x}+{neighbour.length:#x}")
-        self._bases.insert(i, base)
-        self._ranges.insert(i, new)
+        self._table = (bases[:i] + [base] + bases[i:], ranges[:i] + [new] + ranges[i:])
         self._hits.clear()
 
     def unregister(self, base: int) -> None:
-        i = bisect.bisect_left(self._bases, base)
-        if i == len(self._bases) or self._bases[i] != base:
+        bases, ranges = self._table
+        i = bisect.bisect_left(bases, base)
+        if i == len(bases) or bases[i] != base:
             raise KeyError(f"{self.name}: nothing registered at {base:#x}")
-        del self._bases[i]
-        del self._ranges[i]
+        self._table = (bases[:i] + bases[i + 1:], ranges[:i] + ranges[i + 1:])
         self._hits.clear()
 
     def find(self, addr: int) -> Range | None:
-        i = bisect.bisect_right(self._bases, addr) - 1
+        bases, ranges = self._table
+        i = bisect.bisect_right(bases, addr) - 1
         if i >= 0:
-            r = self._ranges[i]
+            r = ranges[i]
             if addr < r.end:
                 return r
         return None
 
     def ranges(self) -> list[Range]:
-        return list(self._ranges)
+        return list(self._table[1])
 
     def _miss(self, addr: int) -> None:
         self.unclaimed += 1
@@ -120,7 +139,7 @@ class Bus:
                 return None
             if len(self._hits) >= 4096:    # bounded: a guest may sweep a large MMIO range
                 self._hits.clear()
-            hit = self._hits[addr] = (r.device, r.base)
+            hit = self._hits[addr] = (r.target, r.base)
         return hit
 
     # read() and write() are on every exit's path: each inlines the same cache lookup (a
@@ -172,11 +191,48 @@ class Bus:
             self.write(addr, size, int.from_bytes(buf[i * size:(i + 1) * size], "little"))
 
 
+class SerializedDevice:
+    """A device behind a lock of its own: one access at a time, from any number of vCPU threads
+    (what a `serialize=True` bus puts in front of a device that is not `thread_safe`). The string
+    I/O shortcuts (read_string/write_string) go through the same lock."""
+
+    thread_safe = True
+
+    def __init__(self, device):
+        self.device = device
+        self.lock = threading.Lock()
+
+    def read(self, offset: int, size: int) -> int:
+        with self.lock:
+            return self.device.read(offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        with self.lock:
+            self.device.write(offset, size, value)
+
+    def read_string(self, offset: int, size: int, count: int, buf) -> bool:
+        string = getattr(self.device, "read_string", None)
+        if string is None:
+            return False
+        with self.lock:
+            return string(offset, size, count, buf)
+
+    def write_string(self, offset: int, size: int, data) -> bool:
+        string = getattr(self.device, "write_string", None)
+        if string is None:
+            return False
+        with self.lock:
+            return string(offset, size, data)
+
+
 class LockedDevice:
     """Serializes a device's register accesses with input arriving from another thread.
 
     The vCPU thread calls read/write; the terminal thread calls `feed`. One lock keeps the device's
-    state consistent between them (uncontended, it costs well under a microsecond)."""
+    state consistent between them (uncontended, it costs well under a microsecond). The same lock
+    serializes accesses from several vCPU threads, so a bus needs no second one (thread_safe)."""
+
+    thread_safe = True
 
     def __init__(self, device, lock: threading.Lock):
         self.device = device

@@ -116,7 +116,7 @@ def cmd_boot(args) -> int:
                        decompress=not args.no_decompress),
             MachineConfig(memory=memory, irqchip=args.irqchip, fast_path=not args.no_fast_path,
                           pvm_workarounds=not args.no_pvm_workarounds and None,
-                          acpi=not args.no_acpi),
+                          acpi=not args.no_acpi, cpus=args.cpus),
             DeviceConfig(disk=args.disk, disk_bus=args.disk_bus, readonly=args.readonly,
                          snapshot=args.snapshot, rng=args.rng, net_tap=net_tap,
                          console="hvc0" if args.hvc else "ttyS0"),
@@ -342,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="let the kernel decompress itself (classic bzImage boot)")
     boot.add_argument("--no-pvm-workarounds", action="store_true",
                       help="on KVM-PVM hosts, do not add kernel arguments or complete emulation gaps")
+    boot.add_argument("--cpus", default="1", metavar="N",
+                      help="how many vCPUs (default 1; each runs on a thread of its own; more "
+                      "than one needs --irqchip kernel)")
     boot.add_argument("--no-acpi", action="store_true",
                       help="no ACPI tables: the MP table describes the machine (power-off is "
                       "seen on the console, reboot goes through the i8042)")

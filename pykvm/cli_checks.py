@@ -269,6 +269,20 @@ def regex(text: str | None, what: str = "--until") -> str | None:
     return text
 
 
+def cpus(text: str | int) -> int:
+    """--cpus N: a whole number of vCPUs, at least 1 (the host's KVM_CAP_MAX_VCPUS is checked
+    when the VM is made, pykvm.machine)."""
+    if isinstance(text, bool):
+        raise InputError(f"--cpus {text!r} is not a whole number of vCPUs")
+    try:
+        n = text if isinstance(text, int) else int(str(text).strip(), 10)
+    except ValueError:
+        raise InputError(f"--cpus {text!r} is not a whole number of vCPUs") from None
+    if n < 1:
+        raise InputError(f"--cpus {n}: a machine needs at least one vCPU")
+    return n
+
+
 def tap_name(name: str) -> str:
     """A tap interface name (or a pattern with %d): 1-15 bytes, no '/', whitespace or ':'."""
     encoded = name.encode("utf-8", "surrogateescape")
@@ -295,6 +309,8 @@ def boot_args(args) -> None:
     if args.disk:
         disk_image(args.disk, writable=not (args.readonly or args.snapshot))
     args.timeout = timeout(args.timeout)
+    if hasattr(args, "cpus"):
+        args.cpus = cpus(args.cpus)
     regex(args.until)
     if args.net:
         kind, colon, name = args.net.partition(":")
@@ -309,4 +325,4 @@ def boot_args(args) -> None:
 
 
 __all__ = ["InputError", "boot_args", "read_input", "input_file", "disk_image", "output_file", "size",
-           "memory", "timeout", "regex", "tap_name", "host_memory"]
+           "memory", "timeout", "regex", "tap_name", "host_memory", "cpus"]

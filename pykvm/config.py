@@ -75,13 +75,15 @@ class MachineConfig:
     False sends every exit through Python. pvm_workarounds: None = when the host is KVM-PVM.
     acpi: ACPI tables and the PM registers (pykvm.acpi), so the guest powers off and resets the
     way PCs do; False keeps the MP-table-only machine (reboot through the i8042, `reboot=k`, and
-    power-off seen on the console)."""
+    power-off seen on the console). cpus: how many vCPUs (each a thread; the MP table and the
+    MADT list them all); more than one needs irqchip "kernel"."""
 
     memory: int = DEFAULT_MEMORY
     irqchip: str = "kernel"
     fast_path: bool = True
     pvm_workarounds: bool | None = None
     acpi: bool = True
+    cpus: int = 1
 
     def __post_init__(self) -> None:
         memory = cli_checks.size(self.memory)
@@ -90,6 +92,12 @@ class MachineConfig:
                              f"give at least {layout.MIN_MEMORY >> 20} MiB (--memory)")
         object.__setattr__(self, "memory", memory)
         _one_of("irqchip", self.irqchip, IRQCHIPS)
+        if isinstance(self.cpus, bool) or not isinstance(self.cpus, int) or self.cpus < 1:
+            raise InputError(f"--cpus {self.cpus!r}: give a whole number of vCPUs, at least 1")
+        if self.cpus > 1 and self.irqchip != "kernel":
+            raise InputError(f"--cpus {self.cpus} needs --irqchip kernel: with irqchip "
+                             f"{self.irqchip!r} pykvm runs one vCPU (its Python 8259 interrupts "
+                             "one CPU, and there are no local APICs to start the others)")
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,13 @@ The decision itself, `halted_for_good`, is a plain function over plain values, t
 states. It takes every vCPU's state: a machine is done when each vCPU is either halted for good or
 parked waiting for an INIT/SIPI that no one is left to send. (An ioctl on a vCPU fd waits while
 another thread is inside that vCPU's KVM_RUN, so with several vCPU threads each thread must read its
-own state; today's Machine has one vCPU and reads it on its own thread.)
+own state: HaltWatch keeps the last state each vCPU's thread read on its kick, and decides over all
+of them once every vCPU has reported.)
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -82,12 +84,20 @@ class HaltWatch:
     def __init__(self, read=read_vcpu_state):
         self._read = read
         self.checks = 0
+        self._states: dict[int, VcpuState] = {}     # vCPU index -> its latest state
+        self._lock = threading.Lock()
 
     def check(self, machine) -> None:
         if machine.irqchip != "kernel":
             return              # the Hlt exit handler decides (see the module docstring)
-        self.checks += 1
-        if halted_for_good([self._read(machine.vcpu)]):
+        vcpu = machine.vcpu     # the calling thread's own vCPU (Machine.vcpu)
+        state = self._read(vcpu)
+        vcpus = getattr(machine, "vcpus", [vcpu])
+        with self._lock:
+            self.checks += 1
+            self._states[getattr(vcpu, "index", 0)] = state
+            done = len(self._states) >= len(vcpus) and halted_for_good(self._states.values())
+        if done:
             machine.request_stop(Stop(StopReason.HALT, message=self.MESSAGE))
 
 

@@ -107,6 +107,10 @@ class LinuxVM:
             if key == "reboot" and hw.acpi:
                 continue        # Linux's default: the FADT's reset register first, then the i8042
             self.cmdline.add_default(key, value)
+        if not hw.acpi:
+            # No tables to find: spare an ACPI kernel the search (and its "valid RSDP was not
+            # found" error); it takes the CPUs and interrupt routes from the MP table.
+            self.cmdline.add_default("acpi", "off")
         self.added_pvm_args: list[str] = []
         if pvm_workarounds:
             for arg in pvm.pvm_kernel_args() + PVM_SPEED_ARGS:
@@ -119,7 +123,7 @@ class LinuxVM:
         self.attached: list = []        # VirtioAttachment of each virtio device, in attach order
         self.disk = None
         self.acpi = None                # pykvm.acpi.platform.AcpiPlatform when acpi=True
-        self.machine = Machine(self.memory, irqchip=irqchip, fast_path=hw.fast_path,
+        self.machine = Machine(self.memory, irqchip=irqchip, fast_path=hw.fast_path, cpus=hw.cpus,
                                ram=_restore.ram_backend if _restore is not None else None)
         try:
             self.devices = add_pc_devices(self.machine, self.console)
@@ -142,7 +146,7 @@ class LinuxVM:
                 from .acpi.platform import install_acpi
                 # The PM registers always; the tables only on a fresh boot (a restored guest's RAM
                 # already holds them).
-                self.acpi = install_acpi(self.machine, cpus=1, pci_irqs=self._pci_routes(),
+                self.acpi = install_acpi(self.machine, cpus=hw.cpus, pci_irqs=self._pci_routes(),
                                          write_tables=_restore is None)
             if _restore is not None:
                 from .snapshot.linux import apply_to
@@ -219,7 +223,7 @@ class LinuxVM:
         """Describe the CPU, the IOAPIC and the interrupt routes (ISA and PCI INTx) in an MP table
         (pykvm/x86/mptable.py), as the in-kernel irqchip provides them. Written with ACPI too: an
         ACPI kernel prefers the MADT, and one booted with acpi=off still finds its CPUs."""
-        gpa, blob = mptable.build(cpus=1, pci_irqs=self._pci_routes())
+        gpa, blob = mptable.build(cpus=len(self.machine.vcpus), pci_irqs=self._pci_routes())
         self.machine.mem.write(gpa, blob)
 
     def _add_clock_args(self) -> None:
@@ -259,11 +263,14 @@ class LinuxVM:
         return [a.device for a in self.attached]
 
     def _setup_vcpu(self) -> None:
-        vcpu = self.machine.vcpu
-        cpu.setup_cpuid(self.machine.kvm, vcpu)
-        cpu.setup_msrs(vcpu)
-        cpu.setup_long_mode(vcpu, self.machine.mem, entry=self.plan.entry_rip, cr3=self.plan.cr3,
-                            rsi=self.plan.zero_page_gpa, rsp=self.plan.stack)
+        """Every vCPU gets its CPUID (with its APIC id) and MSRs; only vCPU 0, the bootstrap
+        processor, is put at the kernel's 64-bit entry. The others stay as KVM made them, waiting
+        for the kernel's INIT/SIPI (KVM_MP_STATE_UNINITIALIZED; pykvm.machine)."""
+        for vcpu in self.machine.vcpus:
+            cpu.setup_cpuid(self.machine.kvm, vcpu)
+            cpu.setup_msrs(vcpu)
+        cpu.setup_long_mode(self.machine.vcpus[0], self.machine.mem, entry=self.plan.entry_rip,
+                            cr3=self.plan.cr3, rsi=self.plan.zero_page_gpa, rsp=self.plan.stack)
 
     # ---- snapshots (pykvm/snapshot/) ----
     def save(self, path: str | os.PathLike) -> int:
@@ -337,9 +344,13 @@ class LinuxVM:
     @property
     def stats(self) -> dict:
         m = self.machine
+        exits: dict[str, int] = {}
+        for vcpu in m.vcpus:
+            for reason, n in vcpu.exit_counts().items():
+                exits[reason] = exits.get(reason, 0) + n
         return {
-            "exits": m.vcpu.exit_counts(),
-            "seconds_in_kvm_run": round(m.vcpu.seconds_in_run, 3),
+            "exits": exits,                       # all vCPUs together
+            "seconds_in_kvm_run": round(sum(v.seconds_in_run for v in m.vcpus), 3),
             "seconds_in_run_loop": round(m.seconds_running, 3),
             "pvm_gaps_completed": dict(m.stats.pvm_gaps),
             "guest_errors": dict(m.stats.guest_errors),

@@ -1,4 +1,4 @@
-"""`Machine`: a VM, its RAM, its buses and devices, one vCPU, and the run loop.
+"""`Machine`: a VM, its RAM, its buses and devices, its vCPUs, and the run loop.
 
 The run loop is the heart of any VMM:
 
@@ -8,6 +8,17 @@ The run loop is the heart of any VMM:
 
 `handle_exit` (pykvm/dispatch.py) is a plain function over typed exits (pykvm.kvm.exits), so it can
 be tested with made-up exits and no /dev/kvm; the loop below looks up the same table inline.
+
+With several vCPUs (`Machine(cpus=N)`) each one runs that loop on its own thread: vCPU 0 (the
+bootstrap processor) on the thread that calls run(), the others (application processors) on
+threads run() starts. KVM_RUN is a call into C through cffi, which releases the GIL for the
+duration (csrc/kvm_helpers.h), so the vCPUs run the guest in parallel and only take turns in
+Python, to handle exits. The APs start in KVM_MP_STATE_UNINITIALIZED: their KVM_RUN waits in the
+kernel until the guest's BSP sends INIT and a startup IPI through the in-kernel local APIC, which
+then starts them at the SIPI vector in real mode - no VMM code is involved. Exits from several
+vCPUs reach the same device models, so each model says how it stays consistent (a lock, or why it
+needs none). `machine.vcpu` is the vCPU of the calling thread (vCPU 0 outside the run loops), so
+exit handlers that read or write registers (pykvm.pvm, pykvm.halt) act on the right one.
 """
 
 from __future__ import annotations
@@ -34,6 +45,18 @@ from .x86 import layout
 
 class MachineError(Exception):
     """A configuration mistake by the VMM's user (too little memory, ...); one line, for the CLI."""
+
+
+def check_cpus(cpus, irqchip: str = "kernel") -> int:
+    """A vCPU count the machine can have (KVM's own limit is checked when the VM exists)."""
+    if isinstance(cpus, bool) or not isinstance(cpus, int):
+        raise MachineError(f"vCPU count {cpus!r} is not a whole number")
+    if cpus < 1:
+        raise MachineError(f"vCPU count {cpus}: a machine needs at least one vCPU")
+    if cpus > 1 and irqchip != "kernel":
+        raise MachineError(f"{cpus} vCPUs need the in-kernel irqchip (its local APICs start and "
+                           f"interrupt the other CPUs); irqchip {irqchip!r} runs one vCPU")
+    return cpus
 
 
 @dataclass
@@ -63,27 +86,38 @@ def _install_kick_handler() -> bool:
 
 
 class Machine:
-    """A one-vCPU x86 machine. Use as a context manager; `run()` blocks, `start()` runs in a thread.
+    """An x86 machine with `cpus` vCPUs. Use as a context manager; `run()` blocks, `start()` runs
+    in a thread.
 
     irqchip: "kernel" puts KVM's PIC/IOAPIC/LAPIC and PIT in the kernel (fast); "user" uses pykvm's
-    Python i8259 pair and i8254 and injects their interrupts itself (slower, every step visible);
+    Python i8259 pair and i8254 and injects their interrupts itself (slower, every step visible;
+    one vCPU only: the Python PIC delivers to one CPU and there is no local APIC for the others);
     "none" leaves the vCPU with no interrupt controller at all (firmware tests).
-    fast_path: run the vCPU loop in C (csrc/fastpath.h), answering hot port I/O without Python.
-    ram: a factory (gpa, size) -> backend for each RAM region (default: anonymous memory)."""
+    fast_path: run vCPU 0's loop in C (csrc/fastpath.h), answering hot port I/O without Python.
+    ram: a factory (gpa, size) -> backend for each RAM region (default: anonymous memory).
+    cpus: how many vCPUs (pykvm/machine.py's docstring: one thread each)."""
 
     def __init__(self, memory: int = 64 * layout.MiB, *, irqchip: str = "kernel",
                  kvm: Kvm | None = None, hugepages: bool = True, fast_path: bool = False,
-                 ram: Callable[[int, int], object] | None = None):
+                 ram: Callable[[int, int], object] | None = None, cpus: int = 1):
         if memory < 1 * layout.MiB or memory % 4096:
             raise MachineError(f"memory size {memory} is not a positive multiple of 4 KiB "
                                "(at least 1 MiB)")
+        check_cpus(cpus, irqchip)
         self._own_kvm = kvm is None
         self.kvm = kvm or Kvm()
+        if cpus > (limit := self.kvm.max_vcpus):
+            if self._own_kvm:
+                self.kvm.close()
+            raise MachineError(f"{cpus} vCPUs is more than this host's KVM allows "
+                               f"({limit}, KVM_CAP_MAX_VCPUS)")
         self.vm = self.kvm.create_vm()
         self.irqchip = irqchip
         self.stats = Stats()
-        self.pio = Bus("pio")
-        self.mmio = Bus("mmio")
+        # With several vCPUs, exits come from several threads: each device gets a lock of its own
+        # unless it keeps itself consistent (pykvm/bus.py, "Several vCPUs").
+        self.pio = Bus("pio", serialize=cpus > 1)
+        self.mmio = Bus("mmio", serialize=cpus > 1)
         self.internal_error_handlers: list[Callable[["Machine", E.InternalError], bool]] = []
         self.last_internal_error: E.InternalError | None = None
         # Called on every Interrupted exit (a kick or a signal): a chance to look at a vCPU that
@@ -101,6 +135,7 @@ class Machine:
         # The C run loop (pykvm.kvm.fastpath): devices bind to it as they are added (pykvm.pc).
         self.fast = FastPath() if fast_path else None
         self._stop: Stop | None = None
+        self._local = threading.local()     # .vcpu: the vCPU this thread runs
         self._thread: threading.Thread | None = None
         self._result: Stop | None = None
         self._done = threading.Event()
@@ -131,13 +166,19 @@ class Machine:
             self.vm.create_pit2()
         elif irqchip not in ("none", "user"):
             raise MachineError(f"unknown irqchip mode {irqchip!r} (kernel, user or none)")
-        self.vcpu = self.vm.create_vcpu()
+        # vCPU i gets APIC id i (KVM_CREATE_VCPU's id), as the MP table and the MADT list them.
+        self.vcpus = [self.vm.create_vcpu() for _ in range(cpus)]
         if irqchip == "user":
             # The 8259 pair and the 8254 in Python (pykvm/devices/userirq.py explains the choice).
             from .devices.userirq import UserIrqChip
             self.userirq = UserIrqChip(kick=self.vcpu.kick, on_worker_error=self.worker_failed)
             self.userirq.register_on(self.pio)
         _install_kick_handler()
+
+    @property
+    def vcpu(self):
+        """The vCPU of the calling thread inside the run loop; vCPU 0 (the BSP) anywhere else."""
+        return getattr(self._local, "vcpu", None) or self.vcpus[0]
 
     # ---- assembly ----
     def irq_line(self, gsi: int) -> IrqLine:
@@ -191,7 +232,8 @@ class Machine:
         """Ask the run loop to end (from a device callback or any thread). The first request wins."""
         if self._stop is None:
             self._stop = stop
-        self.vcpu.kick()
+        for vcpu in self.vcpus:
+            vcpu.kick()
         if self.userirq is not None:
             self.userirq.wake()      # a vCPU waiting in hlt
 
@@ -202,31 +244,74 @@ class Machine:
 
     # ---- running ----
     def run(self, timeout: float | None = None) -> Stop:
-        """Run the vCPU on this thread until the guest or the VMM stops it."""
-        self.vcpu.thread_id = threading.get_ident()
+        """Run the vCPUs until the guest or the VMM stops them: vCPU 0 on this thread, the others
+        on threads of their own (joined before this returns)."""
         timer = None
         if timeout is not None:
             timer = threading.Timer(timeout, self.request_stop,
                                     (Stop(StopReason.TIMEOUT, message=f"no stop within {timeout:g} s"),))
             timer.daemon = True
             timer.start()
-        if self.fast is not None:
-            vcpu, fast = self.vcpu, self.fast
+        watchdog_stop = threading.Event()
+        if self.watchdog_period:
+            def watchdog(period=self.watchdog_period, vcpus=self.vcpus):
+                while not watchdog_stop.wait(period):
+                    for vcpu in vcpus:
+                        vcpu.kick()
+            start_worker("pykvm-watchdog", watchdog, self.worker_failed)
+        aps = [threading.Thread(target=self._run_ap, args=(vcpu,), name=f"pykvm-vcpu{vcpu.index}",
+                                daemon=True) for vcpu in self.vcpus[1:]]
+        start = self._run_started = time.perf_counter()
+        try:
+            for t in aps:
+                t.start()
+            self._vcpu_loop(self.vcpus[0])
+        except KeyboardInterrupt:
+            self.request_stop(Stop(StopReason.INTERRUPTED, message="Ctrl-C"))
+        finally:
+            if self._stop is None:         # vCPU 0's loop failed: the others must end too
+                self.request_stop(Stop(StopReason.ERROR, message="vCPU 0's run loop failed"))
+            for t in aps:
+                t.join()
+            watchdog_stop.set()
+            if timer is not None:
+                timer.cancel()
+            self.stats.wall_time += time.perf_counter() - start
+            self._run_started = None
+            for vcpu in self.vcpus:
+                vcpu.kvm_run.immediate_exit = 0
+        result = self._stop
+        self._stop = None
+        for fn in self.on_stop:
+            fn(result)
+        return result
+
+    def _run_ap(self, vcpu) -> None:
+        """An application processor's thread: its loop, and a host failure as the machine's stop."""
+        try:
+            self._vcpu_loop(vcpu)
+        except BaseException as e:
+            self.request_stop(Stop(StopReason.ERROR, message=f"vCPU {vcpu.index}: "
+                                                             f"{type(e).__name__}: {e}"))
+
+    def _vcpu_loop(self, vcpu) -> None:
+        """One vCPU's run loop, on the calling thread, until a stop is requested."""
+        vcpu.thread_id = threading.get_ident()
+        self._local.vcpu = vcpu
+        # The C fast path keeps one output buffer and one register block (pykvm.kvm.fastpath), so
+        # only vCPU 0 uses it; the others take every exit through Python. Linux prints its
+        # console from whichever CPU holds the console lock, and the UART model and its lock
+        # serve them all.
+        if self.fast is not None and vcpu is self.vcpus[0]:
+            fast = self.fast
             run = lambda: vcpu.run_fast(fast)  # noqa: E731
         else:
-            run = self.vcpu.run
+            run = vcpu.run
         if self.userirq is not None:
             run = self._with_user_irqchip(run)
         trace = self.trace
-        watchdog_stop = threading.Event()
-        if self.watchdog_period:
-            def watchdog(period=self.watchdog_period, vcpu=self.vcpu):
-                while not watchdog_stop.wait(period):
-                    vcpu.kick()
-            start_worker("pykvm-watchdog", watchdog, self.worker_failed)
-        start = self._run_started = time.perf_counter()
+        handlers = _HANDLERS    # handle_exit(), inlined: one call less per exit
         try:
-            handlers = _HANDLERS    # handle_exit(), inlined: one call less per exit
             while self._stop is None:
                 exit = run()
                 if trace is not None:
@@ -238,20 +323,9 @@ class Machine:
                 outcome = handler(self, exit)
                 if outcome is not None:
                     self.request_stop(outcome)
-        except KeyboardInterrupt:
-            self.request_stop(Stop(StopReason.INTERRUPTED, message="Ctrl-C"))
         finally:
-            watchdog_stop.set()
-            if timer is not None:
-                timer.cancel()
-            self.stats.wall_time += time.perf_counter() - start
-            self._run_started = None
-            self.vcpu.kvm_run.immediate_exit = 0
-        result = self._stop
-        self._stop = None
-        for fn in self.on_stop:
-            fn(result)
-        return result
+            self._local.vcpu = None
+            vcpu.thread_id = None
 
     def _with_user_irqchip(self, run: Callable[[], E.Exit]) -> Callable[[], E.Exit]:
         """Wrap KVM_RUN with interrupt delivery from the Python PIC (contract: pykvm/devices/userirq.py).

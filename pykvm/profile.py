@@ -46,6 +46,8 @@ class GuestProfiler:
     def __init__(self, system_map: str | Path | None = None, period: float = 0.01):
         self.period = period
         self.samples: collections.Counter[int] = collections.Counter()
+        self.by_vcpu: collections.Counter[tuple[int, int]] = collections.Counter()  # (vCPU, RIP)
+        self._cpus = 1
         self._addrs, self._names = load_system_map(system_map) if system_map else ([], [])
         self._stop = threading.Event()
         # Said at the top of the report: a map with no text symbols is almost always a stub.
@@ -62,12 +64,14 @@ class GuestProfiler:
     def start(self, machine) -> None:
         machine.interrupted_handlers.append(self._sample)
         machine.on_stop.append(lambda stop: self.stop())   # no kicks once the run is over
-        vcpu = machine.vcpu
+        vcpus = list(getattr(machine, "vcpus", [machine.vcpu]))
+        self._cpus = len(vcpus)
 
         def kicker() -> None:
             while not self._stop.wait(self.period):
-                if vcpu.thread_id is not None:
-                    vcpu.kick()
+                for vcpu in vcpus:          # every vCPU: each samples itself on its own thread
+                    if vcpu.thread_id is not None:
+                        vcpu.kick()
 
         start_worker("pykvm-profiler", kicker, machine.worker_failed)
 
@@ -75,7 +79,10 @@ class GuestProfiler:
         self._stop.set()
 
     def _sample(self, machine) -> None:
-        self.samples[machine.vcpu.get_regs().rip] += 1
+        vcpu = machine.vcpu                 # the vCPU of the thread that was kicked
+        rip = vcpu.get_regs().rip
+        self.samples[rip] += 1
+        self.by_vcpu[(getattr(vcpu, "index", 0), rip)] += 1
 
     def report(self, top: int = 20) -> str:
         """The hottest functions (or addresses, without a System.map), with their share."""
@@ -85,5 +92,13 @@ class GuestProfiler:
         total = sum(by_name.values()) or 1
         lines = [self.note] if self.note else []
         lines.append(f"{total} samples every {self.period * 1000:g} ms")
-        lines += [f"{100 * n / total:5.1f}%  {name}" for name, n in by_name.most_common(top)]
+        if self._cpus > 1:
+            per_cpu: dict[str, collections.Counter[int]] = collections.defaultdict(collections.Counter)
+            for (cpu, rip), n in self.by_vcpu.items():
+                per_cpu[self.symbol(rip).split("+")[0]][cpu] += n
+            lines += [f"{100 * n / total:5.1f}%  {name}  ("
+                      + ", ".join(f"cpu{c} {100 * k / total:.1f}%" for c, k in sorted(per_cpu[name].items()))
+                      + ")" for name, n in by_name.most_common(top)]
+        else:
+            lines += [f"{100 * n / total:5.1f}%  {name}" for name, n in by_name.most_common(top)]
         return "\n".join(lines)

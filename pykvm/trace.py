@@ -45,6 +45,10 @@ class ExitTracer:
         return repr(exit)
 
     def __call__(self, exit: E.Exit) -> None:
+        # Called on the thread of the vCPU that exited (Machine.vcpu names it); with several
+        # vCPUs, each line says which one.
         self.count += 1
         if self.limit is None or self.count <= self.limit:
-            print(f"[exit {self.count}] {self.describe(exit)}", file=self.out)
+            vcpus = getattr(self.machine, "vcpus", ())
+            who = f" cpu{self.machine.vcpu.index}" if len(vcpus) > 1 else ""
+            print(f"[exit {self.count}{who}] {self.describe(exit)}", file=self.out)

@@ -60,6 +60,8 @@ class AcpiPm:
     `slp_typ_s5`: the SLP_TYP value the DSDT's \\_S5 gives. `clock`: seconds, monotonic (tests
     pass a fake)."""
 
+    thread_safe = True      # its own lock (module docstring): a bus need not add one
+
     def __init__(self, *, on_poweroff: Callable[[], None], on_reset: Callable[[], None],
                  sci: IrqLine | None = None, slp_typ_s5: int = 5,
                  clock: Callable[[], float] = time.monotonic):

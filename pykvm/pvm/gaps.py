@@ -221,20 +221,23 @@ class StuckVmcall:
     kernels leave CONFIG_PTP_1588_CLOCK_KVM out all the same (ours does): no vmcall, no wait."""
 
     def __init__(self):
-        self._last_rip: int | None = None
+        # vCPU index -> the vmcall RIP seen at its last check: each vCPU thread checks its own
+        # vCPU (Machine.vcpu), so with several vCPUs each keeps its own record.
+        self._last_rip: dict[int, int] = {}
 
     def check(self, machine) -> bool:
         vcpu = machine.vcpu
+        key = getattr(vcpu, "index", 0)
         kregs, _sregs, regs, bitness = _cpu_regs(vcpu)
         code = _fetch(vcpu, machine.mem, regs, bitness, _NoExit)
         insn = decode(code, regs["rip"], bitness) if code else None
         if insn is None or insn.mnemonic not in (_M.VMCALL, _M.VMMCALL):
-            self._last_rip = None
+            self._last_rip.pop(key, None)
             return False
-        if self._last_rip != regs["rip"]:
-            self._last_rip = regs["rip"]
+        if self._last_rip.get(key) != regs["rip"]:
+            self._last_rip[key] = regs["rip"]
             return False
-        self._last_rip = None
+        del self._last_rip[key]
         # include/uapi/linux/kvm_para.h: hypercalls return -KVM_ENOSYS for an unknown number.
         # (Imported here: this module loads without the compiled binding.)
         from ..kvm.headers import KVM_ENOSYS

@@ -233,12 +233,18 @@ def setup_cpuid(kvm, vcpu) -> None:
     """Give the guest the CPUID KVM supports, with pykvm's choices applied.
 
     KVM_GET_SUPPORTED_CPUID is already filtered to what KVM can virtualize; we add the hypervisor
-    bit and give each vCPU its APIC ID (leaf 1 EBX[31:24]). On KVM-PVM hosts the guest's CPUID
-    instruction sees the host's values whatever we set here (see pykvm.pvm)."""
+    bit and give each vCPU its APIC ID: leaf 1 EBX[31:24] (the initial APIC id), leaves 0xB and
+    0x1F EDX (the x2APIC id, SDM Vol. 2A CPUID), AMD's leaf 0x8000001E EAX (the extended APIC id).
+    Linux compares them with the MADT's ids when it brings a CPU up. On KVM-PVM hosts the guest's
+    CPUID instruction sees the host's values whatever we set here (see pykvm.pvm)."""
     cpuid = kvm.supported_cpuid()
     for i in range(cpuid.nent):
         e = cpuid.entries[i]
         if e.function == 1:
             e.ecx |= CPUID_1_ECX_HYPERVISOR
             e.ebx = (e.ebx & 0x00ffffff) | (vcpu.index << 24)
+        elif e.function in (0xB, 0x1F):
+            e.edx = vcpu.index
+        elif e.function == 0x8000001E:
+            e.eax = vcpu.index
     vcpu.set_cpuid(cpuid)
