@@ -205,10 +205,22 @@ def test_guest_userland_pings_the_host_over_virtio_net(kernel, tmp_path):
 
 # --- Debian's stock kernels ---------------------------------------------------------------------
 
-def test_debian_cloud_kernel_reaches_userland_with_no_extra_arguments(tmp_path):
-    with LinuxVM(cloud_kernel(), initrd=initramfs(), memory="256M") as vm:
+def _cloud():
+    return cloud_kernel(), r"^6\.1\.0-\d+-cloud-amd64$"
+
+
+def _standard():
+    from pykvm.assets.l1 import l1_kernel        # linux-image-amd64: also the lane's L1 kernel
+    return l1_kernel().vmlinuz, r"^6\.1\.0-\d+-amd64$"
+
+
+@pytest.mark.parametrize("which", [_cloud, _standard], ids=["cloud", "standard"])
+def test_debian_kernel_reaches_userland_with_no_extra_arguments(tmp_path, which):
+    kernel, release_pattern = which()
+    with LinuxVM(kernel, initrd=initramfs(), memory="256M") as vm:
         assert "initcall_blacklist" not in str(vm.cmdline)
         booted(vm, tmp_path)
-        assert vm.shell("uname -r", check=True).output.strip().endswith("-cloud-amd64")
+        release = vm.shell("uname -r", check=True).output.strip()
+        assert re.match(release_pattern, release), release
         stop = vm.poweroff(timeout=TIMEOUT)
     assert stop.reason in ("halt", "poweroff"), stop
