@@ -366,3 +366,20 @@ def test_gdb_hardware_breakpoint_in_cpl0_code():
                                            "delete", "continue"], cpl=0)
     assert "Hardware assisted breakpoint 1" in out and "Breakpoint 1, main ()" in out, out
     assert "$1 = 1" in out and "exited normally" in out and result.status == 0, out
+
+
+def test_each_vcpu_is_a_thread():
+    machine = SimpleNamespace(mem=GuestMemory.for_test(1 << 20),
+                              kvm=SimpleNamespace(check_extension=lambda cap: 0))
+    a, b = FakeVcpu(), FakeVcpu()
+    b.regs.rip = 0x2222
+    stub = GdbStub(machine, vcpus=[a, b], address=("127.0.0.1", 0), host_kind="VT-x",
+                   log=lambda m: None)
+    assert stub._command("qfThreadInfo", b"") == "m1,2"
+    assert stub._command("T2", b"") == "OK" and stub._command("T3", b"") == "E01"
+    assert bytes.fromhex(stub._command("qThreadExtraInfo,2", b"")) == b"vCPU 1"
+    rip = [r.name for r in stub.regs].index("rip")
+    assert stub._command("Hg2", b"") == "OK"
+    assert stub._command(f"p{rip:x}", b"") == (0x2222).to_bytes(8, "little").hex()
+    assert stub._command("Hg1", b"") == "OK"
+    assert stub._command(f"p{rip:x}", b"") == (0x1000).to_bytes(8, "little").hex()
