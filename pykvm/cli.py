@@ -157,7 +157,8 @@ def cmd_boot(args) -> int:
             if interactive and os.isatty(0):
                 def quit_():
                     vm.machine.request_stop(Stop(StopReason.INTERRUPTED, message="Ctrl-A x"))
-                with Terminal(vm.send, quit_, on_stats=lambda: str(vm.stats)):
+                with Terminal(vm.send, quit_, on_stats=lambda: str(vm.stats),
+                              on_error=vm.machine.worker_failed):
                     stop = vm.run(args.timeout)
             else:
                 stop = vm.run(args.timeout)

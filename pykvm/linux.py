@@ -358,6 +358,8 @@ class LinuxVM:
             "unclaimed_ports": m.pio.unclaimed,
             "serial_bytes_out": self.devices.serial.bytes_out,
             "exits_handled_in_c": m.fast.handled if m.fast else 0,
+            "console_bytes_dropped": self.console.dropped,   # beyond the kept tail (console.py)
+            "worker_errors": dict(m.stats.worker_errors),
         }
 
     def close(self) -> None:

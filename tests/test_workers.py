@@ -111,3 +111,25 @@ def test_pit_timer_thread_failure_stops_the_vm():
         timer._thread.join(30)
         assert m._stop is not None and m._stop.reason == "error"
         assert "pykvm-pit-timer" in m._stop.message and m.stats.worker_errors["pykvm-pit-timer"] == 1
+
+
+def test_terminal_reader_failure_is_reported():
+    """Typed input goes to feed(); if that raises, on_error hears of it (pykvm boot: the VM stops
+    with the error instead of ignoring the keyboard from then on)."""
+    from pykvm.host.terminal import Terminal
+
+    r, w = os.pipe()
+    errors, failed = [], threading.Event()
+
+    def feed(data):
+        raise RuntimeError("guest input queue gone")
+
+    term = Terminal(feed, lambda: None, fd=r,
+                    on_error=lambda name, e: (errors.append((name, e)), failed.set()))
+    with term:
+        os.write(w, b"x")
+        assert failed.wait(30)
+    os.close(r)
+    os.close(w)
+    (name, e), = errors
+    assert name == "pykvm-terminal" and "guest input queue gone" in str(e)

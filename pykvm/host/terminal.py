@@ -19,6 +19,8 @@ import threading
 import tty
 from typing import Callable
 
+from ..workers import start_worker
+
 CTRL_A = 0x01
 
 HELP = (b"\r\n[pykvm] Ctrl-A x: quit   Ctrl-A s: statistics   Ctrl-A a: send Ctrl-A   "
@@ -31,8 +33,12 @@ class Terminal:
     `on_quit()` is called for Ctrl-A x, `on_stats() -> str` for Ctrl-A s."""
 
     def __init__(self, feed: Callable[[bytes], None], on_quit: Callable[[], None],
-                 on_stats: Callable[[], str] | None = None, fd: int | None = None):
+                 on_stats: Callable[[], str] | None = None, fd: int | None = None,
+                 on_error: Callable[[str, BaseException], None] | None = None):
+        """on_error(thread name, exception): if reading the terminal fails (pykvm/workers.py);
+        pykvm boot passes Machine.worker_failed, so the guest stops rather than goes deaf."""
         self.fd = sys.stdin.fileno() if fd is None else fd
+        self.on_error = on_error
         self.feed = feed
         self.on_quit = on_quit
         self.on_stats = on_stats
@@ -45,8 +51,7 @@ class Terminal:
         if os.isatty(self.fd):
             self._saved = termios.tcgetattr(self.fd)
             tty.setraw(self.fd)
-        self._thread = threading.Thread(target=self._loop, name="pykvm-terminal", daemon=True)
-        self._thread.start()
+        self._thread = start_worker("pykvm-terminal", self._loop, self.on_error)
         return self
 
     def __exit__(self, *exc) -> None:
