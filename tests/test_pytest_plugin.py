@@ -63,7 +63,7 @@ def test_boot_once_restore_per_test_console_in_the_failure_report(tmp_path):
     r = _pytest(tmp_path, f"--pykvm-kernel={kernel.bzimage}", f"--pykvm-initrd={initramfs()}",
                 "--pykvm-memory=64M", "--pykvm-save-at=Linux version")
     out = r.stdout
-    assert "2 passed, 1 failed" in out, out[-3000:]
+    assert "1 failed, 2 passed" in out, out[-3000:]
     assert "pykvm console" in out and "on purpose" in out
     # The failing test's report carries what its guest printed after the restore.
     report = out[out.index("test_that_fails"):]
