@@ -247,3 +247,37 @@ def test_saving_a_running_machine_is_refused():
         m.stop()
     finally:
         m.close()
+
+
+@pytest.mark.linux
+@pytest.mark.parametrize("options, save_at, after", [
+    # The Python 8259/8254 and the PIIX IDE disk: saved once the kernel has identified the disk,
+    # restored to read its partition table and finish booting.
+    ({"irqchip": "user", "disk_bus": "ide"}, r"ata1\.00: ATA-", r"sd 0:0:0:0: \[sda\]"),
+    # virtio-blk on the PCI bus: saved after enumeration, restored to probe the disk.
+    ({"disk_bus": "virtio-pci"}, r"PCI: Using configuration type 1|pci 0000:00:00\.0",
+     r"virtio_blk virtio\d+: \[vda\]"),
+], ids=["user-irqchip-ide", "virtio-pci"])
+def test_other_machines_restore_mid_boot(options, save_at, after, tmp_path):
+    from pykvm.assets import initramfs, test_kernel
+    from pykvm.assets.errors import AssetError
+    from pykvm.linux import LinuxVM
+    try:
+        kernel = test_kernel(build=False)
+    except AssetError as e:
+        pytest.skip(str(e))
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(4 << 20))
+    path = tmp_path / "vm.snap"
+    with LinuxVM(kernel.bzimage, initrd=initramfs(), memory="64M", until=save_at, disk=disk,
+                 snapshot=True, append="root=/dev/ram0", **options) as vm:
+        stop = vm.run(BOOT_TIMEOUT)
+        assert stop.reason == "until", (stop, vm.console.tail())
+        vm.save(path)
+    log = tmp_path / "console.log"
+    r = subprocess.run(PYKVM + ["restore", str(path), "--until", RUN_INIT, "--console", str(log),
+                                "--timeout", str(BOOT_TIMEOUT)],
+                       capture_output=True, text=True, timeout=BOOT_TIMEOUT + 60)
+    text = log.read_text(errors="replace")
+    assert r.returncode == 0, (r.stderr, text[-2000:])
+    assert re.search(after, text), text[-2000:]
