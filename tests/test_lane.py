@@ -340,3 +340,15 @@ def test_selftest_from_a_hidden_directory_exits_2_with_one_line(tmp_path):
     assert p.returncode == 2, p.stderr
     assert p.stderr.strip() == ("pykvm: error: cannot run in /tmp: the lane mounts a fresh /tmp over the "
                                 "host's, so start from a directory outside /tmp, /run and /dev")
+
+
+def test_an_asset_missing_in_the_lane_is_named_not_built(tmp_path, monkeypatch):
+    from pykvm.assets.cache import cached
+    built = []
+    monkeypatch.setenv("PYKVM_LANE_INNER", "1")
+    with pytest.raises(AssetError, match=r"asset firmware \(\w+\) is not in the cache, which is read-only in "
+                                         r"the AMD-V lane: build it on the host"):
+        cached("firmware", {"x": "1"}, built.append, root=tmp_path)
+    assert built == [] and list(tmp_path.iterdir()) == []
+    monkeypatch.delenv("PYKVM_LANE_INNER")
+    assert cached("firmware", {"x": "1"}, built.append, root=tmp_path).is_dir() and len(built) == 1

@@ -99,6 +99,12 @@ def cached(asset: str, inputs: Mapping[str, InputValue], build: Callable[[Path],
     final = entry_dir(asset, inputs, root)
     if final.is_dir():
         return final
+    from ..lane.runner import INNER_ENV
+    if os.environ.get(INNER_ENV):
+        # In the AMD-V lane the cache is the host's, read-only, and building under QEMU's emulator
+        # would take ages (the test kernel: hours): say at once what is missing, and where to build it.
+        raise AssetError(f"asset {asset} ({final.name}) is not in the cache, which is read-only in the "
+                         "AMD-V lane: build it on the host before the lane starts (python -m pykvm.assets)")
     parent = final.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
