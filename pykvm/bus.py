@@ -20,7 +20,7 @@ thread) and `Window` (one register of a device reached at a port of its own).
 
 **Several vCPUs.** With more than one vCPU, exits reach the bus from several threads at once. A bus
 made with `serialize=True` (Machine does so when it has more than one vCPU) gives every device it
-registers a lock of its own and takes it around each access (`SerializedDevice`), so a device model
+registers a lock of its own and takes it around each access (`LockedDevice`), so a device model
 sees one access at a time, as it would on one CPU; devices on different locks still run in
 parallel. A device that keeps itself consistent says so with a class attribute
 `thread_safe = True` and is registered as it is (LockedDevice; the ACPI PM registers, which lock
@@ -55,7 +55,7 @@ class Range:
     length: int
     device: Any          # the device as registered
     name: str
-    target: Any = None   # what accesses go to: the device, or its SerializedDevice
+    target: Any = None   # what accesses go to: the device, or its LockedDevice
 
     def __post_init__(self) -> None:
         if self.target is None:
@@ -89,7 +89,7 @@ class Bus:
             raise ValueError("a device range needs a positive length")
         target = device
         if self.serialize and not getattr(device, "thread_safe", False):
-            target = SerializedDevice(device)
+            target = LockedDevice(device)
         new = Range(base, length, device, name or type(device).__name__, target)
         bases, ranges = self._table
         i = bisect.bisect_left(bases, base)
@@ -191,16 +191,21 @@ class Bus:
             self.write(addr, size, int.from_bytes(buf[i * size:(i + 1) * size], "little"))
 
 
-class SerializedDevice:
-    """A device behind a lock of its own: one access at a time, from any number of vCPU threads
-    (what a `serialize=True` bus puts in front of a device that is not `thread_safe`). The string
-    I/O shortcuts (read_string/write_string) go through the same lock."""
+class LockedDevice:
+    """A device behind a lock: one register access at a time.
+
+    Two uses. The UART (pykvm/pc.py) shares its lock with the terminal thread that calls `feed`, so
+    input and register accesses keep the device's state consistent (uncontended, the lock costs
+    well under a microsecond). A `serialize=True` bus puts every device that is not `thread_safe`
+    behind a lock of its own (`lock` left out), so several vCPU threads reach it one at a time.
+    Either way the lock serializes all callers, so a bus needs no second one (thread_safe). The
+    string I/O shortcuts (read_string/write_string) go through the same lock."""
 
     thread_safe = True
 
-    def __init__(self, device):
+    def __init__(self, device, lock: threading.Lock | None = None):
         self.device = device
-        self.lock = threading.Lock()
+        self.lock = lock if lock is not None else threading.Lock()
 
     def read(self, offset: int, size: int) -> int:
         with self.lock:
@@ -223,28 +228,6 @@ class SerializedDevice:
             return False
         with self.lock:
             return string(offset, size, data)
-
-
-class LockedDevice:
-    """Serializes a device's register accesses with input arriving from another thread.
-
-    The vCPU thread calls read/write; the terminal thread calls `feed`. One lock keeps the device's
-    state consistent between them (uncontended, it costs well under a microsecond). The same lock
-    serializes accesses from several vCPU threads, so a bus needs no second one (thread_safe)."""
-
-    thread_safe = True
-
-    def __init__(self, device, lock: threading.Lock):
-        self.device = device
-        self.lock = lock
-
-    def read(self, offset: int, size: int) -> int:
-        with self.lock:
-            return self.device.read(offset, size)
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        with self.lock:
-            self.device.write(offset, size, value)
 
 
 class Window:

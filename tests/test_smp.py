@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from pykvm.bus import Bus, LockedDevice, SerializedDevice
+from pykvm.bus import Bus, LockedDevice
 from pykvm.halt import HaltWatch, VcpuState
 from pykvm.machine import Machine, MachineError, check_cpus
 from pykvm.trace import ExitTracer
@@ -137,7 +137,7 @@ def test_a_serializing_bus_locks_each_device_unless_it_locks_itself():
     bus.register(0x20, 4, own)
     bus.register(0x30, 4, locked)
     r = bus.find(0x11)
-    assert r.device is plain and isinstance(r.target, SerializedDevice)
+    assert r.device is plain and isinstance(r.target, LockedDevice)
     assert bus.find(0x20).target is own and bus.find(0x30).target is locked
     bus.write(0x12, 1, 7)
     assert plain.log == [7] and bus.read(0x10, 1) == 1
