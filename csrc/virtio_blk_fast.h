@@ -12,10 +12,11 @@
  * on generated request streams, hostile ones included):
  *
  *   - The loop below is VirtioBlk.process_queue's, step for step: pop a head as VirtQueue.pop_head
- *     does, decide "plain read?" exactly as VirtioBlk._plain_read does, merge adjacent plain reads
- *     into one preadv within the same limits, finish a run before anything else, serve a write or
- *     a flush as VirtioBlk._serve would when nothing is wrong with it, and so a read, write or flush
- *     whose descriptors are in an indirect table (Linux's requests are).
+ *     does, decide "plain read or write?" exactly as VirtioBlk._plain_rw does, merge adjacent plain
+ *     requests of one direction into one preadv or pwritev within the same limits, finish a run
+ *     before anything else, serve a flush (or any other write) as VirtioBlk._serve would when
+ *     nothing is wrong with it, and so a read, write or flush whose descriptors are in an
+ *     indirect table (Linux's requests are).
  *   - Anything C does not do itself - a request with a mistake in it (every error is the Python
  *     model's to count and answer), GET_ID, DISCARD, an I/O error - ends C's
  *     part: the available index goes back to the first request C has not finished (the start of a
@@ -114,11 +115,12 @@ static inline void vblk_desc(const uint8_t *table, uint32_t i, struct vring_desc
     memcpy(d, table + sizeof(*d) * (uint64_t)i, sizeof(*d));
 }
 
-/* VirtioBlk._plain_read. 1: a plain read, its buffers appended to the run's iovecs from
- * b->run_iov (not yet counted), *offset, *n and *status set; 0: not one; -1: one that C cannot
- * finish exactly as Python would (its status byte is not in RAM, or the scratch is full). */
-static int vblk_plain_read(struct pykvm_vblk *b, uint16_t head, uint64_t *offset, uint64_t *n,
-                           uint8_t **status, uint32_t *nseg)
+/* VirtioBlk._plain_rw. 1: a plain read or write (*write says which), its buffers appended to the
+ * run's iovecs from b->run_iov (not yet counted), *offset, *n and *status set; 0: not one; -1: one
+ * that C cannot finish exactly as Python would (its status byte is not in RAM, or the scratch is
+ * full). */
+static int vblk_plain_rw(struct pykvm_vblk *b, uint16_t head, int *write, uint64_t *offset,
+                         uint64_t *n, uint8_t **status, uint32_t *nseg)
 {
     uint32_t size = b->qsize;
     const uint8_t *table = pykvm_mem_locate(&b->mem, b->desc_addr, 16 * (uint64_t)size);
@@ -129,7 +131,9 @@ static int vblk_plain_read(struct pykvm_vblk *b, uint16_t head, uint64_t *offset
     if (d.flags != VRING_DESC_F_NEXT || d.len < sizeof(struct virtio_blk_outhdr))
         return 0;
     uint64_t haddr = d.addr;
+    uint32_t hlen = d.len;
     uint16_t index = d.next;
+    int data_flags = -1;       /* all data descriptors alike: WRITE|NEXT (a read) or NEXT (a write) */
     uint64_t total = 0, status_gpa = 0;
     uint32_t k = 0, first = b->run_iov;
     int found = 0, room = 1;
@@ -138,7 +142,10 @@ static int vblk_plain_read(struct pykvm_vblk *b, uint16_t head, uint64_t *offset
             return 0;
         vblk_desc(table, index, &d);
         index = d.next;
-        if (d.flags == (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT)) {
+        if (d.flags == data_flags
+            || (data_flags < 0 && (d.flags == (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT)
+                                   || d.flags == VRING_DESC_F_NEXT))) {
+            data_flags = d.flags;
             /* Bounds are checked below, after the shape, as Python checks them (mem.views). */
             if (first + k < PYKVM_VBLK_IOV_SCRATCH) {
                 b->iov[first + k].iov_base = (void *)(uintptr_t)d.addr;   /* a gpa, for now */
@@ -166,8 +173,16 @@ static int vblk_plain_read(struct pykvm_vblk *b, uint16_t head, uint64_t *offset
     struct virtio_blk_outhdr hdr;
     memcpy(&hdr, hp, sizeof(hdr));
     uint64_t sectors = total / PYKVM_VBLK_SECTOR;
-    if (hdr.type != VIRTIO_BLK_T_IN || hdr.sector > b->capacity
-        || sectors > b->capacity - hdr.sector)
+    int is_write = data_flags == VRING_DESC_F_NEXT;
+    if (is_write) {
+        /* A longer header descriptor would hold data: the long way's business. */
+        if (hdr.type != VIRTIO_BLK_T_OUT || hlen != sizeof(struct virtio_blk_outhdr)
+            || b->readonly)
+            return 0;
+    } else if (hdr.type != VIRTIO_BLK_T_IN) {
+        return 0;
+    }
+    if (hdr.sector > b->capacity || sectors > b->capacity - hdr.sector)
         return 0;
     if (!room)
         return -1;
@@ -181,6 +196,7 @@ static int vblk_plain_read(struct pykvm_vblk *b, uint16_t head, uint64_t *offset
     uint8_t *sp = pykvm_mem_locate(&b->mem, status_gpa, 1);
     if (!sp)
         return -1;      /* Python merges it, then counts the status it cannot write */
+    *write = is_write;
     *offset = hdr.sector * PYKVM_VBLK_SECTOR;
     *n = total;
     *status = sp;
@@ -231,19 +247,24 @@ static int vblk_rw(int fd, struct iovec *iov, uint32_t cnt, uint64_t offset, uin
     return 0;
 }
 
-/* VirtioBlk._finish_reads: one preadv for the run, then each request's status and used entry. */
-static int vblk_finish_reads(struct pykvm_vblk *b, uint8_t *used, uint64_t offset, uint64_t n)
+/* VirtioBlk._finish_run: one preadv (or pwritev) for the run, then each request's status and used
+ * entry (a write wrote nothing into the chain but its status). */
+static int vblk_finish_run(struct pykvm_vblk *b, uint8_t *used, uint64_t offset, uint64_t n,
+                           int write)
 {
     if (!b->run_n)
         return 0;
-    if (vblk_rw(b->fd, b->iov, b->run_iov, offset, n, 0) < 0)
+    if (vblk_rw(b->fd, b->iov, b->run_iov, offset, n, write) < 0)
         return -1;
     for (uint32_t i = 0; i < b->run_n; i++) {
         *b->run_status[i] = VIRTIO_BLK_S_OK;
-        vblk_used(b, used, b->run_head[i], b->run_len[i] + 1);
+        vblk_used(b, used, b->run_head[i], write ? 1 : b->run_len[i] + 1);
     }
     b->requests += b->run_n;
-    b->reads += b->run_n;
+    if (write)
+        b->writes += b->run_n;
+    else
+        b->reads += b->run_n;
     b->run_n = b->run_iov = 0;
     return 0;
 }
@@ -373,6 +394,7 @@ static uint32_t pykvm_vblk_notify(struct pykvm_vblk *b)
     b->kicks++;
     uint16_t start_used = b->next_used, at = b->last_avail, run_first = at;
     uint64_t run_start = 0, run_end = 0;
+    int run_write = 0;
     b->run_n = b->run_iov = 0;
     uint8_t *used = pykvm_mem_locate(&b->mem, b->used_addr, 6 + 8 * (uint64_t)b->qsize);
     if (!used || !b->qsize)
@@ -387,22 +409,24 @@ static uint32_t pykvm_vblk_notify(struct pykvm_vblk *b)
         uint64_t offset, n;
         uint8_t *status;
         uint32_t nseg;
-        int plain = vblk_plain_read(b, (uint16_t)head, &offset, &n, &status, &nseg);
+        int write;
+        int plain = vblk_plain_rw(b, (uint16_t)head, &write, &offset, &n, &status, &nseg);
         if (plain == 1) {
-            if (b->run_n && (offset != run_end
+            if (b->run_n && (write != run_write || offset != run_end
                              || b->run_iov + nseg > b->merge_max_buffers
                              || run_end - run_start + n > b->merge_max_bytes)) {
                 /* Python finishes the run with this request already parsed (its buffers found),
                  * then starts a new run with it. Its iovecs follow the run's; the preadv leaves
                  * them alone: move them to the front afterwards. */
                 uint32_t mine = b->run_iov;
-                if (vblk_finish_reads(b, used, run_start, run_end - run_start) < 0)
+                if (vblk_finish_run(b, used, run_start, run_end - run_start, run_write) < 0)
                     goto fallback;
                 memmove(b->iov, &b->iov[mine], nseg * sizeof(struct iovec));
             }
             if (!b->run_n) {
                 run_start = run_end = offset;
                 run_first = at;
+                run_write = write;
             }
             if (b->run_n == PYKVM_VBLK_MAX_IOV)
                 goto fallback;
@@ -416,13 +440,13 @@ static uint32_t pykvm_vblk_notify(struct pykvm_vblk *b)
         }
         if (plain < 0)
             goto fallback;
-        if (b->run_n && vblk_finish_reads(b, used, run_start, run_end - run_start) < 0)
+        if (b->run_n && vblk_finish_run(b, used, run_start, run_end - run_start, run_write) < 0)
             goto fallback;
         run_first = at;
         if (vblk_serve_chain(b, used, (uint16_t)head) < 0)
             goto fallback;
     }
-    if (b->run_n && vblk_finish_reads(b, used, run_start, run_end - run_start) < 0)
+    if (b->run_n && vblk_finish_run(b, used, run_start, run_end - run_start, run_write) < 0)
         goto fallback;
     if (b->next_used != start_used)
         vblk_signal(b);

@@ -329,7 +329,7 @@ def _run_chain(data_lens, mutations, rtype, sector, long_way_only):
     disk.buf[:] = bytes((i * 13 + i // 512) & 0xFF for i in range(SECTORS * 512))
     dev, drv, q, feats, irq = setup(disk)
     if long_way_only:
-        dev._plain_read = lambda head: None
+        dev._plain_rw = lambda head: None
     mem = drv.mem
     hdr_addr = drv.alloc.alloc(16)
     mem.write(hdr_addr, hdr(rtype, sector))

@@ -30,15 +30,17 @@ counted. I/O is synchronous on the thread that delivered the notify: the ioevent
 kicks are MMIO exits. Shortcut, admitted: one thread serves the requests one after another, which
 for a raw file in the page cache is fast enough; a pool would overlap long reads.
 
-Reads take a short way (`_plain_read`): a chain that is exactly header, data buffers, one status
-byte, and asks for an IN within the disk, is read straight from the descriptor table with no more
-Python than it needs; anything else (and every error) goes the long way (the queue's full walk and
-`_serve`), which does all the checking and counting. Reads of
-adjacent sectors made available in one kick are merged into one preadv (QEMU's virtio-blk does the
-same, `virtio_blk_submit_multireq`): one system call per run of sequential requests, not per
-request. A driver sees no difference (unless its requests' buffers overlap each other's status
-bytes, which is its own mistake: the statuses are written after all the data); a merged read that
-fails is redone request by request, so each request still gets its own status.
+Reads and writes take a short way (`_plain_rw`): a chain that is exactly header, data buffers, one
+status byte, and asks for an IN (or an OUT, on a writable disk) within the disk, is read straight
+from the descriptor table with no more Python than it needs; anything else (and every error) goes
+the long way (the queue's full walk and `_serve`), which does all the checking and counting.
+Requests of adjacent sectors in the same direction made available in one kick are merged into one
+preadv or pwritev (QEMU's virtio-blk does the same, `virtio_blk_submit_multireq`): one system
+call per run of sequential requests, not per request (4 KiB writes: ~10x fewer host microseconds).
+A driver sees no difference (unless its requests' buffers overlap each other's status bytes,
+which is its own mistake: the statuses are written after all the data); a merged request that
+fails is redone request by request, so each request still gets its own status. The C run loop
+does the same in the same order (csrc/virtio_blk_fast.h).
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ VIRTIO_BLK_S_UNSUPP = 2
 VIRTIO_BLK_ID_BYTES = 20
 HEADER = struct.Struct("<IIQ")
 _OK = bytes([0])     # VIRTIO_BLK_S_OK
+# A plain request's data descriptors: all device-writable (a read) or all device-readable (a write).
+_DATA_FLAGS = (VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_NEXT)
 DISCARD_SEGMENT = struct.Struct("<QII")   # sector, num_sectors, flags
 
 QUEUE_SIZE = 256
@@ -156,32 +160,35 @@ class VirtioBlk(VirtioDevice):
     def process_queue(self, index: int) -> None:
         q = self.queues[0]
         start = q.next_used
-        run: list[tuple[int, int, int]] = []      # adjacent plain reads: (head, status gpa, bytes)
+        run: list[tuple[int, int, int]] = []      # adjacent plain requests, all reads or all
+        run_write = False                         # writes: (head, status gpa, bytes written)
         buffers: list[memoryview] = []            # their data buffers, in order
         run_start = run_end = 0                   # the disk bytes they cover
         while (head := q.pop_head()) is not None:
             self.requests += 1
-            read = self._plain_read(head)
-            if read is not None:
-                offset, views, n, status = read
-                if run and (offset != run_end or len(buffers) + len(views) > MERGE_MAX_BUFFERS
+            plain = self._plain_rw(head)
+            if plain is not None:
+                write, offset, views, n, status = plain
+                if run and (write != run_write or offset != run_end
+                            or len(buffers) + len(views) > MERGE_MAX_BUFFERS
                             or run_end - run_start + n > MERGE_MAX_BYTES):
-                    self._finish_reads(run, run_start, buffers)
+                    self._finish_run(run, run_start, buffers, run_write)
                     run, buffers = [], []
                 if not run:
                     run_start = run_end = offset
-                run.append((head, status, n))
+                    run_write = write
+                run.append((head, status, 0 if write else n))
                 buffers += views
                 run_end += n
                 continue
             if run:
-                self._finish_reads(run, run_start, buffers)
+                self._finish_run(run, run_start, buffers, run_write)
                 run, buffers = [], []
             chain = q.chain_at(head)
             if chain is not None:
                 q.add_used(head, self._serve(chain))
         if run:
-            self._finish_reads(run, run_start, buffers)
+            self._finish_run(run, run_start, buffers, run_write)
         if q.next_used != start:
             self.signal_used(q)
         if self._fast is not None:
@@ -204,14 +211,15 @@ class VirtioBlk(VirtioDevice):
         """Requests the C run loop served (csrc/virtio_blk_fast.h)."""
         return self._fast.requests if self._fast is not None else 0
 
-    # ---- the short way, for plain reads ----
-    def _plain_read(self, head: int) -> tuple[int, list[memoryview], int, int] | None:
-        """(disk offset, data buffers, data bytes, status byte's gpa) if the chain at `head` is a
-        plain read: a 16-byte (or longer) readable header, one or more writable data buffers, a
+    # ---- the short way, for plain reads and writes ----
+    def _plain_rw(self, head: int) -> tuple[bool, int, list[memoryview], int, int] | None:
+        """(is a write, disk offset, data buffers, data bytes, status byte's gpa) if the chain at
+        `head` is a plain read or write: a readable header (16 bytes for a write, at least 16 for
+        a read), one or more data buffers all writable (a read) or all readable (a write), a
         writable status byte, all direct descriptors with no flag bits beyond NEXT and WRITE, an
-        IN of whole sectors within the disk, every buffer in RAM. None for anything else, which
-        then takes the long way (the full walk and `_serve`), where every mistake is counted:
-        nothing is counted here. The descriptors are read here rather than by the walk because
+        IN or (on a writable disk) OUT of whole sectors within the disk, every buffer in RAM.
+        None for anything else, which then takes the long way (the full walk and `_serve`), where
+        every mistake is counted: nothing is counted here. The descriptors are read here rather than by the walk because
         this is the one chain shape a block device sees all the time, and the walk's generality
         (indirect tables, any mix of buffers) costs Python on every request; each link is checked
         as the walk checks it (index inside the table, at most the table's size in all)."""
@@ -227,11 +235,13 @@ class VirtioBlk(VirtioDevice):
             return None
         segs: list[tuple[int, int]] = []
         n = 0
+        data_flags = None
         for _ in range(size - 1):
             if index >= size:
                 return None
             addr, length, flags, index = unpack(table, base + DESC_SIZE * index)
-            if flags == VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT:
+            if flags == data_flags or (data_flags is None and flags in _DATA_FLAGS):
+                data_flags = flags
                 segs.append((addr, length))
                 n += length
             elif flags == VIRTQ_DESC_F_WRITE and length == 1 and segs:
@@ -247,18 +257,30 @@ class VirtioBlk(VirtioDevice):
         try:
             ram, off = mem.locate(haddr, HEADER.size)
             rtype, _, sector = HEADER.unpack_from(ram, off)
-            if rtype != VIRTIO_BLK_T_IN or sector + n // SECTOR > self.capacity:
+            write = data_flags == VIRTQ_DESC_F_NEXT
+            if write:
+                # The long way reads an OUT's data from the readable bytes after the header's
+                # first 16: a longer header descriptor holds data, which only it handles.
+                if rtype != VIRTIO_BLK_T_OUT or hlen != HEADER.size or self.readonly:
+                    return None
+            elif rtype != VIRTIO_BLK_T_IN:
                 return None
-            return sector * SECTOR, mem.views(segs), n, status
+            if sector + n // SECTOR > self.capacity:
+                return None
+            return write, sector * SECTOR, mem.views(segs), n, status
         except GuestMemoryError:
             return None
 
-    def _finish_reads(self, run: list[tuple[int, int, int]], offset: int,
-                      buffers: list[memoryview]) -> None:
-        """Read adjacent plain reads in one go, then give each its status and used entry."""
+    def _finish_run(self, run: list[tuple[int, int, int]], offset: int,
+                    buffers: list[memoryview], write: bool) -> None:
+        """Read (or write) adjacent plain requests in one go, then give each its status and used
+        entry."""
         q = self.queues[0]
         try:
-            self.disk.readinto(offset, buffers)
+            if write:
+                self.disk.writefrom(offset, buffers)
+            else:
+                self.disk.readinto(offset, buffers)
         except OSError:
             # Redo them one by one: each request gets its own status (and the error its count).
             for head, _, _ in run:

@@ -4,8 +4,9 @@
     machine.fast.regs.vblk = fast.block
 
 A kick (the guest's write to QueueNotify) is an MMIO exit. With this bound, the C run loop looks at
-it first: if the path is armed, C walks the queue itself - plain reads merged into preadv, writes
-with pwritev, flushes with fsync, straight between the disk image and guest RAM - fills the used
+it first: if the path is armed, C walks the queue itself - adjacent plain reads merged into one
+preadv, adjacent writes into one pwritev, flushes with fsync, straight between the disk image and
+guest RAM - fills the used
 ring and raises the interrupt, and the vCPU goes back into the guest without the interpreter. What
 C does not do (any request with a mistake in it, GET_ID, DISCARD, an I/O error, an interrupt
 line that is not a KVM irqfd) it hands back: `finish()` lets the Python model,
