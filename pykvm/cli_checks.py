@@ -183,6 +183,14 @@ def output_file(path: str, what: str, *, dash_ok: bool = False) -> str:
         mode = os.stat(p).st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
             raise InputError(f"{what} {path} is {_kind(mode)}, not a file")
+        if stat.S_ISFIFO(mode):
+            # Opening a FIFO for writing blocks until something reads it: with nobody there,
+            # pykvm would hang before the guest starts. A non-blocking open says ENXIO instead.
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+            except OSError:
+                raise InputError(f"{what} {path} is a FIFO that nothing reads: start the reader "
+                                 "first") from None
     elif not os.access(folder, os.W_OK | os.X_OK):
         raise InputError(f"{what} {path}: folder {folder} is not writable by this user")
     return path
