@@ -24,6 +24,7 @@ import random
 import struct
 import tempfile
 
+import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from pykvm.irq import IrqLine, RecordingIrqLine
@@ -34,6 +35,8 @@ from pykvm.virtio import queue as Q
 from pykvm.virtio.blk_fast import BlkFastPath
 from pykvm.virtio.mmio import INTERRUPT_ACK, VirtioMmio
 from pykvm.virtio.mock import MmioDriver
+
+from conftest import needs_kvm
 
 SECTOR = 512
 DISK_SECTORS = 64
@@ -378,3 +381,20 @@ def test_c_serves_plain_requests_and_python_serves_the_rest(tmp_path):
         assert not w.fast.armed
     finally:
         w.close()
+
+
+@needs_kvm
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_c_path_is_bound_only_with_one_vcpu(tmp_path, cpus):
+    """The C loop runs on vCPU 0 without the device's lock: with a second vCPU the Python model
+    serves every kick (under its lock), or the two would race on the queue."""
+    from pykvm.host.disk import DiskImage
+    from pykvm.machine import Machine
+    from pykvm.virtio import attach_mmio
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(1 << 20))
+    with DiskImage(img) as disk, Machine(16 << 20, fast_path=True, cpus=cpus) as m:
+        dev = B.VirtioBlk(disk)
+        attach_mmio(m, dev, 0, ioeventfd=False)
+        assert (m.fast.virtio_blk is not None) == (cpus == 1)
+        assert (dev._fast is not None) == (cpus == 1)

@@ -23,7 +23,7 @@ at the used rings only after acknowledging, so every new batch of used buffers i
 
 A virtio-blk device on a machine with the C run loop (`Machine(fast_path=True)`, as LinuxVM has)
 gets its common requests served in C on the vCPU's thread (blk_fast.py), whatever `ioeventfd` says
-(one disk per machine, a plain image file).
+(one disk per machine, a plain image file, a machine with one vCPU).
 
 With `ioeventfd=True` and a machine that has a KVM `vm`, guest writes to QueueNotify are caught by
 KVM itself (KVM_IOEVENTFD with the queue index as datamatch): the vCPU does not exit, an eventfd is
@@ -106,10 +106,13 @@ def attach_mmio(machine, device: VirtioDevice, index: int, *,
     device.on_worker_error = getattr(machine, "worker_failed", None)
     notifier = None
     if (isinstance(device, VirtioBlk) and getattr(machine, "fast", None) is not None
-            and machine.fast.virtio_blk is None and not getattr(device.disk, "snapshot", True)):
+            and machine.fast.virtio_blk is None and not getattr(device.disk, "snapshot", True)
+            and len(getattr(machine, "vcpus", ())) <= 1):
         # The C run loop serves its common requests (blk_fast.py), on the vCPU's thread the
         # moment the kick's exit arrives: on the 2-core KVM-PVM hosts this beats a kick handed
         # to an ioeventfd thread, so it wins over `ioeventfd` for the one disk it can take.
+        # One vCPU only: the C loop runs on vCPU 0 and takes no lock, so a kick from another
+        # vCPU served by the Python model at the same moment would race it on the queue.
         from .blk_fast import BlkFastPath
         machine.fast.bind_virtio_blk(BlkFastPath(transport, base, layout.VIRTIO_MMIO_SIZE))
     elif ioeventfd:
