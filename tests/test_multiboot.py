@@ -232,3 +232,19 @@ def test_cli_module_with_a_linux_kernel_is_a_usage_error(tmp_path):
     k.write_bytes(b"\0" * 4096)
     p = pykvm(str(k), "--module", str(k), "--console", "none")
     assert p.returncode == 2 and "--module is for multiboot kernels" in p.stderr
+
+
+@needs_kvm
+@needs_gcc
+def test_testdev_scratch_and_bochs_shutdown_from_a_guest():
+    p = pykvm(str(kernel()), "--append", "testdev=1 bochs=1", "--testdev", "--debug-exit",
+              "--console", "stdio")
+    assert "testdev scratch 0x12345678\n" in p.stdout and "all checks passed" in p.stdout, p.stdout
+    assert p.returncode == 0 and "stopped: poweroff" in p.stderr, p.stderr   # not isa-debug-exit
+
+
+@needs_kvm
+@needs_gcc
+def test_without_testdev_the_scratch_port_reads_as_nothing():
+    p = pykvm(str(kernel()), "--append", "testdev=1", "--debug-exit", "--console", "stdio")
+    assert "FAIL check 0xc" in p.stdout and p.returncode == ((0x8C << 1) | 1) & 0xFF, p.stdout

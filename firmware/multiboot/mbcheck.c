@@ -5,7 +5,9 @@
  * information format"; 3.2 "Machine state"). It returns, and entry.S writes to isa-debug-exit:
  *   the value of "exit=N" on the command line (default 0) if every check passed, else
  *   0x80 + the number of the first failed check (the CHECK lines below).
- * Command line words it reads: exit=N, mods=N (the number of modules to expect).
+ * Command line words it reads: exit=N, mods=N (the number of modules to expect), testdev=1 (check
+ * QEMU's pc-testdev scratch register at port 0xe0: a 32-bit write read back 16 bits at a time),
+ * bochs=1 (end by writing "Shutdown" to the Bochs port 0x8900 instead of isa-debug-exit).
  *
  * It also reads QEMU's fw_cfg (docs/specs/fw_cfg.rst, legacy I/O at 0x510/0x511): the signature,
  * the CPU count, the RAM size and, if present, the file "opt/pykvm/greeting".
@@ -28,6 +30,8 @@ extern char _start_image[], _end[];
 
 static inline void outb(uint16_t port, uint8_t v) { __asm__ volatile("outb %0, %1" :: "a"(v), "Nd"(port)); }
 static inline void outw(uint16_t port, uint16_t v) { __asm__ volatile("outw %0, %1" :: "a"(v), "Nd"(port)); }
+static inline void outl(uint16_t port, uint32_t v) { __asm__ volatile("outl %0, %1" :: "a"(v), "Nd"(port)); }
+static inline uint16_t inw(uint16_t port) { uint16_t v; __asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(port)); return v; }
 static inline uint8_t inb(uint16_t port) { uint8_t v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
 
 static void puts_(const char *s) { while (*s) outb(0xe9, (uint8_t)*s++); }
@@ -170,6 +174,15 @@ uint32_t mb_main(uint32_t magic, struct mb_info *info)
         CHECK(11, m[i].mod_start >= (uint32_t)_end);              /* not on top of us */
     }
     fw_cfg_report();
+    if (word(cmdline, "testdev", 0)) {
+        outl(0xe0, 0x12345678);
+        uint32_t lo = inw(0xe0), hi = inw(0xe2);
+        line("testdev scratch ", (hi << 16) | lo);
+        CHECK(12, ((hi << 16) | lo) == 0x12345678);
+    }
     puts_(failed ? "mbcheck: FAILED\n" : "mbcheck: all checks passed\n");
+    if (!failed && word(cmdline, "bochs", 0))
+        for (const char *p = "Shutdown"; *p; p++)
+            outb(0x8900, (uint8_t)*p);
     return failed ? 0x80 + failed : word(cmdline, "exit", 0);
 }
