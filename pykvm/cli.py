@@ -204,7 +204,7 @@ def _multiboot_vm(args, memory: int):
         modules.append((path, margs))
     return MultibootVM(args.kernel, append=args.append or "", initrd=args.initrd, modules=modules,
                        memory=memory, until=args.until, irqchip=args.irqchip,
-                       fast_path=not args.no_fast_path,
+                       fast_path=not args.no_fast_path, cpus=args.cpus,
                        pvm_workarounds=not args.no_pvm_workarounds and None)
 
 

@@ -41,13 +41,14 @@ class MultibootVM:
 
     kernel: the file (its path, as given, starts the kernel's command line). append: the rest of
     the command line. initrd: a first module; modules: more, as (path, args) pairs or paths.
-    memory: bytes. until: stop (reason "until") when a console line matches this regex."""
+    memory: bytes. until: stop (reason "until") when a console line matches this regex.
+    cpus: vCPUs (the others wait for the kernel's INIT/SIPI)."""
 
     def __init__(self, kernel: str | os.PathLike, *, append: str = "",
                  initrd: str | os.PathLike | None = None,
                  modules: list[tuple[str, str] | str] = (), memory: int = DEFAULT_MEMORY,
                  until: str | None = None, irqchip: str = "kernel", fast_path: bool = True,
-                 pvm_workarounds: bool | None = None):
+                 pvm_workarounds: bool | None = None, cpus: int = 1):
         image = _read(kernel, "kernel")
         mods = []
         for spec in ([initrd] if initrd else []) + list(modules):
@@ -60,7 +61,9 @@ class MultibootVM:
         self.pvm_workarounds = pvm_workarounds
         self.added_pvm_args: list[str] = []
         self.console = ConsoleLog()
-        self.machine = Machine(memory, irqchip=irqchip, fast_path=fast_path)
+        # Extra vCPUs wait for INIT/SIPI from the kernel (the in-kernel local APIC handles them);
+        # a kernel finds how many there are in fw_cfg (FW_CFG_NB_CPUS), as kvm-unit-tests do.
+        self.machine = Machine(memory, irqchip=irqchip, fast_path=fast_path, cpus=cpus)
         try:
             self.devices = add_pc_devices(self.machine, self.console)
             self.plan = load_multiboot(self.machine.mem, image, name=str(kernel), append=append,

@@ -61,8 +61,11 @@ def parse_fw_cfg(spec: str) -> tuple[str, bytes]:
 
 def add_test_devices(machine: Machine, *, debug_exit: tuple[int, int] | None = None,
                      fw_cfg_files: list[tuple[str, bytes]] = (), testdev: bool = False,
-                     cpus: int = 1) -> TestDevices:
-    """Register the devices on `machine` (see the module docstring) and return them."""
+                     cpus: int | None = None) -> TestDevices:
+    """Register the devices on `machine` (see the module docstring) and return them. `cpus`, for
+    fw_cfg's CPU count: the machine's vCPUs unless given."""
+    if cpus is None:
+        cpus = len(getattr(machine, "vcpus", None) or [machine])
     fw_cfg = FwCfg(ram_size=machine.mem.size, cpus=cpus, mem=machine.mem)
     for name, data in fw_cfg_files:
         try:

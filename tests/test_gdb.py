@@ -383,3 +383,19 @@ def test_each_vcpu_is_a_thread():
     assert stub._command(f"p{rip:x}", b"") == (0x2222).to_bytes(8, "little").hex()
     assert stub._command("Hg1", b"") == "OK"
     assert stub._command(f"p{rip:x}", b"") == (0x1000).to_bytes(8, "little").hex()
+
+
+@needs_kvm
+@needs_gdb
+@needs_gcc
+def test_gdb_sees_each_vcpu_as_a_thread():
+    from pykvm.testing.multiboot import build
+    k = build("mbcheck", "elf32")
+    code, out, console, _ = boot_with_gdb(
+        [str(k), "--debug-exit", "--cpus", "3", "--console", "stdio"],
+        ["break mb_main", "continue", "info threads", "thread 3", "p/x $eip", "thread 1",
+         "delete", "continue"], k)
+    assert "Thread 1 hit Breakpoint 1, mb_main" in out, out
+    assert "Thread 2 (vCPU 1)" in out and "Thread 3 (vCPU 2)" in out, out
+    assert "$1 = 0xfff0" in out, out            # an AP still waits for its SIPI at the reset vector
+    assert "fw_cfg cpus 0x3" in console and code == 1, out + console
