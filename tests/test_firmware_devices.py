@@ -388,8 +388,10 @@ def run_timer(mode: int, *, cpl: int = 0, want: int = 200, reload: int = 1193):
 @needs_kvm
 def test_timer_interrupts_counted_against_the_host_clock(mode):
     """The guest programs the 8259 pair like Linux (vector base 0x30/0x38) and the 8254's channel 0
-    at 250 Hz, takes 50 IRQ 0s at vector 0x30 with EOIs, and reports; the count must match the
-    host's clock between the guest's start and stop marks (within 50%: ~200 ms expected).
+    at 250 Hz, takes 50 IRQ 0s at vector 0x30 with EOIs, and reports; the count is held to the
+    host's clock between the guest's start and stop marks: never more ticks than that time allows
+    (+50%). A loaded host can only delay ticks (merging them), never add any, so there is no lower
+    bound beyond the 50 the guest waits for: that would assert the host's scheduling, not pykvm.
     250 Hz rather than 1000: a tick that comes while the previous one is still pending is merged
     into it (as on a real 8259, edge-triggered), and on a loaded shared host the vCPU thread can
     miss 1 ms deadlines often enough to lose a third of them; 4 ms periods keep this a check of the
@@ -406,7 +408,7 @@ def test_timer_interrupts_counted_against_the_host_clock(mode):
     period_ms = reload * 1000 / PIT_HZ
     expected = elapsed_ms / period_ms
     assert irq0 >= want
-    assert 0.5 * expected <= irq0 <= 1.5 * expected, (irq0, elapsed_ms, r.text)
+    assert irq0 <= 1.5 * expected, (irq0, elapsed_ms, r.text)
     # Every vector the VMM injected was a timer interrupt the guest's handler counted; nothing
     # spurious on either side, and the guest's EOIs left nothing in service.
     assert dict(m.stats.interrupts) == {0x30: irq0}
