@@ -330,7 +330,26 @@ def boot_args(args) -> None:
         output_file(args.trace, "--trace", dash_ok=True)
     if args.profile and args.profile != "-":
         input_file(args.profile, "--profile System.map", MAX_SYSTEM_MAP)
+    _save_args(args)
 
 
-__all__ = ["InputError", "boot_args", "read_input", "input_file", "disk_image", "output_file", "size",
+def _save_args(args) -> None:
+    """--save-at REGEX and --save-to FILE (pykvm/snapshot/cli.py), where the command has them."""
+    regex(getattr(args, "save_at", None), "--save-at")
+    if getattr(args, "save_to", None):
+        output_file(args.save_to, "--save-to")
+
+
+def restore_args(args) -> None:
+    """`pykvm restore`'s arguments, as boot_args does for boot: the snapshot a regular file (a
+    FIFO would block the open), the other values as for boot."""
+    input_file(args.snapshot, "snapshot", 2 * MAX_MEMORY)
+    args.timeout = timeout(args.timeout)
+    regex(args.until)
+    if args.console not in ("stdio", "none"):
+        output_file(args.console, "--console")
+    _save_args(args)
+
+
+__all__ = ["InputError", "boot_args", "restore_args", "read_input", "input_file", "disk_image", "output_file", "size",
            "memory", "timeout", "regex", "tap_name", "host_memory", "cpus"]

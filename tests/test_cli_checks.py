@@ -266,12 +266,12 @@ def test_subprocess(files, args, phrase):
 def test_table_is_true(files, capsys):
     """docs/bad-input.md: each row's example, run, gives the row's status and message."""
     table = (REPO / "docs" / "bad-input.md").read_text()
-    rows = re.findall(r"^\| `pykvm ((?:boot|info|selftest) [^`]*)` \| (\d+) \| ([^|]+) \|", table,
-                      re.M)
-    assert len(rows) >= 40
+    rows = re.findall(r"^\| `pykvm ((?:boot|info|selftest|restore) [^`]*)` \| (\d+) \| ([^|]+) \|",
+                      table, re.M)
+    assert len(rows) >= 50
     for example, status, message in rows:
         argv = [a.replace("DIR/", f"{files}/") for a in example.split()]
-        if argv[0] == "boot" and "--console" not in argv:
+        if argv[0] in ("boot", "restore") and "--console" not in argv:
             argv += ["--console", "none"]
         got, err = _run_main(argv, capsys)
         assert got == int(status), (example, err)

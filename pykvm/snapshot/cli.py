@@ -86,8 +86,14 @@ def cmd_restore(args, say, terminal_sink) -> int:
     from pykvm.snapshot import SnapshotError
     from pykvm.stop import StopReason
 
+    from pykvm import cli_checks
     if args.save_at and not args.save_to:
         say("error: --save-at needs --save-to FILE")
+        return 2
+    try:
+        cli_checks.restore_args(args)     # files and values checked up front (pykvm/cli_checks.py)
+    except cli_checks.InputError as e:
+        say(f"error: {e}")
         return 2
     try:
         vm = LinuxVM.restore(args.snapshot, until=args.until or args.save_at, clone=args.clone,
