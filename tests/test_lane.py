@@ -294,6 +294,13 @@ def test_result_names_an_init_failure_a_panic_or_a_qemu_error(tmp_path):
     assert r.error == "QEMU: qemu-system-x86_64: -virtfs x: cannot open"
 
 
+def test_console_tail_leaves_out_known_noise(tmp_path):
+    noise = "[ 81.6] kvm [141]: vcpu0, guest rIP: 0xffffffff81002f9d Unhandled WRMSR(0xc0010007) = 0xffff"
+    r = _result(write_run(tmp_path, "\n".join(["a", noise, "b", noise])), False, 60)
+    assert r.console_tail(2) == "a\nb"
+    assert noise in r.console
+
+
 def test_result_of_a_timeout(tmp_path):
     r = _result(write_run(tmp_path, "\n".join(f"line {i}" for i in range(100))), True, 30)
     assert r.status == LANE_TIMEOUT and r.error == "the lane timed out after 30 s"

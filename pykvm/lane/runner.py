@@ -36,6 +36,11 @@ LANE_TIMEOUT = 124  # the timeout passed (as timeout(1))
 INNER_ENV = "PYKVM_LANE_INNER"  # set to 1 in the job's environment
 _STATUS_LINE = re.compile(r"pykvm-lane: exit status (\d+)")
 _HARMLESS = ("TCG doesn't support requested feature",)
+# L1 console lines left out of failure reports (l1-console.log keeps them). MSR 0xc0010007 is
+# MSR_K7_PERFCTR3, one of AMD's legacy performance counters; L1's KVM runs without PMU
+# virtualization ("SVM: PMU virtualization is disabled" in L1's log) and logs the write that every
+# L2 Linux boot makes to it. Harmless: the L2 boots go on.
+_NOISE = ("Unhandled WRMSR(0xc0010007)",)
 # What L1's /init mounts fresh over the host's tree (l1-init.sh): the host's own files there are
 # not visible in the lane, so a command cannot start in them.
 HIDDEN = ("/proc", "/sys", "/dev", "/run", "/tmp")
@@ -56,7 +61,9 @@ class LaneResult:
         return self.error is None and self.status == 0
 
     def console_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.console.splitlines()[-lines:])
+        """The last ``lines`` lines of L1's console, without its known noise."""
+        kept = [line for line in self.console.splitlines() if not any(n in line for n in _NOISE)]
+        return "\n".join(kept[-lines:])
 
 
 def lock_path() -> Path:
