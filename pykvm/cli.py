@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(fn=cmd_info)
 
     boot = sub.add_parser("boot", help="boot a Linux kernel",
-                          description="Boot a Linux kernel (bzImage or ELF vmlinux). The serial "
+                          description="Boot a Linux kernel (bzImage or ELF vmlinux), or a multiboot kernel. The serial "
                           "console is on the terminal: Ctrl-A x quits, Ctrl-A h helps.")
     boot.add_argument("kernel", help="bzImage or vmlinux")
     boot.add_argument("disk", nargs="?", help="raw disk image: the guest's /dev/vda (virtio-blk), "

@@ -337,7 +337,7 @@ def test_gdb_on_the_test_kernel_with_its_vmlinux():
 # ---------------------------------------------------------------- debug registers (no KVM)
 
 def test_dr7_encodes_each_slot():
-    from pykvm.gdb.stub import _HwPoint, dr7_for
+    from pykvm.gdb.debugregs import HwPoint as _HwPoint, dr7_for
     assert dr7_for([None] * 4) == 0
     # slot 0: execute (RW 00, LEN 00); slot 2: 4-byte write watch (RW 01, LEN 11); GE set
     dr7 = dr7_for([_HwPoint(1, 0x1000, 1), None, _HwPoint(2, 0x2000, 4), None])

@@ -4,6 +4,7 @@
 - packets.py    the remote protocol's framing ($...#cs, acks, escapes, Ctrl-C)
 - registers.py  the target description (x86-64 or i386, with segment and control registers) and
                 register images read from the vCPU
+- debugregs.py  DR0-DR3/DR7 for hardware breakpoints and watchpoints
 - stub.py       the server: holds and releases vCPUs, breakpoints, single-step, memory by virtual
                 or physical address
 """

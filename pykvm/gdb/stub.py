@@ -54,6 +54,7 @@ from typing import Callable
 
 from ..stop import Stop, StopReason
 from . import registers as R
+from .debugregs import HwPoint, WATCH_REPLY, dr7_for, valid_point
 from .packets import PacketReader, frame
 
 SIGINT, SIGTRAP = 2, 5
@@ -101,32 +102,6 @@ class _Event:
     extra: str = ""                     # e.g. "swbreak:;"
 
 
-# gdb's Z1-Z4 kinds -> DR7 R/W field, and access length -> DR7 LEN field (SDM 18.2.4)
-_DR7_RW = {1: 0b00, 2: 0b01, 3: 0b11, 4: 0b11}
-_DR7_LEN = {1: 0b00, 2: 0b01, 4: 0b11, 8: 0b10}
-_WATCH_REPLY = {2: "watch", 3: "rwatch", 4: "awatch"}
-
-
-@dataclass(frozen=True)
-class _HwPoint:
-    kind: int                           # 1 execute, 2 write, 3 read, 4 access (gdb's Z kinds)
-    addr: int
-    length: int
-
-
-def dr7_for(points: list[_HwPoint | None]) -> int:
-    """DR7 for up to four debug-register slots (None: unused)."""
-    dr7 = 0
-    for i, p in enumerate(points):
-        if p is not None:
-            length = 1 if p.kind == 1 else p.length     # execute breakpoints use LEN 00
-            dr7 |= (1 << (2 * i)) | (_DR7_RW[p.kind] << (16 + 4 * i)) \
-                | (_DR7_LEN[length] << (18 + 4 * i))
-    if dr7:
-        dr7 |= 1 << 9                   # GE: exact data breakpoints (recommended, 18.2.4)
-    return dr7
-
-
 @dataclass
 class _Breakpoint:
     addr: int                           # linear, as gdb gave it
@@ -171,7 +146,7 @@ class GdbStub:
         self._pause = False                 # held: vCPUs park at their next exit
         self._events: list[_Event] = []
         self._bps: dict[int, _Breakpoint] = {}
-        self._hw: list[_HwPoint | None] = [None] * 4
+        self._hw: list[HwPoint | None] = [None] * 4
         self._planted = False
         self._phys_mode = False
         self._g_cpu = self.cpus[0]
@@ -326,7 +301,7 @@ class GdbStub:
         hit = next((i for i in range(4) if e.dr6 & (1 << i) and self._hw[i] is not None), None)
         if hit is not None:                  # a debug-register breakpoint or watchpoint
             p = self._hw[hit]
-            extra = "hwbreak:;" if p.kind == 1 else f"{_WATCH_REPLY[p.kind]}:{p.addr:x};"
+            extra = "hwbreak:;" if p.kind == 1 else f"{WATCH_REPLY[p.kind]}:{p.addr:x};"
             self._stop_all(cpu, _Event(cpu, SIGTRAP, extra))
         elif cpu.mode == "step":
             self._stop_all(cpu, _Event(cpu, SIGTRAP))
@@ -706,10 +681,9 @@ class GdbStub:
         return "OK"
 
     def _hw_point(self, insert: bool, kind: int, addr: int, length: int) -> str:
-        if kind not in _DR7_RW or (kind != 1 and length not in _DR7_LEN) or \
-                (kind != 1 and addr % length):
+        if not valid_point(kind, addr, length):
             return "E22"                      # x86 watches 1, 2, 4 or 8 aligned bytes
-        point = _HwPoint(kind, addr, length if kind != 1 else 1)
+        point = HwPoint(kind, addr, length if kind != 1 else 1)
         with self._cv:
             if insert:
                 if point in self._hw:
