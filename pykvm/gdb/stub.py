@@ -125,7 +125,7 @@ class GdbStub:
                  wait: bool = False, host_kind: str | None = None,
                  log: Callable[[str], None] | None = None,
                  early_translate: Callable[[int], int | None] | None = None):
-        from ..kvm._lib import lib           # the binding's constants, for guest-debug control
+        from ..kvm import headers as lib     # KVM_GUESTDBG_* from <linux/kvm.h>, via the binding
         self._lib = lib
         self.machine = machine
         vcpus = vcpus or getattr(machine, "vcpus", None) or [machine.vcpu]
