@@ -196,6 +196,7 @@ def test_mbcheck_sees_its_modules_command_line_and_memory(tmp_path, fmt):
     assert f"module {9000:#x} {_sum(mod2.read_bytes()):#x} {mod2} two args\n" in out
     assert "fw_cfg signature 0x554d4551\nfw_cfg cpus 0x1\n" in out
     assert f"fw_cfg ram {48 << 20:#x}\n" in out and "fw_cfg greeting hello fw_cfg\n" in out
+    assert "fw_cfg dma status 0x0\nfw_cfg dma greeting hello fw_cfg\n" in out    # the DMA way
 
 
 @needs_kvm
