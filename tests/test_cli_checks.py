@@ -4,6 +4,7 @@ checks every row of it against the real command."""
 
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
@@ -42,10 +43,18 @@ def files(tmp_path):
 def _run_main(argv, capsys):
     """main(argv) in this process: (status, stderr). argparse's usage errors exit through
     SystemExit, which is part of the contract (status 2, a usage line)."""
+    def hung(signum, frame):
+        raise TimeoutError(f"pykvm {' '.join(argv)} hung (a FIFO opened without O_NONBLOCK?)")
+
+    previous = signal.signal(signal.SIGALRM, hung)     # a hang fails the test, not the run
+    signal.alarm(60)
     try:
         status = cli.main(argv)
     except SystemExit as e:
         status = e.code
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     err = capsys.readouterr().err
     return status, err
 
@@ -276,3 +285,37 @@ def test_table_is_true(files, capsys):
         got, err = _run_main(argv, capsys)
         assert got == int(status), (example, err)
         assert message.strip().strip("`").replace("DIR/", f"{files}/") in err, (example, err)
+
+
+@st.composite
+def restore_argv(draw, folder):
+    def path(p):
+        return p if p.startswith("/") or not p else str(folder / p)
+    argv = ["restore", path(draw(st.sampled_from(_PATHS)))]
+    for opt, values in (("--until", _VALUES["--until"]), ("--timeout", _VALUES["--timeout"]),
+                        ("--save-to", st.sampled_from(["nodir/x", "dir", ""])),
+                        ("--save-at", _VALUES["--until"]),
+                        ("--console", _VALUES["--console"])):
+        if draw(st.booleans()):
+            value = draw(values)
+            if opt in ("--save-to", "--console") and value and not value.startswith("/"):
+                value = path(value)
+            argv.append(f"{opt}={value}")
+    argv += draw(st.lists(st.sampled_from(["--clone", "--verify"]), max_size=2, unique=True))
+    if not any(a.startswith("--console") for a in argv):
+        argv.append("--console=none")
+    return argv
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_generated_restore_arguments(files, capsys, data):
+    """`pykvm restore` with generated bad arguments (no argument list here names a usable
+    snapshot): status 2, one error line or argparse's usage, no traceback, no file changed."""
+    argv = data.draw(restore_argv(files))
+    before = _snapshot(files)
+    status, err = _run_main(argv, capsys)
+    assert status == 2, (argv, err)
+    assert "Traceback" not in err, (argv, err)
+    assert len(_errors(err)) == 1 or err.startswith("usage:"), (argv, err)
+    assert _snapshot(files) == before, argv
