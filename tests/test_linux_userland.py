@@ -60,9 +60,10 @@ def sha256_in(output):
 
 def test_shell_on_hvc0_reads_virtio_rng_and_powers_off(kernel, tmp_path):
     """The shell on the virtio console; /dev/hwrng backed by virtio-rng; `poweroff -f` with no
-    kernel message on the console (loglevel=0), so the end is seen in the vCPU's state alone."""
+    kernel message on the console (loglevel=0) and no ACPI to cut the power, so the end is seen in
+    the vCPU's state alone."""
     with LinuxVM(kernel, initrd=initramfs(), memory=MEMORY, console="hvc0", rng=True,
-                 append="loglevel=0") as vm:
+                 append="loglevel=0", acpi=False) as vm:
         booted(vm, tmp_path)
         r = vm.shell("echo $((6 * 7)); uname -r")      # arithmetic: no echo of the typed line
         assert r.status == 0 and r.output.splitlines()[0] == "42", r
@@ -88,17 +89,20 @@ def test_shell_on_hvc0_reads_virtio_rng_and_powers_off(kernel, tmp_path):
     assert "System halted" not in vm.console.text
 
 
-@pytest.mark.parametrize("irqchip, arg, reason", [
-    ("kernel", "pykvm.poweroff", "halt"),
-    ("kernel", "pykvm.reboot", "reset"),
-    ("user", "pykvm.poweroff", "halt"),       # the Python 8259/8254: userland, and the Hlt exit
+@pytest.mark.parametrize("irqchip, acpi, arg, reason", [
+    ("kernel", True, "pykvm.poweroff", "poweroff"),   # PM1a_CNT: SLP_TYP(S5) | SLP_EN
+    ("kernel", False, "pykvm.poweroff", "halt"),      # no power-off hardware: the final hlt
+    ("kernel", True, "pykvm.reboot", "reset"),        # the FADT's reset register
+    ("kernel", False, "pykvm.reboot", "reset"),       # reboot=k: the i8042
+    ("user", False, "pykvm.poweroff", "halt"),  # the Python 8259/8254: userland, and the Hlt exit
+    ("user", True, "pykvm.poweroff", "poweroff"),   # ACPI with the Python 8259s (SCI on IRQ 9)
 ])
-def test_cli_poweroff_and_reboot_end_with_status_0(kernel, tmp_path, irqchip, arg, reason):
+def test_cli_poweroff_and_reboot_end_with_status_0(kernel, tmp_path, irqchip, acpi, arg, reason):
     log = tmp_path / "console.log"
     p = subprocess.run(
         [sys.executable, "-m", "pykvm.cli", "boot", str(kernel), "--initrd", str(initramfs()),
          "--append", arg, "--irqchip", irqchip, "--memory", MEMORY, "--timeout", str(TIMEOUT),
-         "--console", str(log)],
+         "--console", str(log)] + ([] if acpi else ["--no-acpi"]),
         capture_output=True, text=True, timeout=TIMEOUT + 120, stdin=subprocess.DEVNULL)
     text = log.read_text(errors="replace")
     assert USERLAND_MARKER in text, text[-2000:]
@@ -148,7 +152,7 @@ def test_snapshot_leaves_the_image_byte_identical_with_the_python_irqchip(kernel
     shutil.copyfile(disk_image(), image)
     before = hashlib.sha256(image.read_bytes()).hexdigest()
     with LinuxVM(kernel, disk=image, snapshot=True, irqchip="user", append="rw",
-                 memory=MEMORY) as vm:
+                 memory=MEMORY, acpi=False) as vm:      # no ACPI: the power-off is a final hlt
         booted(vm, tmp_path)
         vm.shell("dd if=/dev/zero of=/scratch bs=1M count=2 2>/dev/null && sync", timeout=TIMEOUT,
                  check=True)

@@ -301,3 +301,39 @@ def test_cli_more_cpus_than_kvm_allows_is_one_line(tmp_path, kvm):
     assert p.returncode == 2, p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "KVM_CAP_MAX_VCPUS" in lines[0], p.stderr
+
+
+CTRL_C_SCRIPT = r"""
+import sys, threading, time
+from pykvm.kvm import Kvm
+from pykvm.machine import Machine
+from pykvm.x86 import cpu, layout
+with Machine(4 * layout.MiB, cpus=3) as m:
+    m.mem.write(0x1000, bytes([0xFA, 0xF4, 0xEB, 0xFD]))
+    cpu.setup_real_mode(m.vcpus[0], 0, 0x1000)
+    def ready():
+        while any(v.thread_id is None for v in m.vcpus):
+            time.sleep(0.01)
+        print("parked", flush=True)
+    threading.Thread(target=ready, daemon=True).start()
+    stop = m.run()
+    print("stopped", stop.reason, stop.message,
+          sorted(t.name for t in threading.enumerate() if t.name.startswith("pykvm-vcpu")), flush=True)
+"""
+
+
+@needs_kvm
+def test_ctrl_c_stops_every_vcpu():
+    """SIGINT while all three vCPUs sit in KVM_RUN (the main thread's among them): run() returns
+    "interrupted" with every AP thread joined."""
+    import signal
+    p = subprocess.Popen([sys.executable, "-c", CTRL_C_SCRIPT], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "parked"
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 0, err
+    assert out.strip() == "stopped interrupted Ctrl-C []", out + err
