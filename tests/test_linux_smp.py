@@ -50,11 +50,11 @@ def test_test_kernel_brings_up_two_cpus_from_the_madt(kernel, rootfs):
             vm.console.expect(pattern, timeout=BOOT_TIMEOUT)
         stats = vm.stats
         stop = vm.stop()
-    print("stats:", stats)
+        # The AP left its wait for a SIPI and has been running (idle in hlt, or busy).
+        ap_activity = vm.machine.vcpus[1].activity()
+    print("stats:", stats, "| vCPU 1:", ap_activity)
     assert stop.reason == "interrupted"
-    # The AP left its wait for a SIPI and has been running (idle in hlt, or busy).
-    assert vm.machine.vcpus[1].activity() != "waiting-for-sipi"
-    assert vm.machine.vcpus[1].exit_counts()
+    assert ap_activity in ("runnable", "halted")
 
 
 def test_two_cpus_from_the_mp_table_through_the_cli(kernel, rootfs, tmp_path):
