@@ -21,8 +21,8 @@ The decision itself, `halted_for_good`, is a plain function over plain values, t
 states. It takes every vCPU's state: a machine is done when each vCPU is either halted for good or
 parked waiting for an INIT/SIPI that no one is left to send. (An ioctl on a vCPU fd waits while
 another thread is inside that vCPU's KVM_RUN, so with several vCPU threads each thread must read its
-own state: HaltWatch keeps the last state each vCPU's thread read on its kick, and decides over all
-of them once every vCPU has reported.)
+own state: HaltWatch keeps what each vCPU's thread read on its kicks, and decides over all of them
+once every vCPU has been seen stuck across a whole round of kicks, see _all_stuck_at_once.)
 """
 
 from __future__ import annotations
@@ -84,7 +84,9 @@ class HaltWatch:
     def __init__(self, read=read_vcpu_state):
         self._read = read
         self.checks = 0
-        self._states: dict[int, VcpuState] = {}     # vCPU index -> its latest state
+        # vCPU index -> [latest state, when it was read, when its current stuck streak began,
+        # how many looks that streak has had]; "when" counts looks, so tests need no clock.
+        self._seen: dict[int, list] = {}
         self._lock = threading.Lock()
 
     def check(self, machine) -> None:
@@ -95,10 +97,31 @@ class HaltWatch:
         vcpus = getattr(machine, "vcpus", [vcpu])
         with self._lock:
             self.checks += 1
-            self._states[getattr(vcpu, "index", 0)] = state
-            done = len(self._states) >= len(vcpus) and halted_for_good(self._states.values())
+            now = self.checks
+            index = getattr(vcpu, "index", 0)
+            old = self._seen.get(index)
+            if state.stuck:
+                since, looks = (old[2], old[3] + 1) if old and old[2] is not None else (now, 1)
+            else:
+                since, looks = None, 0
+            self._seen[index] = [state, now, since, looks]
+            done = len(self._seen) >= len(vcpus) and self._all_stuck_at_once(len(vcpus))
         if done:
             machine.request_stop(Stop(StopReason.HALT, message=self.MESSAGE))
+
+    def _all_stuck_at_once(self, n: int) -> bool:
+        """Each vCPU's state was read by its own thread at its own moment, so the latest states
+        are not one snapshot: a vCPU seen stuck may have been woken since (an INIT/SIPI from one
+        still running then) and not looked at again. With several vCPUs, ask for a moment when
+        all were stuck: every stuck streak began before every vCPU's latest look, and each streak
+        has lasted at least two looks (a whole watchdog round)."""
+        records = list(self._seen.values())
+        if not halted_for_good(r[0] for r in records):
+            return False
+        if n == 1:
+            return True
+        return (all(r[3] >= 2 for r in records)
+                and max(r[2] for r in records) <= min(r[1] for r in records))
 
 
 def watch_for_final_halt(machine, period: float = 0.5) -> HaltWatch:

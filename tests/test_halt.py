@@ -62,6 +62,54 @@ def test_watch_stops_only_a_machine_halted_for_good():
     assert [s.reason for s in m.stops] == ["halt"]
 
 
+class Cpu:
+    def __init__(self, index):
+        self.index = index
+
+
+class FakeSmp(FakeMachine):
+    """Several vCPUs; `vcpu` is whichever one's thread is looking (set by the test)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.vcpus = [Cpu(i) for i in range(n)]
+
+
+RUNNING = VcpuState(halted=False, interrupts_enabled=True)
+PARKED = VcpuState(halted=False, interrupts_enabled=False, waiting_for_sipi=True)
+
+
+def looks(watch, m, sequence):
+    """Each (vCPU index, state): that vCPU's thread looks and reads that state."""
+    states = {}
+    watch._read = lambda vcpu: states[vcpu.index]
+    for index, state in sequence:
+        states[index] = state
+        m.vcpu = m.vcpus[index]
+        watch.check(m)
+    return [s.reason for s in m.stops]
+
+
+def test_smp_all_vcpus_halted_for_a_whole_round_ends_the_run():
+    m, watch = FakeSmp(2), HaltWatch()
+    assert looks(watch, m, [(0, HALTED_IF0), (1, RUNNING), (0, HALTED_IF0)]) == []
+    assert looks(watch, m, [(1, HALTED_IF0)]) == []          # one look at vCPU 1 is not a round
+    assert looks(watch, m, [(0, HALTED_IF0), (1, HALTED_IF0)]) == ["halt"]
+
+
+def test_smp_a_parked_ap_and_a_halted_bsp_end_the_run():
+    m, watch = FakeSmp(2), HaltWatch()
+    assert looks(watch, m, [(0, HALTED_IF0), (1, PARKED), (0, HALTED_IF0), (1, PARKED)]) == ["halt"]
+
+
+def test_smp_a_stale_stuck_look_does_not_end_the_run():
+    # vCPU 0 was seen halted, then vCPU 1 (running) woke it with INIT/SIPI and halted itself:
+    # vCPU 0's only stuck look is older than its wake-up, so no moment had both stuck.
+    m, watch = FakeSmp(2), HaltWatch()
+    assert looks(watch, m, [(1, RUNNING), (0, HALTED_IF0), (1, HALTED_IF0), (1, HALTED_IF0)]) == []
+    assert looks(watch, m, [(0, RUNNING), (1, HALTED_IF0)]) == []    # vCPU 0 runs: streak over
+
+
 def test_watch_leaves_the_user_irqchip_to_the_hlt_exit():
     watch = HaltWatch(read=lambda vcpu: pytest.fail("no ioctl without the in-kernel irqchip"))
     m = FakeMachine(irqchip="user")
