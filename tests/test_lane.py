@@ -161,7 +161,8 @@ poweroff() {{ log poweroff "$@"; exit 0; }}
 chroot() {{ log chroot "$@"; return 7; }}
 """
     # Point the absolute paths /init uses at the fake tree, and put the stubs before its first command.
-    body = (text.replace("$(cat /proc/cmdline)", f"{qemu.SHARE_ARG}=/tmp/pykvm-lane-x quiet")
+    cmdline = f"{qemu.SHARE_ARG}=/tmp/pykvm-lane-x quiet {qemu.EXPORT_ARG.format(0)}=/tmp/ci/checkout"
+    body = (text.replace("$(cat /proc/cmdline)", cmdline)
                 .replace("/etc/pykvm-modules", str(fake / "modules"))
                 .replace("[ -c /dev/kvm ]", "true")
                 .replace("$(cat /sys/module/kvm_amd/parameters/npt)", "Y")
@@ -177,6 +178,11 @@ chroot() {{ log chroot "$@"; return 7; }}
     assert "insmod /lib/modules/kvm.ko\ninsmod /lib/modules/kvm_amd.ko" in calls
     assert f"chroot /host /bin/sh /tmp/pykvm-lane-x/job.sh" in calls
     assert "mount --bind /share /host/tmp/pykvm-lane-x" in calls
+    # A checkout under /tmp comes back, read-only, after the fresh /tmp is mounted.
+    export = next(line for line in calls.splitlines()
+                  if line.endswith(f" {qemu.EXPORT_TAG.format(0)} /host/tmp/ci/checkout"))
+    assert export.startswith("mount -t 9p -o ") and ",ro,cache=loose " in export, export
+    assert calls.index("mount -t tmpfs tmpfs /host/tmp") < calls.index(export) < calls.index("chroot")
     assert calls.rstrip().endswith("poweroff -f")
     assert (fake / "share" / "status").read_text() == "7\n"
     assert "pykvm-lane: exit status 7" in p.stdout
@@ -201,6 +207,18 @@ def test_qemu_command_line(tmp_path):
     assert "path=/," in root and "readonly=on" in root
     assert f"path={tmp_path / 'run'}," in share and "readonly" not in share
     assert f"file:{tmp_path / 'run' / 'console.log'}" in joined and "stdio" in argv
+
+
+def test_qemu_command_line_exports_read_only_shares(tmp_path):
+    exports = [Path("/tmp/ci/checkout"), Path("/run/cache")]
+    argv = qemu.command_line("qemu", tmp_path / "vmlinuz", tmp_path / "l1.cpio", tmp_path / "run",
+                             tmp_path / "console.log", exports=exports)
+    append = argv[argv.index("-append") + 1]
+    virtfs = [argv[i + 1] for i, a in enumerate(argv) if a == "-virtfs"]
+    for i, path in enumerate(exports):
+        assert f"{qemu.EXPORT_ARG.format(i)}={path}" in append.split()
+        share = next(v for v in virtfs if f"mount_tag={qemu.EXPORT_TAG.format(i)}," in v)
+        assert f"path={path}," in share and "readonly=on" in share
 
 
 def test_qemu_command_line_refuses_white_space_in_the_share():
@@ -326,16 +344,22 @@ def test_where_amdv_tests_run(kind, usable, inner, has_qemu, switch, mode, words
     assert words in reason
 
 
-def test_a_working_directory_the_lane_hides_is_refused(tmp_path):
+def test_directories_under_a_fresh_tmp_or_run_are_exported_and_the_rest_refused():
     from pykvm.lane.qemu import LaneError
-    from pykvm.lane.runner import check_cwd
+    from pykvm.lane.runner import exported_paths
     run_dir = Path("/tmp/pykvm-lane-x")
-    for hidden in ("/tmp", "/tmp/work", "/run/user/0", "/dev/shm/x"):
+    for hidden in ("/tmp", "/run", "/dev/shm/x", "/proc/1", "/sys/kernel"):
         with pytest.raises(LaneError, match=f"cannot run in {hidden}: the lane mounts a fresh /"):
-            check_cwd(Path(hidden), run_dir)
-    check_cwd(Path("/tmp/pykvm-lane-x/basetemp"), run_dir)  # the share is there
-    check_cwd(Path("/work/checkout"), run_dir)
-    check_cwd(Path("/temporary"), run_dir)
+            exported_paths(Path(hidden), run_dir)
+    assert exported_paths(Path("/tmp/pykvm-lane-x/basetemp"), run_dir) == []  # the share is there
+    assert exported_paths(Path("/work/checkout"), run_dir, [Path("/root/.cache/pykvm")]) == []
+    assert exported_paths(Path("/temporary"), run_dir) == []
+    # A CI clone in /tmp, its cache inside it or beside it: each directory once, the outermost.
+    assert exported_paths(Path("/tmp/ci/checkout"), run_dir, [Path("/root/.cache/pykvm")]) == \
+        [Path("/tmp/ci/checkout")]
+    assert exported_paths(Path("/tmp/ci/checkout"), run_dir, [Path("/tmp/ci")]) == [Path("/tmp/ci")]
+    assert exported_paths(Path("/run/user/0/co"), run_dir, [Path("/tmp/cache")]) == \
+        [Path("/run/user/0/co"), Path("/tmp/cache")]
 
 
 def test_selftest_from_a_hidden_directory_exits_2_with_one_line(tmp_path):
@@ -346,7 +370,7 @@ def test_selftest_from_a_hidden_directory_exits_2_with_one_line(tmp_path):
                        text=True, cwd=hidden, timeout=120, env={**os.environ, "PYKVM_QUIET": "1"})
     assert p.returncode == 2, p.stderr
     assert p.stderr.strip() == ("pykvm: error: cannot run in /tmp: the lane mounts a fresh /tmp over the "
-                                "host's, so start from a directory outside /tmp, /run and /dev")
+                                "host's, so start from a directory below it or outside it")
 
 
 def test_an_asset_missing_in_the_lane_is_named_not_built(tmp_path, monkeypatch):

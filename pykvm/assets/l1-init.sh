@@ -35,9 +35,11 @@ mount -t devtmpfs devtmpfs /dev
 
 share=
 share_mounted=
+exports=   # "TAG=PATH ..." for the read-only shares of a checkout or cache under /tmp or /run
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
     pykvm.share=*) share=${arg#pykvm.share=} ;;
+    pykvm.ro[0-9]*=*) tag=${arg%%=*}; exports="$exports pykvm-${tag#pykvm.}=${arg#*=}" ;;
     esac
 done
 [ -n "$share" ] || fail "no pykvm.share=PATH on the kernel command line"
@@ -69,6 +71,13 @@ mount -t tmpfs tmpfs /host/tmp
 # The share appears at its host path (in the tmpfs above if it lives under /tmp on the host).
 mkdir -p "/host$share" 2>/dev/null
 mount --bind /share "/host$share" || fail "cannot mount the share at $share"
+# The checkout or asset cache when they live under the /tmp or /run just mounted fresh: their own
+# read-only shares, at their own paths.
+for export in $exports; do
+    path=${export#*=}
+    mkdir -p "/host$path" 2>/dev/null
+    mount -t 9p -o "$opts,ro,cache=loose" "${export%%=*}" "/host$path" || fail "cannot mount $path over 9p"
+done
 ip link set lo up
 
 # The job's output goes to the second serial port, which the host streams and keeps; the kernel

@@ -11,7 +11,8 @@ paging (NPT). Linux's kvm_amd accepts it, so L1 gets a real AMD-V /dev/kvm. Meas
   emulation on a shared 2-core host gains nothing from more.
 * ``-virtfs``: virtio-9p-pci devices serving host directories. The host's / read-only (the
   checkout, its venv, the asset cache and the host's tools at their own paths), and the run
-  directory writable. ``multidevs=remap`` keeps inode numbers unique across the host's mounts.
+  directory writable, and read-only shares of their own for the checkout or asset cache when they
+  lie under /tmp or /run, which L1 mounts fresh (pykvm.lane.runner.exported_paths). ``multidevs=remap`` keeps inode numbers unique across the host's mounts.
   ``security_model=none``: files are read and created as the QEMU process's user.
 * ``-serial``: COM1 (ttyS0) is L1's console, kept in a file for failure reports; COM2 (ttyS1)
   carries the job's output on QEMU's stdout.
@@ -21,6 +22,7 @@ paging (NPT). Linux's kvm_amd accepts it, so L1 gets a real AMD-V /dev/kvm. Meas
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 QEMU = "qemu-system-x86_64"
@@ -30,6 +32,8 @@ MEMORY = "2G"
 ROOT_TAG = "pykvm-root"
 SHARE_TAG = "pykvm-share"
 SHARE_ARG = "pykvm.share"
+EXPORT_TAG = "pykvm-ro{}"   # the read-only shares of exported paths, numbered
+EXPORT_ARG = "pykvm.ro{}"
 
 
 class LaneError(Exception):
@@ -49,22 +53,30 @@ def qemu_binary() -> str:
     return path
 
 
-def kernel_cmdline(share: Path) -> str:
-    """L1's command line. The share's path goes to /init (which mounts it there in the chroot)."""
-    if any(c.isspace() for c in str(share)):
-        raise LaneError(f"the lane's run directory {share} contains white space (set TMPDIR elsewhere)")
-    return f"console=ttyS0 panic=-1 {SHARE_ARG}={share}"
+def kernel_cmdline(share: Path, exports: Sequence[Path] = ()) -> str:
+    """L1's command line. The share's path and the exported paths go to /init (which mounts them
+    at those paths in the chroot)."""
+    for path, what in [(share, "the lane's run directory"), *((p, "the exported directory") for p in exports)]:
+        if any(c.isspace() for c in str(path)):
+            raise LaneError(f"{what} {path} contains white space (set TMPDIR elsewhere or move it)")
+    args = [f"{EXPORT_ARG.format(i)}={path}" for i, path in enumerate(exports)]
+    return " ".join(["console=ttyS0", "panic=-1", f"{SHARE_ARG}={share}", *args])
 
 
 def command_line(qemu: str, kernel: Path, initrd: Path, share: Path, console_log: Path, *,
-                 cpu: str = CPU, memory: str = MEMORY) -> list[str]:
-    """The argv that boots L1 with ``share`` writable and ``/`` read-only."""
+                 exports: Sequence[Path] = (), cpu: str = CPU, memory: str = MEMORY) -> list[str]:
+    """The argv that boots L1 with ``share`` writable, ``/`` and ``exports`` read-only."""
+    virtfs = []
+    for i, path in enumerate(exports):
+        virtfs += ["-virtfs", f"local,path={path},mount_tag={EXPORT_TAG.format(i)},security_model=none,"
+                              "readonly=on,multidevs=remap"]
     return [
         qemu, "-accel", "tcg", "-cpu", cpu, "-m", memory, "-smp", "1",
         "-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none", "-no-reboot",
-        "-kernel", str(kernel), "-initrd", str(initrd), "-append", kernel_cmdline(share),
+        "-kernel", str(kernel), "-initrd", str(initrd), "-append", kernel_cmdline(share, exports),
         "-serial", f"file:{console_log}",  # COM1: ttyS0, L1's console
         "-serial", "stdio",  # COM2: ttyS1, the job's output
         "-virtfs", f"local,path=/,mount_tag={ROOT_TAG},security_model=none,readonly=on,multidevs=remap",
         "-virtfs", f"local,path={share},mount_tag={SHARE_TAG},security_model=none,multidevs=remap",
+        *virtfs,
     ]

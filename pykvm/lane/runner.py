@@ -42,8 +42,11 @@ _HARMLESS = ("TCG doesn't support requested feature",)
 # L2 Linux boot makes to it. Harmless: the L2 boots go on.
 _NOISE = ("Unhandled WRMSR(0xc0010007)",)
 # What L1's /init mounts fresh over the host's tree (l1-init.sh): the host's own files there are
-# not visible in the lane, so a command cannot start in them.
+# not visible through the read-only root share. A checkout or asset cache under /tmp or /run (a CI
+# clone in /tmp, say) is exported to L1 as a share of its own and mounted back at its path
+# (:func:`exported_paths`); nothing under /proc, /sys or /dev can be.
 HIDDEN = ("/proc", "/sys", "/dev", "/run", "/tmp")
+EXPORTABLE = ("/run", "/tmp")
 
 
 @dataclass
@@ -91,14 +94,35 @@ def job_environment(base: Mapping[str, str], run_dir: Path) -> dict[str, str]:
     return env
 
 
+def _under(path: Path, top: Path) -> bool:
+    return path == top or top in path.parents
+
+
+def exported_paths(cwd: Path, run_dir: Path | None = None, extra: Sequence[Path] = ()) -> list[Path]:
+    """The directories the job needs that L1's fresh /tmp or /run would hide: ``cwd`` and ``extra``
+    (the asset cache), outside the share. Each becomes a read-only share mounted at its own path.
+    Raises :class:`LaneError` for a directory under /proc, /sys or /dev, which L1 cannot show."""
+    out: list[Path] = []
+    for path in (cwd, *extra):
+        if run_dir is not None and _under(path, run_dir):
+            continue
+        hidden = next((Path(h) for h in HIDDEN if _under(path, Path(h))), None)
+        if hidden is None:
+            continue
+        if str(hidden) not in EXPORTABLE:
+            raise LaneError(f"cannot run in {path}: the lane mounts a fresh {hidden} over the host's, "
+                            "so start from a directory outside /proc, /sys and /dev")
+        if path == hidden:
+            raise LaneError(f"cannot run in {path}: the lane mounts a fresh {hidden} over the host's, "
+                            f"so start from a directory below it or outside it")
+        if not any(_under(path, seen) for seen in out):
+            out = [seen for seen in out if not _under(seen, path)] + [path]
+    return out
+
+
 def check_cwd(cwd: Path, run_dir: Path | None = None) -> None:
-    """Refuse a working directory that L1 cannot see (under :data:`HIDDEN`, outside the share)."""
-    if run_dir is not None and (cwd == run_dir or run_dir in cwd.parents):
-        return
-    for hidden in HIDDEN:
-        if cwd == Path(hidden) or Path(hidden) in cwd.parents:
-            raise LaneError(f"cannot run in {cwd}: the lane mounts a fresh {hidden} over the host's, "
-                            "so start from a directory outside /tmp, /run and /dev")
+    """Refuse, in one line, a working directory the lane cannot show L1 (see :func:`exported_paths`)."""
+    exported_paths(cwd, run_dir)
 
 
 def new_run_dir() -> Path:
@@ -123,7 +147,8 @@ def run(argv: Sequence[str], *, cwd: str | Path | None = None, env: Mapping[str,
     progress = progress or Progress("lane")
     qemu = qemu_binary()
     cwd = Path(cwd or os.getcwd()).resolve()
-    check_cwd(cwd, run_dir.resolve() if run_dir is not None else None)
+    exports = exported_paths(cwd, run_dir.resolve() if run_dir is not None else None,
+                             [cache_root().resolve()])
     kernel = l1_kernel(progress=progress)
     initrd = l1_initramfs(kernel, progress=progress)
     run_dir = run_dir or new_run_dir()
@@ -132,7 +157,7 @@ def run(argv: Sequence[str], *, cwd: str | Path | None = None, env: Mapping[str,
     for stale in ("status", "output.log", "l1-console.log", "qemu.log"):
         (run_dir / stale).unlink(missing_ok=True)
     console_log = run_dir / "l1-console.log"
-    cmd = command_line(qemu, kernel.vmlinuz, initrd, run_dir, console_log)
+    cmd = command_line(qemu, kernel.vmlinuz, initrd, run_dir, console_log, exports=exports)
 
     lock_file = lock_path()
     lock_file.parent.mkdir(parents=True, exist_ok=True)
