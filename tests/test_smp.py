@@ -251,6 +251,11 @@ def test_halt_watch_waits_for_every_vcpu():
     assert m.stops == []                    # vCPU 1 runs
     states[1] = VcpuState(halted=False, interrupts_enabled=False, waiting_for_sipi=True)
     watch.check(m)
+    assert m.stops == []                    # one stuck look each is not yet one moment
+    m.vcpu = m.vcpus[0]                     # (vCPU 0 may have been woken since its look:
+    watch.check(m)                          #  a whole round of looks first, pykvm/halt.py)
+    m.vcpu = m.vcpus[1]
+    watch.check(m)
     assert [s.reason for s in m.stops] == ["halt"]
 
 
