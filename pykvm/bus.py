@@ -19,13 +19,18 @@ Two small adapters sit between a bus and a device: `LockedDevice` (a device also
 thread) and `Window` (one register of a device reached at a port of its own).
 
 **Several vCPUs.** With more than one vCPU, exits reach the bus from several threads at once. A bus
-made with `serialize=True` (Machine does so when it has more than one vCPU) gives every device it
-registers a lock of its own and takes it around each access (`LockedDevice`), so a device model
-sees one access at a time, as it would on one CPU; devices on different locks still run in
-parallel. A device that keeps itself consistent says so with a class attribute
-`thread_safe = True` and is registered as it is (LockedDevice; the ACPI PM registers, which lock
-their own state). The range table itself is replaced as a whole on every (un)registration (PCI
-BARs move while other vCPUs run), so a lookup never sees half of a change.
+made with a `lock` (Machine gives its port and MMIO buses one shared re-entrant lock when it has
+more than one vCPU) puts each device it registers behind that lock (`LockedDevice`), so the device
+models see one access at a time, as on one CPU. One lock for all of them, not one per
+registration: one model is often reached through several ranges (an IDE channel's command and
+control blocks, the i8042's two ports, a PCI function's config space on the port bus and its BARs
+on the MMIO bus), and the GIL lets one thread run Python at a time anyway, so finer locks would
+buy little. A device that keeps itself consistent says so with a class attribute
+`thread_safe = True` and is registered as it is (LockedDevice: the UART, behind the lock it shares
+with the terminal's input; the ACPI PM registers, which lock their own state). KVM's in-kernel
+PIC, PIT, IOAPIC and local APICs never reach these buses. The range table itself is replaced as a
+whole on every (un)registration (PCI BARs move while other vCPUs run), so a lookup never sees half
+of a change.
 """
 
 from __future__ import annotations
@@ -69,9 +74,9 @@ class Range:
 class Bus:
     """A range map from addresses to devices."""
 
-    def __init__(self, name: str, serialize: bool = False):
+    def __init__(self, name: str, lock=None):
         self.name = name
-        self.serialize = serialize
+        self.lock = lock    # several vCPUs: held around each access to a device that is not thread_safe
         # (bases, ranges): sorted starts and their Ranges, swapped as one value on every change.
         self._table: tuple[list[int], list[Range]] = ([], [])
         self.unclaimed = 0
@@ -88,8 +93,8 @@ class Bus:
         if length <= 0:
             raise ValueError("a device range needs a positive length")
         target = device
-        if self.serialize and not getattr(device, "thread_safe", False):
-            target = LockedDevice(device)
+        if self.lock is not None and not getattr(device, "thread_safe", False):
+            target = LockedDevice(device, self.lock)
         new = Range(base, length, device, name or type(device).__name__, target)
         bases, ranges = self._table
         i = bisect.bisect_left(bases, base)
@@ -196,8 +201,8 @@ class LockedDevice:
 
     Two uses. The UART (pykvm/pc.py) shares its lock with the terminal thread that calls `feed`, so
     input and register accesses keep the device's state consistent (uncontended, the lock costs
-    well under a microsecond). A `serialize=True` bus puts every device that is not `thread_safe`
-    behind a lock of its own (`lock` left out), so several vCPU threads reach it one at a time.
+    well under a microsecond). A bus with a `lock` (several vCPUs) puts every device that is not
+    `thread_safe` behind that lock, so several vCPU threads reach the models one at a time.
     Either way the lock serializes all callers, so a bus needs no second one (thread_safe). The
     string I/O shortcuts (read_string/write_string) go through the same lock."""
 

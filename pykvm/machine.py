@@ -114,10 +114,11 @@ class Machine:
         self.vm = self.kvm.create_vm()
         self.irqchip = irqchip
         self.stats = Stats()
-        # With several vCPUs, exits come from several threads: each device gets a lock of its own
-        # unless it keeps itself consistent (pykvm/bus.py, "Several vCPUs").
-        self.pio = Bus("pio", serialize=cpus > 1)
-        self.mmio = Bus("mmio", serialize=cpus > 1)
+        # With several vCPUs, exits come from several threads: the device models take turns
+        # behind one lock, unless a model keeps itself consistent (pykvm/bus.py, "Several vCPUs").
+        self.device_lock = threading.RLock() if cpus > 1 else None
+        self.pio = Bus("pio", lock=self.device_lock)
+        self.mmio = Bus("mmio", lock=self.device_lock)
         self.internal_error_handlers: list[Callable[["Machine", E.InternalError], bool]] = []
         self.last_internal_error: E.InternalError | None = None
         # Called on every Interrupted exit (a kick or a signal): a chance to look at a vCPU that

@@ -10,6 +10,12 @@
 
 With the in-kernel irqchip, KVM itself answers the PIC (0x20, 0xa0, 0x4d0), PIT (0x40) and PC speaker
 (0x61) ports and never exits to us for them.
+
+Several vCPUs (Machine(cpus=N)): the i8042, RTC, POST, debug console and exit port take turns behind
+the machine's device lock (pykvm/bus.py); the UART sits behind its own lock, shared with the
+terminal's input. The C fast path runs on vCPU 0 only and reads the UART's registers without a lock:
+it acts only in the polled-output state, and a guest changes that state (IER, LCR, MCR) under its
+own port lock, never while another CPU is writing characters.
 """
 
 from __future__ import annotations
