@@ -101,7 +101,8 @@ def cmd_restore(args, say, terminal_sink) -> int:
     except SnapshotError as e:
         say(f"error: {e}")
         return 2
-    with vm:
+    from pykvm.cli import _stop_on_sigterm
+    with vm, _stop_on_sigterm(vm.machine):     # SIGTERM ends the run as Ctrl-C does (as boot)
         log = None
         if args.console == "stdio":
             vm.console.tee(terminal_sink(sys.stdout.buffer, raw=False))
