@@ -84,7 +84,8 @@ def apply_to(vm, snap: Snapshot) -> None:
         from pykvm.testdevs import add_test_devices
         add_test_devices(vm.machine, **test_devices)
         vm.test_devices = test_devices
-    cpu.setup_cpuid(vm.machine.kvm, vm.machine.vcpu)
+    for vcpu in vm.machine.vm.vcpus:      # each with its own APIC id, as when it was booted
+        cpu.setup_cpuid(vm.machine.kvm, vcpu)
     disks = {"disk": vm.disk} if vm.disk is not None else {}
     snap.apply(vm.machine, machine_devices(vm.machine), disks)
 

@@ -131,8 +131,8 @@ def save_machine(path: str | os.PathLike, machine, devices: dict, *, config: dic
     whatever the restoring side needs to rebuild the same machine; `disks` is {name: DiskImage}
     (fingerprinted; their overlays saved when opened with snapshot=True). Returns the file size."""
     from pykvm.kvm import state as kvm_state
-    if machine.running and machine.vcpu.thread_id != threading.get_ident():
-        # (On the vCPU's own thread - an on_stop hook - the vCPU is out of KVM_RUN: fine.)
+    if machine.running and getattr(machine, "_thread", None) is not threading.current_thread():
+        # (On the thread start() made, in an on_stop hook, every vCPU is out of KVM_RUN: fine.)
         raise SnapshotError("cannot save a running machine: stop it first")
     irqchip = machine.irqchip == "kernel"
     msr_indices = machine.kvm.msr_index_list()
