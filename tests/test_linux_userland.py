@@ -110,6 +110,20 @@ def test_cli_poweroff_and_reboot_end_with_status_0(kernel, tmp_path, irqchip, ac
     assert f"stopped: {reason}" in p.stderr, p.stderr
 
 
+def test_two_vcpus_halting_for_good_end_the_run_with_no_console_line(kernel, tmp_path):
+    """--cpus 2, no ACPI, no kernel messages (loglevel=0): `poweroff -f` halts both CPUs with
+    interrupts off inside KVM, and the halt watch, reading each vCPU on its own thread, ends the
+    run from their states alone."""
+    p = subprocess.run(
+        [sys.executable, "-m", "pykvm.cli", "boot", str(kernel), "--initrd", str(initramfs()),
+         "--append", "pykvm.poweroff loglevel=0", "--cpus", "2", "--no-acpi", "--memory", MEMORY,
+         "--timeout", str(TIMEOUT), "--console", str(tmp_path / "console.log")],
+        capture_output=True, text=True, timeout=TIMEOUT + 120, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr
+    assert "stopped: halt" in p.stderr and "KVM_MP_STATE_HALTED" in p.stderr, p.stderr
+    assert USERLAND_MARKER in (tmp_path / "console.log").read_text(errors="replace")
+
+
 def debugfs(image, request):
     p = subprocess.run([sbin("debugfs"), "-R", request, str(image)], capture_output=True)
     assert p.returncode == 0, p.stderr
