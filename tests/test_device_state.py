@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from pykvm.bus import Bus
+from pykvm.devices.acpi_pm import AcpiPm
 from pykvm.devices.debugcon import DebugCon, ExitPort, PostCode
 from pykvm.devices.i8042 import I8042
 from pykvm.devices.i8254 import I8254Pit, SystemControlPortB
@@ -134,6 +135,27 @@ def test_i8042(before, after):
         return I8042(reset=lambda: None, kbd_irq=RecordingIrqLine(), aux_irq=RecordingIrqLine())
     a, b = check_twin(make, lambda d: [(d, 0), (d, 4)], before, after)
     assert a.kbd_irq.level == b.kbd_irq.level
+
+
+@SETTINGS
+@given(accesses(13, (1, 2, 4)), accesses(13, (1, 2, 4)), st.booleans())
+def test_acpi_pm(before, after, pressed):
+    """PM1 status/enable/control, the SCI level and the PM timer, which goes on counting from its
+    saved value in a process whose clock reads something else entirely. The original may have had
+    its power button pressed (PWRBTN_STS latched) before the save."""
+    built = []
+
+    def make():
+        pm = AcpiPm(on_poweroff=lambda: None, on_reset=lambda: None, sci=RecordingIrqLine(),
+                    clock=FakeClock())
+        if pressed and not built:
+            pm.press_power_button()
+        built.append(pm)
+        return pm
+    a, b = check_twin(make, lambda d: [(d, offset) for offset in range(13)], before, after,
+                      clock_of=lambda d: d.clock)
+    assert a.sci.level == b.sci.level
+    assert a.sleep_requests == b.sleep_requests
 
 
 @SETTINGS

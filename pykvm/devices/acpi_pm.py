@@ -33,6 +33,7 @@ import time
 from typing import Callable
 
 from ..irq import IrqLine, NullIrqLine
+from .state import Stateful
 
 SIZE = 16
 PM1_STS, PM1_EN, PM1_CNT, PM_TMR, RESET = 0, 2, 4, 8, 12
@@ -54,13 +55,17 @@ PM_TIMER_HZ = 3_579_545
 RESET_VALUE = 0x06               # what the FADT tells the OS to write (the 0xcf9 habit: CPU + system reset)
 
 
-class AcpiPm:
+class AcpiPm(Stateful):
     """PM1a event and control blocks, the PM timer and the reset register, at offsets 0-12.
 
     `slp_typ_s5`: the SLP_TYP value the DSDT's \\_S5 gives. `clock`: seconds, monotonic (tests
-    pass a fake)."""
+    pass a fake).
+
+    Snapshots keep the registers and the SCI level, and the PM timer's count: a restored guest sees
+    its clocksource go on from where it was saved, not jump to the new process's clock."""
 
     thread_safe = True      # its own lock (module docstring): a bus need not add one
+    STATE = ("status", "enable", "control", "sleep_requests", "ignored_writes", "sci")
 
     def __init__(self, *, on_poweroff: Callable[[], None], on_reset: Callable[[], None],
                  sci: IrqLine | None = None, slp_typ_s5: int = 5,
@@ -134,6 +139,17 @@ class AcpiPm:
                 return self.on_reset
             self.ignored_writes += 1
         return None
+
+    # ---- snapshots (pykvm/devices/state.py) ----
+    def save_state(self) -> dict:
+        with self._lock:
+            return {**super().save_state(), "timer_seconds": self.clock() - self._t0}
+
+    def restore_state(self, state: dict) -> None:
+        with self._lock:
+            super().restore_state(state)
+            # The counter goes on from the saved count, on this process's clock.
+            self._t0 = self.clock() - float(state.get("timer_seconds", 0.0))
 
     # ---- events from the host ----
     def press_power_button(self) -> None:
