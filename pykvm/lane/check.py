@@ -3,7 +3,8 @@
 1. ``pykvm info`` must say the host (L1) is AMD-V (or VT-x: the check also runs on real hardware);
 2. ``pykvm boot`` must take the test kernel to its busybox userland (the marker line is printed by
    /init, from guest user mode: on a KVM-PVM host this is where a boot stops short), whose
-   ``poweroff -f`` must then end the run with exit status 0 (the kernel halts the vCPU).
+   ``poweroff -f`` must then end the run with exit status 0 (through ACPI's PM1a control
+   register, pykvm's default machine; with ``--no-acpi`` the kernel halts the vCPU instead).
 
 Each step prints what it ran and its verdict; the exit status is 0 when both pass, else 1.
 """
