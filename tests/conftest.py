@@ -2,6 +2,7 @@
 and skip - naming the reason - only where /dev/kvm is absent or unusable."""
 
 import os
+import signal
 
 import pytest
 
@@ -47,6 +48,15 @@ def kvm():
     from pykvm.kvm import Kvm
     with Kvm() as k:
         yield k
+
+
+def default_sigint() -> None:
+    """`preexec_fn` for a child process the test will Ctrl-C: SIGINT back to its default action. A
+    shell that starts a job in the background (nohup, `cmd &` in a script, some CI runners) starts
+    it with SIGINT ignored, its children inherit that, and a Python started so never turns SIGINT
+    into KeyboardInterrupt (nohup's point): the test's Ctrl-C would be lost and the child would run
+    on. Seen here: a fresh-clone `./run test` started with `&` hung in both Ctrl-C tests."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class Recorder:

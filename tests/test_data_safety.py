@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-from conftest import needs_kvm
+from conftest import default_sigint, needs_kvm
 from pykvm.bus import Bus
 from pykvm.devices.ide import AtaDrive, IdeChannel
 from pykvm.devices.ide.ata import DRQ, ERR
@@ -161,7 +161,8 @@ def test_signal_stops_the_vm_and_flushes_the_disk(tmp_path, image, signum):
     kernel = _spinning_kernel(tmp_path)
     p = subprocess.Popen([sys.executable, "-c", WRAPPER, "boot", str(kernel), str(image),
                           "--console", "none", "--memory", "64M", "--timeout", "300"],
-                         stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, cwd=REPO)
+                         stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, cwd=REPO,
+                         preexec_fn=default_sigint)
     lines = []
     try:
         for line in p.stderr:

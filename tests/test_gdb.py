@@ -20,7 +20,7 @@ from pykvm.gdb import registers as R
 from pykvm.gdb.packets import PacketReader, checksum, escape, frame, unescape
 from pykvm.memory import GuestMemory
 
-from conftest import needs_kvm
+from conftest import default_sigint, needs_kvm
 
 needs_gdb = pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb is not installed "
                                "(Debian: apt-get install gdb; ./run installs it)")
@@ -261,7 +261,7 @@ def boot_with_gdb(pykvm_args, gdb_commands, symbols, timeout=120, env=None):
     vm = subprocess.Popen([sys.executable, "-m", "pykvm.cli", "boot", *pykvm_args,
                            "--gdb", f"tcp::{port}", "--gdb-wait"], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
-                          env=dict(os.environ, **(env or {})))
+                          env=dict(os.environ, **(env or {})), preexec_fn=default_sigint)
     try:
         line = vm.stderr.readline()                  # "pykvm: gdb: listening on ...": ready
         assert "listening" in line, line + vm.stderr.read()

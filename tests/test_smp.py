@@ -18,7 +18,7 @@ from pykvm.trace import ExitTracer
 from pykvm.kvm import exits as E
 from pykvm.x86 import cpu, layout
 
-from conftest import needs_kvm
+from conftest import default_sigint, needs_kvm
 
 CODE = 0x1000
 PARK = bytes([0xFA, 0xF4, 0xEB, 0xFD])        # cli; hlt; jmp back to the hlt
@@ -336,7 +336,7 @@ def test_ctrl_c_stops_every_vcpu():
     "interrupted" with every AP thread joined."""
     import signal
     p = subprocess.Popen([sys.executable, "-c", CTRL_C_SCRIPT], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     try:
         assert p.stdout.readline().strip() == "parked"
         p.send_signal(signal.SIGINT)
