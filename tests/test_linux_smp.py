@@ -80,12 +80,12 @@ def test_two_cpus_from_the_mp_table_through_the_cli(kernel, rootfs, tmp_path):
 # both CPUs' timer ticks and scheduler work are too: the one run here (a 2-core host under a load
 # of ~8) found the tables, the IOAPIC and both CPUs ("Brought up 1 node, 2 CPUs" at guest time
 # 348 s) and was at "pnp: PnP ACPI: found 2 devices" when the 1200 s of one CPU's budget ran out.
-# Hence twice that budget. On such a host it takes 20-40 minutes, too much of CI's 90: it runs
+# Hence twice that budget. On such a host it takes over 20 minutes, too much of CI's 90: it runs
 # there only when asked (PYKVM_LONG_TESTS=1), and always on VT-x/AMD-V hosts.
 @pytest.mark.skipif(
     pvm.host_kind() == pvm.KVM_PVM and not os.environ.get("PYKVM_LONG_TESTS"),
     reason="this host's /dev/kvm is KVM-PVM: Debian's cloud kernel on two emulated vCPUs takes "
-           "20-40 min here, over CI's budget (PYKVM_LONG_TESTS=1 runs it)")
+           "over 20 min here, too much of CI's budget (PYKVM_LONG_TESTS=1 runs it)")
 def test_debian_cloud_kernel_brings_up_two_cpus(tmp_path):
     from test_linux import STOCK_KERNEL_SPEEDUPS, STOCK_MEMORY
     from test_linux import STOCK_TIMEOUT as ONE_CPU_TIMEOUT
