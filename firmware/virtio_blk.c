@@ -50,27 +50,7 @@
 
 int memcmp(const void *a, const void *b, unsigned long n); /* runtime.c */
 
-/* ---- virtio-mmio registers (VIRTIO 1.2, 4.2.2) ---- */
-#define R_MAGIC 0x000
-#define R_VERSION 0x004
-#define R_DEVICE_ID 0x008
-#define R_DEVICE_FEATURES 0x010
-#define R_DEVICE_FEATURES_SEL 0x014
-#define R_DRIVER_FEATURES 0x020
-#define R_DRIVER_FEATURES_SEL 0x024
-#define R_QUEUE_SEL 0x030
-#define R_QUEUE_NUM_MAX 0x034
-#define R_QUEUE_NUM 0x038
-#define R_QUEUE_READY 0x044
-#define R_QUEUE_NOTIFY 0x050
-#define R_STATUS 0x070
-#define R_QUEUE_DESC_LOW 0x080
-#define R_QUEUE_DESC_HIGH 0x084
-#define R_QUEUE_DRIVER_LOW 0x090
-#define R_QUEUE_DRIVER_HIGH 0x094
-#define R_QUEUE_DEVICE_LOW 0x0a0
-#define R_QUEUE_DEVICE_HIGH 0x0a4
-#define R_CONFIG 0x100
+#include "virtio_mmio.h" /* the register offsets, from <linux/virtio_mmio.h> */
 
 #define MMIO_MAGIC 0x74726976 /* "virt" */
 #define VIRTIO_ID_BLOCK 2
