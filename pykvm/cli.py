@@ -306,6 +306,16 @@ def _terminal_sink(out, raw: bool):
     return write
 
 
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """--timeout, --until and --console: how a run ends and where its console goes, the same for
+    `pykvm boot` and `pykvm restore` (pykvm/snapshot/cli.py)."""
+    parser.add_argument("--timeout", type=float, help="stop after this many seconds (exit status 4)")
+    parser.add_argument("--until", metavar="REGEX",
+                        help="stop with status 0 when a console line matches REGEX")
+    parser.add_argument("--console", default="stdio", metavar="stdio|none|FILE",
+                        help="where the guest console goes (default: the terminal)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import DISK_BUSES, IRQCHIPS
     p = argparse.ArgumentParser(prog="pykvm", description="A virtual machine monitor in Python on Linux KVM.")
@@ -334,11 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--initrd", help="initramfs (cpio, optionally compressed)")
     boot.add_argument("--append", help="extra kernel command line arguments")
     boot.add_argument("--memory", "-m", default="256M", help="guest RAM (default 256M)")
-    boot.add_argument("--timeout", type=float, help="stop after this many seconds (exit status 4)")
-    boot.add_argument("--until", metavar="REGEX",
-                      help="stop with status 0 when a console line matches REGEX")
-    boot.add_argument("--console", default="stdio", metavar="stdio|none|FILE",
-                      help="where the guest console goes (default: the terminal)")
+    add_run_options(boot)
     boot.add_argument("--no-decompress", action="store_true",
                       help="let the kernel decompress itself (classic bzImage boot)")
     boot.add_argument("--no-pvm-workarounds", action="store_true",

@@ -66,11 +66,9 @@ def add_restore_command(sub, run_fn) -> None:
     p = sub.add_parser("restore", help="run a VM saved with --save-to / vm.save()",
                        description="Restore a saved VM in this process and run it on from where "
                        "it stopped. Exit status as for boot; 2 for a snapshot that cannot be used.")
+    from pykvm.cli import add_run_options      # at call time: pykvm.cli imports this module
     p.add_argument("snapshot", help="snapshot file")
-    p.add_argument("--until", metavar="REGEX", help="stop with status 0 when a console line matches")
-    p.add_argument("--timeout", type=float, help="stop after this many seconds (exit status 4)")
-    p.add_argument("--console", default="stdio", metavar="stdio|none|FILE",
-                   help="where the guest console goes (default: the terminal)")
+    add_run_options(p)
     p.add_argument("--clone", action="store_true",
                    help="give this VM its own identity (MAC, fresh virtio-rng entropy)")
     p.add_argument("--verify", action="store_true",
