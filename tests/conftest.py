@@ -59,6 +59,21 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.fixture(scope="session")
+def kernel():
+    """The test kernel's files (pykvm.assets.test_kernel: .bzimage, .vmlinux), built or cached.
+    A module that wants something else under this name defines its own."""
+    from pykvm.assets import test_kernel
+    return test_kernel()
+
+
+@pytest.fixture(scope="session")
+def rootfs():
+    """The busybox initramfs (pykvm.assets.initramfs)."""
+    from pykvm.assets import initramfs
+    return initramfs()
+
+
 class Recorder:
     """A port device for tests: remembers every byte written, reads as 0."""
 

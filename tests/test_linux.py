@@ -14,7 +14,7 @@ import time
 import pytest
 
 from pykvm import pvm
-from pykvm.assets import USERLAND_MARKER, REBOOT_ARG, cloud_kernel, initramfs, test_kernel
+from pykvm.assets import USERLAND_MARKER, REBOOT_ARG, cloud_kernel, initramfs
 from pykvm import LinuxVM   # the public import the README shows
 
 from conftest import KVM_MARKS
@@ -33,16 +33,6 @@ ON_PVM = pvm.host_kind() == pvm.KVM_PVM
 def boot_lines_in_order(vm, patterns, timeout=BOOT_TIMEOUT):
     for pattern in patterns:
         vm.console.expect(pattern, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def kernel():
-    return test_kernel()
-
-
-@pytest.fixture(scope="module")
-def rootfs():
-    return initramfs()
 
 
 def test_test_kernel_reaches_init_through_the_library(kernel, rootfs):

@@ -10,7 +10,6 @@ import sys
 import pytest
 
 from pykvm import LinuxVM
-from pykvm.assets import initramfs, test_kernel
 
 from conftest import KVM_MARKS
 
@@ -20,16 +19,6 @@ RUN_INIT = r"Run /init as init process"
 BOOT_TIMEOUT = 900
 MEMORY = "64M"
 BAD_ACPI = re.compile(r"Incorrect checksum|ACPI BIOS (Error|Warning)|ACPI Error|ACPI Warning")
-
-
-@pytest.fixture(scope="module")
-def kernel():
-    return test_kernel()
-
-
-@pytest.fixture(scope="module")
-def rootfs():
-    return initramfs()
 
 
 def expect_in_order(vm, patterns, timeout=BOOT_TIMEOUT):

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from pykvm.assets import disk_image, initramfs, test_kernel
+from pykvm.assets import disk_image, initramfs
 from pykvm.linux import LinuxVM
 
 from conftest import KVM_MARKS
@@ -19,11 +19,6 @@ BOOT_TIMEOUT = 900
 MEMORY = "64M"
 RUN_INIT = r"Run /\S+ as init process"
 IRQ0_VECTOR = 0x30      # Linux programs the master 8259 to vectors 0x30-0x37 (ISA_IRQ_VECTOR)
-
-
-@pytest.fixture(scope="module")
-def kernel():
-    return test_kernel()
 
 
 def test_python_pit_and_pic_drive_the_kernel_timer(kernel):

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from pykvm import LinuxVM, pvm
-from pykvm.assets import cloud_kernel, initramfs, test_kernel
+from pykvm.assets import cloud_kernel, initramfs
 
 from conftest import KVM_MARKS
 
@@ -21,16 +21,6 @@ RUN_INIT = r"Run /init as init process"
 BOOT_TIMEOUT = 900
 MEMORY = "64M"
 TWO_CPUS_UP = r"smp: Brought up 1 node, 2 CPUs"
-
-
-@pytest.fixture(scope="module")
-def kernel():
-    return test_kernel()
-
-
-@pytest.fixture(scope="module")
-def rootfs():
-    return initramfs()
 
 
 def test_test_kernel_brings_up_two_cpus_from_the_madt(kernel, rootfs):

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from pykvm.assets import disk_image, test_kernel
+from pykvm.assets import disk_image
 from pykvm.linux import LinuxVM
 
 from conftest import KVM_MARKS
@@ -20,11 +20,6 @@ pytestmark = [*KVM_MARKS, pytest.mark.linux]
 BOOT_TIMEOUT = 900
 MEMORY = "64M"     # boot time grows with guest RAM under emulation
 RUN_INIT = r"Run /\S+ as init process"
-
-
-@pytest.fixture(scope="module")
-def kernel():
-    return test_kernel()
 
 
 @pytest.fixture
