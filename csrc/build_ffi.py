@@ -16,14 +16,20 @@ from cffi import FFI
 HERE = pathlib.Path(__file__).resolve().parent
 
 
-def _shared_structs() -> str:
-    """struct pykvm_fast_uart and struct pykvm_fast, as csrc/fastpath.h defines them: the one
-    definition, which the C loop compiles and Python reads through cffi. Array sizes named by a
-    macro become `[...]`: cffi takes them from the compiler."""
-    text = (HERE / "fastpath.h").read_text()
-    start = text.index("struct pykvm_fast_uart {")
-    end = text.index("};", text.index("struct pykvm_fast {")) + 2
-    return re.sub(r"\[[A-Z_]+\]", "[...]", text[start:end])
+def _struct(header: str, name: str) -> str:
+    """`struct NAME { ... };` exactly as csrc/HEADER defines it: the one definition, which the C
+    code compiles and Python reads through cffi (no copy here to drift from it). Two rewrites make
+    it a cdef: an array size named by a macro becomes `[...]` (cffi asks the compiler for it), and
+    a line `/* cffi: end ... */` in the struct ends what Python sees: the fields after it become
+    `...;`, cffi's "and more that the compiler knows", so C keeps its scratch to itself."""
+    text = (HERE / header).read_text()
+    start = text.index(f"struct {name} {{")
+    body = text[start:text.index("\n};", start) + 3]     # the struct's own closing brace
+    cut = body.find("/* cffi: end")
+    if cut >= 0:
+        body = body[:cut] + "...;\n};"
+    return re.sub(r"\[[A-Z_]+\]", "[...]", body) + "\n"
+
 
 ffibuilder = FFI()
 
@@ -439,56 +445,26 @@ struct kvm_run {
 long pykvm_ioctl(int fd, unsigned long request, void *arg);
 long pykvm_ioctl_int(int fd, unsigned long request, unsigned long arg);
 struct pykvm_fast;
-struct pykvm_vcpu {
-    int fd;
-    struct kvm_run *run;
-    struct pykvm_fast *fast;
-    uint64_t ticks_in_run;
-    uint64_t runs;
-    uint64_t exits[...];
-};
-uint64_t pykvm_rdtsc(void);
+""" + _struct("kvm_helpers.h", "pykvm_vcpu") + r"""uint64_t pykvm_rdtsc(void);
 long pykvm_run(struct pykvm_vcpu *v);
 
 /* csrc/fastpath.h: the C run loop and the device registers it shares with the Python models */
 #define PYKVM_FAST_FLUSH ...
 #define PYKVM_FAST_OUT_SIZE ...
 struct pykvm_vblk;
-""" + _shared_structs() + r"""
+""" + _struct("fastpath.h", "pykvm_fast_uart")
+  + _struct("fastpath.h", "pykvm_fast") + r"""
 long pykvm_run_fast(struct pykvm_vcpu *v);
 #define PYKVM_FAST_VBLK ...
 
 /* csrc/guest_mem.h, csrc/virtio_blk_fast.h: virtio-blk requests served in C */
 #define PYKVM_MEM_REGIONS ...
-struct pykvm_mem_region { uint64_t gpa; uint64_t size; uint8_t *host; };
-struct pykvm_guest_mem { uint32_t n; struct pykvm_mem_region r[...]; };
-uint8_t *pykvm_mem_locate(const struct pykvm_guest_mem *m, uint64_t gpa, uint64_t size);
+""" + _struct("guest_mem.h", "pykvm_mem_region") + _struct("guest_mem.h", "pykvm_guest_mem")
+  + r"""uint8_t *pykvm_mem_locate(const struct pykvm_guest_mem *m, uint64_t gpa, uint64_t size);
 #define PYKVM_VBLK_NEED_PYTHON ...
 #define PYKVM_VBLK_NEED_IRQ ...
 #define PYKVM_VBLK_MAX_IOV ...
-struct pykvm_vblk {
-    uint8_t armed;
-    uint64_t mmio_base, mmio_size;
-    uint32_t qsize;
-    uint64_t desc_addr, avail_addr, used_addr;
-    uint16_t last_avail, next_used;
-    uint32_t interrupt_status;
-    uint8_t irq_level;
-    int irqfd;
-    int fd;
-    uint64_t capacity;
-    uint8_t readonly;
-    uint8_t indirect;
-    uint8_t flush_syncs;
-    uint64_t max_request;
-    uint64_t merge_max_bytes;
-    uint32_t merge_max_buffers;
-    struct pykvm_guest_mem mem;
-    uint64_t requests, reads, writes, flushes, kicks, fallbacks, interrupts;
-    uint32_t need;
-    ...;
-};
-uint32_t pykvm_vblk_notify(struct pykvm_vblk *b);
+""" + _struct("virtio_blk_fast.h", "pykvm_vblk") + r"""uint32_t pykvm_vblk_notify(struct pykvm_vblk *b);
 /* constants the Python side checks against its own (tests/test_virtio_blk_fast.py) */
 #define VIRTIO_BLK_T_IN ...
 #define VIRTIO_BLK_T_OUT ...

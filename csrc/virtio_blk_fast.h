@@ -79,6 +79,7 @@ struct pykvm_vblk {
     /* Counters. */
     uint64_t requests, reads, writes, flushes, kicks, fallbacks, interrupts;
     uint32_t need;                       /* PYKVM_VBLK_NEED_* after the last kick */
+    /* cffi: end of what Python sees (csrc/build_ffi.py); the rest is C's own. */
     /* Scratch for one run of merged reads. */
     uint32_t run_n, run_iov;
     uint16_t run_head[PYKVM_VBLK_MAX_IOV];
