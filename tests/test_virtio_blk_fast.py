@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from pykvm.irq import IrqLine, RecordingIrqLine
 from pykvm.kvm._lib import ffi, lib
+from pykvm.kvm.vblk import VblkStruct
 from pykvm.memory import BytesBackend, GuestMemory, Region
 from pykvm.virtio import blk as B
 from pykvm.virtio import queue as Q
@@ -111,7 +112,7 @@ def test_c_locate_agrees_with_guest_memory(regions, top, ranges):
 # ---------------------------------------------------------------- C + Python against Python
 
 class EventfdLine(IrqLine):
-    """A line that raises like pykvm.machine.IrqfdLine (an eventfd write per rising edge), on an
+    """A line that raises like pykvm.irq.IrqfdLine (an eventfd write per rising edge), on an
     eventfd with no VM behind it: the C path writes it itself."""
 
     def __init__(self):
@@ -142,7 +143,7 @@ class World:
         self.dev = B.VirtioBlk(self.disk, serial="prop", queue_size=QSIZE)
         self.line = EventfdLine() if eventfd else RecordingIrqLine()
         self.t = VirtioMmio(self.dev, self.mem, self.line)
-        self.fast = BlkFastPath(self.t, 0xD0000000) if fast else None
+        self.fast = BlkFastPath(self.t, VblkStruct(self.mem, 0xD0000000)) if fast else None
         self.drv = MmioDriver(self.t, self.mem, 0x1000, 0x6000)
         from pykvm.virtio.device import VIRTIO_F_INDIRECT_DESC
         self.drv.init(want=None if indirect else self.dev.device_features & ~VIRTIO_F_INDIRECT_DESC)

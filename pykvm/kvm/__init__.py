@@ -5,7 +5,8 @@
     Vcpu  (KVM_CREATE_VCPU) -> run() -> a typed exit (pykvm.kvm.exits)
 
 A failed ioctl raises `KvmError` naming the ioctl. Only this package touches the compiled module
-(`_lib`): the C run loop (`fastpath`) and header constants others need (`headers`) live here too.
+(`_lib`): the C run loop (`fastpath`), the C half of virtio-blk in that loop (`vblk`) and header
+constants others need (`headers`) live here too.
 `exits` and `errors` are plain Python, and importing this package loads the compiled module only
 when `Kvm`, `Vm`, `Vcpu` or `KICK_SIGNAL` is first asked for, so the exit handlers and the pure half
 of pykvm.pvm work (and are tested) without it.

@@ -113,8 +113,10 @@ def attach_mmio(machine, device: VirtioDevice, index: int, *,
         # to an ioeventfd thread, so it wins over `ioeventfd` for the one disk it can take.
         # One vCPU only: the C loop runs on vCPU 0 and takes no lock, so a kick from another
         # vCPU served by the Python model at the same moment would race it on the queue.
+        from pykvm.kvm.vblk import VblkStruct
         from .blk_fast import BlkFastPath
-        machine.fast.bind_virtio_blk(BlkFastPath(transport, base, layout.VIRTIO_MMIO_SIZE))
+        vblk = VblkStruct(machine.mem, base, layout.VIRTIO_MMIO_SIZE)
+        machine.fast.bind_virtio_blk(BlkFastPath(transport, vblk))
     elif ioeventfd:
         notifier = IoEventNotifier(machine.vm, transport, base, on_error=device.on_worker_error)
     return VirtioAttachment(device, transport, irq, f"virtio_mmio.device=4K@{base:#x}:{irq}",

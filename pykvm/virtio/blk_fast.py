@@ -1,16 +1,15 @@
 """virtio-blk's common requests served in C, in the vCPU's run loop (csrc/virtio_blk_fast.h).
 
-    fast = BlkFastPath(transport, base)     # attach_mmio does this on a Machine(fast_path=True)
-    machine.fast.regs.vblk = fast.block
+    fast = BlkFastPath(transport, VblkStruct(transport.mem, base))   # attach_mmio does this
+    machine.fast.bind_virtio_blk(fast)      # on a Machine(fast_path=True)
 
 A kick (the guest's write to QueueNotify) is an MMIO exit. With this bound, the C run loop looks at
 it first: if the path is armed, C walks the queue itself - adjacent plain reads merged into one
 preadv, adjacent writes into one pwritev, flushes with fsync, straight between the disk image and
-guest RAM - fills the used
-ring and raises the interrupt, and the vCPU goes back into the guest without the interpreter. What
-C does not do (any request with a mistake in it, GET_ID, DISCARD, an I/O error, an interrupt
-line that is not a KVM irqfd) it hands back: `finish()` lets the Python model,
-which stays the reference, carry on from the first request C did not finish.
+guest RAM - fills the used ring and raises the interrupt, and the vCPU goes back into the guest
+without the interpreter. What C does not do (any request with a mistake in it, GET_ID, DISCARD, an
+I/O error, an interrupt line that is not a KVM irqfd) it hands back: `finish()` lets the Python
+model, which stays the reference, carry on from the first request C did not finish.
 
 One copy of the state: the queue's `last_avail`/`next_used`, the transport's `interrupt_status` and
 the line's `level` move into the C struct (pykvm/devices/shared.py), so the Python objects and C
@@ -19,6 +18,10 @@ Python arms the path, which it does after serving a kick itself with everything 
 write to any other register of the device disarms it (in C), and so does a device reset (here).
 Whoever changes a queue's addresses behind the transport's back (a snapshot restore) calls
 `disarm()`.
+
+This module is the Python half, and touches no compiled code: when C may serve the queue, what
+it shares, what to do with what C leaves. The struct and the call into C are the binding's
+(`VblkStruct`, pykvm/kvm/vblk.py), handed in by whoever wires the device to a Machine.
 
 Why in the run loop and not on an ioeventfd thread: on the 2-core KVM-PVM hosts this project runs
 on, a kick served by another thread waits for a core that the guest's polling vCPU and everyone
@@ -32,7 +35,6 @@ from __future__ import annotations
 
 from pykvm.devices.shared import share_attributes
 from pykvm.host.disk import DiskImage
-from pykvm.kvm._lib import ffi, lib
 
 from . import blk as _blk
 from .device import VIRTIO_INT_VRING, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER_OK
@@ -40,44 +42,28 @@ from .mmio import QUEUE_NOTIFY
 
 
 class BlkFastPath:
-    """The C struct for one VirtioBlk behind one VirtioMmio transport at guest-physical `base`."""
+    """Serving one VirtioBlk behind one VirtioMmio transport in C, through `vblk` (a
+    pykvm.kvm.vblk.VblkStruct for the transport's register page)."""
 
-    def __init__(self, transport, base: int, size: int = 0x1000):
+    def __init__(self, transport, vblk):
         device = transport.device
         if not isinstance(device, _blk.VirtioBlk):
             raise TypeError(f"{device.name}: only virtio-blk is served in C")
         self.transport = transport
         self.device = device
-        b = self.block = ffi.new("struct pykvm_vblk *")
-        b.mmio_base, b.mmio_size = base, size
-        b.irqfd = -1
-        b.fd = -1
-        b.max_request = _blk.MAX_REQUEST_BYTES
-        b.merge_max_bytes = _blk.MERGE_MAX_BYTES
-        b.merge_max_buffers = _blk.MERGE_MAX_BUFFERS
-        # Guest RAM: the same regions GuestMemory has, as host pointers. Each is exported from its
-        # own slice of the region's view: the export keeps the mapping alive for as long as C
-        # can use the pointer (GuestMemory.close then leaves an mmap to go with this object).
-        mem = transport.mem
-        spans = list(mem.spans())
-        if len(spans) > lib.PYKVM_MEM_REGIONS:
-            raise ValueError(f"{len(spans)} RAM regions; the C path takes "
-                             f"{lib.PYKVM_MEM_REGIONS}")
-        self._buffers = []
-        for i, (gpa, view) in enumerate(spans):
-            host = ffi.from_buffer(view[:])
-            self._buffers.append(host)
-            b.mem.r[i].gpa, b.mem.r[i].size = gpa, len(view)
-            b.mem.r[i].host = ffi.cast("uint8_t *", host)
-        b.mem.n = len(spans)
+        self.vblk = vblk
+        self.block = vblk.c                 # the struct: C's run loop is given this
+        vblk.set_limits(max_request=_blk.MAX_REQUEST_BYTES, merge_max_bytes=_blk.MERGE_MAX_BYTES,
+                        merge_max_buffers=_blk.MERGE_MAX_BUFFERS)
         # One copy of what both sides change.
-        share_attributes(device.queues[0], b, (("last_avail", "last_avail"),
-                                               ("next_used", "next_used")))
-        share_attributes(transport, b, (("interrupt_status", "interrupt_status"),))
+        share_attributes(device.queues[0], self.block, (("last_avail", "last_avail"),
+                                                        ("next_used", "next_used")))
+        share_attributes(transport, self.block, (("interrupt_status", "interrupt_status"),))
         line = transport.irq
-        if hasattr(line, "fd") and hasattr(line, "level"):   # an IrqfdLine (pykvm.machine)
-            share_attributes(line, b, (("level", "irq_level"),))
-            b.irqfd = line.fd
+        # An eventfd line (pykvm.irq.IrqfdLine, or a test's stand-in): C raises it itself.
+        if hasattr(line, "fd") and hasattr(line, "level"):
+            share_attributes(line, self.block, (("level", "irq_level"),))
+            vblk.use_irqfd(line.fd)
         device._fast = self
 
     # ---- arming ----
@@ -85,46 +71,41 @@ class BlkFastPath:
         """Copy the queue and the disk into the struct and let C serve kicks, if all is healthy:
         the driver is running (DRIVER_OK, no DEVICE_NEEDS_RESET), queue 0 is live and not broken,
         and the disk is a plain image file (no copy-on-write overlay)."""
-        b, dev, t = self.block, self.device, self.transport
+        dev, t = self.device, self.transport
         q = dev.queues[0]
         disk = dev.disk
         if not (dev.active and q.ready and not q.broken and t.status & STATUS_DRIVER_OK
                 and not t.status & STATUS_DEVICE_NEEDS_RESET and isinstance(disk, DiskImage)
                 and not disk.snapshot and disk.fd >= 0):
-            b.armed = 0
+            self.vblk.disarm()
             return
-        b.qsize = q.size
-        b.desc_addr, b.avail_addr, b.used_addr = q.desc_addr, q.avail_addr, q.used_addr
-        b.fd = disk.fd
-        b.capacity = dev.capacity
-        b.readonly = bool(dev.readonly)
-        b.indirect = bool(q.indirect)
-        b.flush_syncs = not (disk.readonly or disk.snapshot)
-        b.armed = 1
+        self.vblk.arm(qsize=q.size, desc_addr=q.desc_addr, avail_addr=q.avail_addr,
+                      used_addr=q.used_addr, fd=disk.fd, capacity=dev.capacity,
+                      readonly=bool(dev.readonly), indirect=bool(q.indirect),
+                      flush_syncs=not (disk.readonly or disk.snapshot))
 
     def disarm(self) -> None:
-        self.block.armed = 0
+        self.vblk.disarm()
 
     @property
     def armed(self) -> bool:
-        return bool(self.block.armed)
+        return self.vblk.armed
 
     # ---- after C ----
     def finish(self) -> None:
         """What C left for Python after a kick (the run loop returned PYKVM_FAST_VBLK): serve the
         rest of the queue the Python way, and raise the interrupt on a line C cannot drive."""
-        need = self.block.need
-        self.block.need = 0
-        if need & lib.PYKVM_VBLK_NEED_PYTHON:
+        need_python, need_irq = self.vblk.take_need()
+        if need_python:
             self.transport.write(QUEUE_NOTIFY, 4, 0)
-        if need & lib.PYKVM_VBLK_NEED_IRQ:
+        if need_irq:
             self.transport._interrupt(VIRTIO_INT_VRING)
 
     def kick(self) -> None:
         """What the run loop does with a guest's QueueNotify write of queue 0, without a vCPU:
         C if armed, else the transport (for tests, and for reading this module)."""
-        if self.block.armed:
-            if lib.pykvm_vblk_notify(self.block):
+        if self.vblk.armed:
+            if self.vblk.notify():
                 self.finish()
         else:
             self.transport.write(QUEUE_NOTIFY, 4, 0)
@@ -132,4 +113,4 @@ class BlkFastPath:
     @property
     def requests(self) -> int:
         """Requests C served."""
-        return self.block.requests
+        return self.vblk.requests
