@@ -6,6 +6,10 @@
                                        QEMU TCG with SVM (exit statuses: pykvm/lane/selftest.py)
     pykvm restore SNAPSHOT [...]       run a saved VM on (pykvm/snapshot/cli.py)
 
+Each command checks its arguments first (pykvm/cli_checks.py), builds the VM from config values
+(pykvm/config.py: the same MachineConfig for a Linux and a multiboot kernel), and runs it with
+the block boot and restore share (pykvm/cli_run.py: console, Ctrl-A x, SIGUSR1 saves, SIGTERM).
+
 Exit status of `pykvm boot` (also in the README):
     0    the guest powered off, halted, rebooted, or --until matched
     1    VMM error: KVM failed, or the guest hit something pykvm cannot handle
@@ -20,24 +24,10 @@ Exit status of `pykvm boot` (also in the README):
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
 
+from .cli_run import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_VMM_ERROR
 from .stop import StopReason
-
-EXIT_OK, EXIT_VMM_ERROR, EXIT_BAD_INPUT, EXIT_PANIC, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
-
-STOP_STATUS = {
-    StopReason.POWEROFF: EXIT_OK, StopReason.HALT: EXIT_OK, StopReason.RESET: EXIT_OK,
-    StopReason.UNTIL: EXIT_OK, StopReason.EXIT: EXIT_OK,
-    StopReason.PANIC: EXIT_PANIC, StopReason.TIMEOUT: EXIT_TIMEOUT,
-    StopReason.INTERRUPTED: EXIT_INTERRUPTED,
-    StopReason.SHUTDOWN: EXIT_VMM_ERROR, StopReason.ERROR: EXIT_VMM_ERROR,
-    # The guest chose the status: cmd_boot returns stop.status (QEMU's (v << 1) | 1) instead; this
-    # entry only stands where the status is lost (a stop without one).
-    StopReason.DEBUG_EXIT: EXIT_VMM_ERROR,
-}
 
 
 class UsageError(Exception):
@@ -85,9 +75,8 @@ def cmd_info(args) -> int:
 
 def cmd_boot(args) -> int:
     from .config import BootConfig, DeviceConfig, LinuxConfig, MachineConfig
+    from .cli_run import exit_status, run_on_console, stop_on_sigterm
     from .linux import LinuxVM, parse_size
-    from .host.terminal import Terminal
-    from .stop import Stop
 
     if args.readonly and args.snapshot:
         raise UsageError("--readonly and --snapshot exclude each other: pick one")
@@ -105,24 +94,26 @@ def cmd_boot(args) -> int:
     memory = parse_size(args.memory)
     test_devices = _test_devices(args)
     gdb_address = _gdb_address(args)
+    # --no-pvm-workarounds: False (never); without it None (when the host is KVM-PVM).
+    machine = MachineConfig(memory=memory, irqchip=args.irqchip, fast_path=not args.no_fast_path,
+                            pvm_workarounds=False if args.no_pvm_workarounds else None,
+                            acpi=not args.no_acpi, cpus=args.cpus)
     from .multiboot_vm import looks_multiboot
     if looks_multiboot(args.kernel):
-        vm = _multiboot_vm(args, memory)
+        vm = _multiboot_vm(args, machine)
     elif args.module:
         raise UsageError(f"--module is for multiboot kernels; {args.kernel} has no multiboot header")
     else:
         config = LinuxConfig(
             BootConfig(args.kernel, initrd=args.initrd, append=args.append or "",
                        decompress=not args.no_decompress),
-            MachineConfig(memory=memory, irqchip=args.irqchip, fast_path=not args.no_fast_path,
-                          pvm_workarounds=not args.no_pvm_workarounds and None,
-                          acpi=not args.no_acpi, cpus=args.cpus),
+            machine,
             DeviceConfig(disk=args.disk, disk_bus=args.disk_bus, readonly=args.readonly,
                          snapshot=args.snapshot, rng=args.rng, net_tap=net_tap,
                          console="hvc0" if args.hvc else "ttyS0"),
             until=args.until or args.save_at)
         vm = LinuxVM(config)
-    with vm, _stop_on_sigterm(vm.machine):
+    with vm, stop_on_sigterm(vm.machine):
         from .testdevs import add_test_devices
         add_test_devices(vm.machine, **test_devices)
         vm.test_devices = test_devices      # a snapshot records them (pykvm/snapshot/linux.py)
@@ -144,34 +135,9 @@ def cmd_boot(args) -> int:
         desc = vm.plan.description
         _say(f"booting {desc.get('format', 'kernel')} {desc.get('kernel_version', '').split(' ')[0]} with "
              f"{memory >> 20} MiB, {_machine_summary(vm)}; command line: {vm.cmdline}")
-        log = None
-        interactive = args.console == "stdio"
-        if interactive:
-            out = sys.stdout.buffer
-            vm.console.tee(_terminal_sink(out, raw=os.isatty(1) and os.isatty(0)))
-        elif args.console not in ("none", "stdio"):
-            log = open(args.console, "wb")
-            vm.console.tee_file(log)
-        saver = snapshot_cli.SaveOnSignal(vm) if args.save_to else None
-        try:
-            if interactive and os.isatty(0):
-                def quit_():
-                    vm.machine.request_stop(Stop(StopReason.INTERRUPTED, message="Ctrl-A x"))
-                with Terminal(vm.send, quit_, on_stats=lambda: str(vm.stats),
-                              on_error=vm.machine.worker_failed):
-                    stop = vm.run(args.timeout)
-            else:
-                stop = vm.run(args.timeout)
-        finally:
-            if saver:
-                saver.close()
-            if log:
-                log.close()
+        stop, saved = run_on_console(vm, args, _say)
         if stub is not None:
             stub.close()
-        print(file=sys.stderr)
-        _say(f"stopped: {stop.reason}: {stop.message}")
-        saved = snapshot_cli.save_after_boot(vm, args, stop, _say)
         if saved is not None:
             return saved
         if profiler is not None:
@@ -183,18 +149,17 @@ def cmd_boot(args) -> int:
         if stop.reason is StopReason.ERROR and gap is not None:
             from . import pvm
             _say(pvm.describe_gap(vm.machine, gap))
-        if stop.reason == StopReason.DEBUG_EXIT and stop.status is not None:
-            return stop.status & 0xFF
-        return STOP_STATUS.get(stop.reason, EXIT_VMM_ERROR)
+        return exit_status(stop)
 
 
-def _multiboot_vm(args, memory: int):
-    """A multiboot kernel (pykvm/multiboot_vm.py): --initrd and --module FILE[,ARGS] are its
-    modules; the Linux-only options are refused."""
+def _multiboot_vm(args, machine):
+    """A multiboot kernel (pykvm/multiboot_vm.py) on the same MachineConfig a Linux kernel gets:
+    --initrd and --module FILE[,ARGS] are its modules; the Linux-only options are refused."""
     from . import cli_checks
     from .multiboot_vm import MultibootVM
     for flag, given in (("DISK", args.disk), ("--net", args.net), ("--rng", args.rng),
-                        ("--hvc", args.hvc), ("--profile", args.profile)):
+                        ("--hvc", args.hvc), ("--profile", args.profile),
+                        ("--save-to", args.save_to)):
         if given:
             raise UsageError(f"{flag} is not supported with a multiboot kernel")
     modules = []
@@ -203,9 +168,7 @@ def _multiboot_vm(args, memory: int):
         cli_checks.input_file(path, "--module", cli_checks.MAX_INITRD)
         modules.append((path, margs))
     return MultibootVM(args.kernel, append=args.append or "", initrd=args.initrd, modules=modules,
-                       memory=memory, until=args.until, irqchip=args.irqchip,
-                       fast_path=not args.no_fast_path, cpus=args.cpus,
-                       pvm_workarounds=not args.no_pvm_workarounds and None)
+                       machine=machine, until=args.until)
 
 
 def _gdb_address(args):
@@ -262,48 +225,10 @@ def cmd_selftest(args) -> int:
     return selftest(command, timeout=args.timeout, keep=args.keep)
 
 
-@contextlib.contextmanager
-def _stop_on_sigterm(machine):
-    """SIGTERM (`kill`, systemd, a CI runner's cancel) stops the guest like Ctrl-C does, so the
-    run ends normally: disks flushed and closed, exit status 130. Python's default would be to
-    die at once, with the guest's last writes unflushed."""
-    import signal
-    from .stop import Stop
-
-    def on_term(signum, frame):
-        machine.request_stop(Stop(StopReason.INTERRUPTED, message="SIGTERM"))
-
-    try:
-        previous = signal.signal(signal.SIGTERM, on_term)
-    except ValueError:          # not the main thread: leave signals to whoever owns them
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 def _machine_summary(vm) -> str:
     cpus = len(getattr(vm.machine, "vcpus", [vm.machine.vcpu]))
     acpi = getattr(vm, "acpi", None) is not None
     return f"{cpus} vCPU{'s' if cpus != 1 else ''}, " + ("ACPI" if acpi else "no ACPI (MP table)")
-
-
-def _terminal_sink(out, raw: bool):
-    """Guest console bytes to our stdout. A terminal in raw mode needs CR before LF. If stdout goes
-    away (a closed pipe: `pykvm boot ... | head`), the guest keeps running and its output is
-    dropped, rather than the VMM dying in the middle of a device access."""
-    state = {"open": True}
-
-    def write(data: bytes) -> None:
-        if not state["open"]:
-            return
-        try:
-            out.write(data.replace(b"\n", b"\r\n") if raw else data)
-            out.flush()
-        except (BrokenPipeError, OSError):
-            state["open"] = False
-
-    return write
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -395,8 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "share, with the L1 console and the command's output)")
     selftest.add_argument("command", nargs=argparse.REMAINDER, help="command to run instead of the check")
     selftest.set_defaults(fn=cmd_selftest)
-    snapshot_cli.add_restore_command(sub, lambda args: snapshot_cli.cmd_restore(
-        args, _say, _terminal_sink))
+    snapshot_cli.add_restore_command(sub, lambda args: snapshot_cli.cmd_restore(args, _say))
     return p
 
 

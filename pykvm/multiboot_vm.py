@@ -22,6 +22,7 @@ import os
 
 from . import pvm
 from .boot.multiboot import Module, load_multiboot
+from .config import MachineConfig
 from .console import ConsoleLog
 from .machine import Machine
 from .pc import add_pc_devices
@@ -37,18 +38,25 @@ def _read(path, what: str) -> bytes:
 
 
 class MultibootVM:
-    """A multiboot kernel on a one-vCPU PC.
+    """A multiboot kernel on a PC.
 
     kernel: the file (its path, as given, starts the kernel's command line). append: the rest of
     the command line. initrd: a first module; modules: more, as (path, args) pairs or paths.
-    memory: bytes. until: stop (reason "until") when a console line matches this regex.
-    cpus: vCPUs (the others wait for the kernel's INIT/SIPI)."""
+    machine: the same MachineConfig LinuxVM takes (pykvm/config.py: memory, irqchip, fast_path,
+    pvm_workarounds, cpus), or its fields as keywords (`memory=64 << 20`); memory defaults to
+    128 MiB here. Extra vCPUs wait for the kernel's INIT/SIPI. `acpi` does not apply: pykvm writes
+    no firmware tables for a multiboot kernel (it finds the vCPU count in fw_cfg).
+    until: stop (reason "until") when a console line matches this regex."""
 
     def __init__(self, kernel: str | os.PathLike, *, append: str = "",
                  initrd: str | os.PathLike | None = None,
-                 modules: list[tuple[str, str] | str] = (), memory: int = DEFAULT_MEMORY,
-                 until: str | None = None, irqchip: str = "kernel", fast_path: bool = True,
-                 pvm_workarounds: bool | None = None, cpus: int = 1):
+                 modules: list[tuple[str, str] | str] = (), machine: MachineConfig | None = None,
+                 until: str | None = None, **machine_options):
+        if machine is None:
+            machine = MachineConfig(**{"memory": DEFAULT_MEMORY, **machine_options})
+        elif machine_options:
+            raise TypeError("give machine=MachineConfig(...) or its fields as keywords, not both")
+        self.config = machine
         image = _read(kernel, "kernel")
         mods = []
         for spec in ([initrd] if initrd else []) + list(modules):
@@ -56,6 +64,7 @@ class MultibootVM:
             text = f"{path} {args}".strip() if args else str(path)
             mods.append(Module(_read(path, "module"), text))
         self.host_kind = pvm.host_kind()
+        pvm_workarounds = machine.pvm_workarounds
         if pvm_workarounds is None:
             pvm_workarounds = self.host_kind == "KVM-PVM"
         self.pvm_workarounds = pvm_workarounds
@@ -63,7 +72,8 @@ class MultibootVM:
         self.console = ConsoleLog()
         # Extra vCPUs wait for INIT/SIPI from the kernel (the in-kernel local APIC handles them);
         # a kernel finds how many there are in fw_cfg (FW_CFG_NB_CPUS), as kvm-unit-tests do.
-        self.machine = Machine(memory, irqchip=irqchip, fast_path=fast_path, cpus=cpus)
+        self.machine = Machine(machine.memory, irqchip=machine.irqchip,
+                               fast_path=machine.fast_path, cpus=machine.cpus)
         try:
             self.devices = add_pc_devices(self.machine, self.console)
             self.plan = load_multiboot(self.machine.mem, image, name=str(kernel), append=append,

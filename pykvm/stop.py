@@ -3,7 +3,7 @@
 `StopReason` is a `str` enum, so `stop.reason == "until"`, `f"{stop.reason}"` and dictionaries keyed
 by the plain strings keep working, while a misspelt reason fails where the Stop is made
 (`Stop("untill")` raises ValueError) instead of never matching anywhere. A new kind of stop is one
-more member here, and one more row in the CLI's exit-status table (pykvm/cli.py, STOP_STATUS).
+more member here, and one more row in the CLI's exit-status table (pykvm/cli_run.py, STOP_STATUS).
 """
 
 from __future__ import annotations

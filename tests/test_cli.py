@@ -106,7 +106,7 @@ def test_snapshot_without_disk_is_a_usage_error(tmp_path):
 
 def test_console_to_a_closed_pipe_is_dropped_not_fatal():
     """`pykvm boot ... | head`: once stdout is gone, guest output is dropped and the VM goes on."""
-    from pykvm.cli import _terminal_sink
+    from pykvm.cli_run import terminal_sink
 
     class ClosedPipe:
         writes = 0
@@ -118,7 +118,7 @@ def test_console_to_a_closed_pipe_is_dropped_not_fatal():
         def flush(self):
             pass
 
-    sink = _terminal_sink(ClosedPipe(), raw=False)
+    sink = terminal_sink(ClosedPipe(), raw=False)
     sink(b"first line\n")          # must not raise
     sink(b"second line\n")
     assert ClosedPipe.writes == 1  # the sink stopped trying after the first failure
@@ -126,9 +126,9 @@ def test_console_to_a_closed_pipe_is_dropped_not_fatal():
 
 def test_terminal_sink_adds_cr_in_raw_mode():
     import io
-    from pykvm.cli import _terminal_sink
+    from pykvm.cli_run import terminal_sink
     out = io.BytesIO()
-    _terminal_sink(out, raw=True)(b"a\nb\n")
+    terminal_sink(out, raw=True)(b"a\nb\n")
     assert out.getvalue() == b"a\r\nb\r\n"
 
 

@@ -249,3 +249,23 @@ def test_testdev_scratch_and_bochs_shutdown_from_a_guest():
 def test_without_testdev_the_scratch_port_reads_as_nothing():
     p = pykvm(str(kernel()), "--append", "testdev=1", "--debug-exit", "--console", "stdio")
     assert "FAIL check 0xc" in p.stdout and p.returncode == ((0x8C << 1) | 1) & 0xFF, p.stdout
+
+
+@needs_kvm
+@needs_gcc
+def test_library_multiboot_vm_takes_the_machine_config_linux_vm_takes():
+    """MultibootVM(machine=MachineConfig(...)), as `pykvm boot` builds it for either kind of
+    kernel: the memory and vCPU count reach the guest (its info block and fw_cfg)."""
+    from pykvm.config import MachineConfig
+    from pykvm.multiboot_vm import MultibootVM
+    from pykvm.testdevs import add_test_devices
+    machine = MachineConfig(memory="40M", cpus=2)
+    with MultibootVM(kernel(), append="exit=0x21", machine=machine) as vm:
+        add_test_devices(vm.machine, debug_exit=(0xF4, 4))
+        stop = vm.run(timeout=120)
+        out = vm.console.text
+    assert stop.reason == "debug-exit" and stop.status == (0x21 << 1) | 1, (stop, out)
+    assert f"mem_upper {((40 << 20) - (1 << 20)) // 1024:#x}\n" in out, out
+    assert "fw_cfg cpus 0x2\n" in out, out
+    with pytest.raises(TypeError):
+        MultibootVM(kernel(), machine=machine, memory="64M")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pykvm.cli import STOP_STATUS
+from pykvm.cli_run import STOP_STATUS
 from pykvm.stop import Stop, StopReason
 
 

@@ -13,7 +13,6 @@ since - with a one-line message.
 from __future__ import annotations
 
 import signal
-import sys
 
 SAVE_SIGNAL = signal.SIGUSR1
 
@@ -48,8 +47,8 @@ class SaveOnSignal:
         signal.signal(SAVE_SIGNAL, self._old)
 
 
-def save_after_boot(vm, args, stop, say) -> int | None:
-    """After `pykvm boot` stopped: save if asked. Returns an exit status to use instead of the
+def save_after_run(vm, args, stop, say) -> int | None:
+    """After `pykvm boot` or `pykvm restore` stopped: save if asked. Returns an exit status to use instead of the
     stop's, or None."""
     from pykvm.stop import StopReason
     if not args.save_to:
@@ -79,12 +78,12 @@ def add_restore_command(sub, run_fn) -> None:
     p.set_defaults(fn=run_fn)
 
 
-def cmd_restore(args, say, terminal_sink) -> int:
+def cmd_restore(args, say) -> int:
+    from pykvm import cli_checks
+    from pykvm.cli_run import exit_status, run_on_console, stop_on_sigterm
     from pykvm.linux import LinuxVM
     from pykvm.snapshot import SnapshotError
-    from pykvm.stop import StopReason
 
-    from pykvm import cli_checks
     if args.save_at and not args.save_to:
         say("error: --save-at needs --save-to FILE")
         return 2
@@ -99,25 +98,6 @@ def cmd_restore(args, say, terminal_sink) -> int:
     except SnapshotError as e:
         say(f"error: {e}")
         return 2
-    from pykvm.cli import _stop_on_sigterm
-    with vm, _stop_on_sigterm(vm.machine):     # SIGTERM ends the run as Ctrl-C does (as boot)
-        log = None
-        if args.console == "stdio":
-            vm.console.tee(terminal_sink(sys.stdout.buffer, raw=False))
-        elif args.console != "none":
-            log = open(args.console, "wb")
-            vm.console.tee_file(log)
-        saver = SaveOnSignal(vm) if args.save_to else None
-        try:
-            stop = vm.run(args.timeout)
-        finally:
-            if saver:
-                saver.close()
-            if log:
-                log.close()
-        say(f"stopped: {stop.reason}: {stop.message}")
-        saved = save_after_boot(vm, args, stop, say)
-        if saved is not None:
-            return saved
-        from pykvm.cli import EXIT_VMM_ERROR, STOP_STATUS
-        return STOP_STATUS.get(stop.reason, EXIT_VMM_ERROR) if stop.reason is not StopReason.UNTIL else 0
+    with vm, stop_on_sigterm(vm.machine):     # the same run block as boot (pykvm/cli_run.py)
+        stop, saved = run_on_console(vm, args, say)
+        return saved if saved is not None else exit_status(stop)
