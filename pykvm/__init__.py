@@ -14,8 +14,9 @@ How a VM comes to life, and where each step lives:
    (`pykvm.x86.cpu`, `pykvm.boot`).
 5. Loop on KVM_RUN. Each return is an *exit*: the guest did something the hardware could not finish
    alone (an `out` to a port, a load from MMIO, `hlt`). `Vcpu.run()` turns it into a typed value
-   (`pykvm.kvm.exits`), `pykvm.machine.handle_exit` dispatches it to the bus, and the loop goes on
-   until something asks it to stop: a `pykvm.stop.Stop` with its `StopReason`.
+   (`pykvm.kvm.exits`), `pykvm.dispatch.handle_exit` dispatches it to the bus (`Machine`'s loop
+   looks up the same handler table inline), and the loop goes on until something asks it to stop:
+   a `pykvm.stop.Stop` with its `StopReason`.
 6. Boot Linux: `pykvm.linux.LinuxVM` does steps 1-5 from a `pykvm.config.LinuxConfig`. It adds the
    PC's legacy devices (`pykvm.pc`), a PCI bus, disks and virtio devices; loads the kernel with the
    boot protocol (`pykvm.boot.load_linux`: parse the bzImage, unpack its payload on the host, write
@@ -29,25 +30,38 @@ How a VM comes to life, and where each step lives:
 8. The fast path: most exits of a Linux boot are the serial console's polling and POST writes.
    `pykvm.kvm.fastpath` and csrc/fastpath.h run the KVM_RUN loop in C and answer those there; the
    device models keep the registers C reads in a shared struct (`pykvm.devices.shared`), so there is
-   one copy of each. Everything else comes back to Python as in step 5 (`--no-fast-path` to watch).
+   one copy of each. A virtio-blk disk's kicks are served in that loop too (csrc/virtio_blk_fast.h;
+   its Python half `pykvm.virtio.blk_fast`, its C half `pykvm.kvm.vblk`). Everything else comes back
+   to Python as in step 5 (`--no-fast-path` to watch).
 
 Two walks through the code, in the order the files are reached.
 
 One byte written to the UART's THR (`out 0x3f8`), with the fast path off:
     pykvm/kvm/vcpu.py        Vcpu.run: KVM_RUN returns KVM_EXIT_IO -> IoOut(0x3f8, 1, 1, b"A")
-    pykvm/machine.py         Machine.run: the IoOut handler -> pio.write(0x3f8, 1, 0x41)
+    pykvm/machine.py         Machine._vcpu_loop: the handler for IoOut, from dispatch.py's table
+    pykvm/dispatch.py        _io_out -> pio.write(0x3f8, 1, 0x41)
     pykvm/bus.py             Bus.write: the device at 0x3f8 (LockedDevice), offset 0
     pykvm/devices/isa.py     ByteRegisters.write: one byte at offset 0
     pykvm/devices/serial.py  Serial16550: THR -> the output sink (LinuxVM: pykvm/console.py), then
                              the interrupt level recomputed from IER/LSR
     pykvm/irq.py             KvmIrqLine.set_level: only if the level changed
     pykvm/kvm/vm.py          Vm.irq_line: KVM_IRQ_LINE
-  With the fast path on (LinuxVM's default) and the UART's interrupts off, the first five steps
-  are csrc/fastpath.h, which buffers the byte; pykvm/kvm/fastpath.py drains it to the same sink.
+  With the fast path on (LinuxVM's default) and the UART's interrupts off, every step up to the
+  Serial16550 is csrc/fastpath.h, which buffers the byte; pykvm/kvm/fastpath.py drains it to the
+  same sink.
 
-One virtio-blk read (virtio-mmio with ioeventfd, LinuxVM's default):
-    (guest)                  writes the queue index to QueueNotify: KVM signals the ioeventfd
-                             registered by attach.py, and the vCPU goes on without an exit
+One virtio-blk read, LinuxVM's default (virtio-mmio, one vCPU, the fast path on):
+    (guest)                  writes the queue index to QueueNotify: an MMIO exit
+    csrc/fastpath.h          pykvm_run_fast: the exit is at the disk's QueueNotify and C is armed
+    csrc/virtio_blk_fast.h   pykvm_vblk_notify: for each request, pop its head, find the header and
+                             buffers in guest RAM (csrc/guest_mem.h, bounds-checked), preadv from
+                             the image straight into them, write the status and the used entry;
+                             then InterruptStatus, and a write to the line's KVM irqfd
+    (guest)                  back in KVM_RUN without the interpreter; KVM pulses the GSI
+  The same read through the Python model: the first kick after the driver starts (serving it arms
+  C: pykvm/virtio/blk_fast.py), whatever C hands back (a request with a mistake, GET_ID, an I/O
+  error), and every kick with the fast path off or several vCPUs, where KVM catches the kick on an
+  ioeventfd and the vCPU goes on without an exit:
     pykvm/virtio/attach.py   IoEventNotifier: its thread wakes, device.notify(0) under the lock
     pykvm/virtio/device.py   VirtioDevice.notify -> process_queue
     pykvm/virtio/blk.py      VirtioBlk.process_queue: for each request, pop its head
@@ -57,6 +71,8 @@ One virtio-blk read (virtio-mmio with ioeventfd, LinuxVM's default):
     pykvm/virtio/device.py   signal_used -> VirtioTransport._interrupt: InterruptStatus bit set
     pykvm/virtio/mmio.py     VirtioMmio._update_interrupt: the line's level from InterruptStatus
     pykvm/irq.py             IrqfdLine: an eventfd write; KVM pulses the GSI
+  (With the fast path on, the first kick and what C hands back arrive as an MMIO exit instead:
+  dispatch.py's _mmio_write -> bus.py -> VirtioMmio.write(QueueNotify) -> VirtioDevice.notify.)
 
 Where to read next: examples/ (numbered, from eight bytes of real mode to a Linux boot), then
 pykvm/machine.py and pykvm/kvm/, then a device (pykvm/devices/serial.py) with its unit tests, then
