@@ -25,6 +25,7 @@ from .halt import watch_for_final_halt
 from .machine import Machine, MachineError
 from .stop import Stop, StopReason
 from .pc import add_pc_devices
+from .runnable import RunnableVM
 from .x86 import cpu, layout, mptable
 
 
@@ -70,8 +71,8 @@ def _read_file(path: str | os.PathLike, what: str) -> bytes:
     return cli_checks.read_input(path, what, limit)
 
 
-class LinuxVM:
-    """A Linux guest on a one-vCPU PC, built from a `LinuxConfig` (pykvm/config.py):
+class LinuxVM(RunnableVM):
+    """A Linux guest on a PC (one vCPU, or `cpus=N`), built from a `LinuxConfig` (pykvm/config.py):
 
         LinuxVM(LinuxConfig(BootConfig("bzImage"), MachineConfig(memory="1G")))
         LinuxVM("bzImage", memory="1G", disk="root.img")      # the same, as flat keywords
@@ -288,26 +289,10 @@ class LinuxVM:
         from .snapshot.linux import restore_linux
         return restore_linux(cls, path, until=until, clone=clone, verify=verify, **overrides)
 
-    # ---- running ----
-    def run(self, timeout: float | None = None) -> Stop:
-        """Run on this thread until the guest stops (or `timeout` seconds pass)."""
-        self._start_backends()
-        return self.machine.run(timeout)
-
-    def start(self, timeout: float | None = None) -> None:
-        """Run in a background thread; use console.expect(), then stop() or wait()."""
-        self._start_backends()
-        self.machine.start(timeout)
-
-    def _start_backends(self) -> None:
+    # ---- running (run, start, wait, stop: pykvm/runnable.py) ----
+    def _before_run(self) -> None:
         for attached in self.attached:
             attached.start()
-
-    def wait(self, timeout: float | None = None) -> Stop | None:
-        return self.machine.wait(timeout)
-
-    def stop(self) -> Stop | None:
-        return self.machine.stop()
 
     def send(self, data: bytes | str) -> None:
         """Type into the guest's console (COM1, or the virtio console with console="hvc0")."""
@@ -341,27 +326,6 @@ class LinuxVM:
                                f"console ended with:\n{self.console.tail()}")
         return stop
 
-    @property
-    def stats(self) -> dict:
-        m = self.machine
-        exits: dict[str, int] = {}
-        for vcpu in m.vcpus:
-            for reason, n in vcpu.exit_counts().items():
-                exits[reason] = exits.get(reason, 0) + n
-        return {
-            "exits": exits,                       # all vCPUs together
-            "seconds_in_kvm_run": round(sum(v.seconds_in_run for v in m.vcpus), 3),
-            "seconds_in_run_loop": round(m.seconds_running, 3),
-            "pvm_gaps_completed": dict(m.stats.pvm_gaps),
-            "guest_errors": dict(m.stats.guest_errors),
-            "interrupts_injected": dict(m.stats.interrupts),
-            "unclaimed_ports": m.pio.unclaimed,
-            "serial_bytes_out": self.devices.serial.bytes_out,
-            "exits_handled_in_c": m.fast.handled if m.fast else 0,
-            "console_bytes_dropped": self.console.dropped,   # beyond the kept tail (console.py)
-            "worker_errors": dict(m.stats.worker_errors),
-        }
-
     def close(self) -> None:
         """Stop the guest and release everything. Disk writes are flushed to the image first."""
         machine = getattr(self, "machine", None)
@@ -375,12 +339,6 @@ class LinuxVM:
         if machine is not None:
             machine.close()
         self.console.close()
-
-    def __enter__(self) -> "LinuxVM":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 __all__ = ["LinuxVM", "BootError", "MachineError", "parse_size"]

@@ -26,6 +26,7 @@ from .config import MachineConfig
 from .console import ConsoleLog
 from .machine import Machine
 from .pc import add_pc_devices
+from .runnable import RunnableVM
 from .stop import Stop, StopReason
 from .x86 import cpu
 
@@ -37,7 +38,7 @@ def _read(path, what: str) -> bytes:
     return read_input(path, what, MAX_INITRD)
 
 
-class MultibootVM:
+class MultibootVM(RunnableVM):
     """A multiboot kernel on a PC.
 
     kernel: the file (its path, as given, starts the kernel's command line). append: the rest of
@@ -95,38 +96,14 @@ class MultibootVM:
                 Stop(StopReason.UNTIL, message=f"console matched {until!r}")))
         self.machine.on_stop.append(lambda stop: self.console.close())
 
-    def run(self, timeout: float | None = None) -> Stop:
-        return self.machine.run(timeout)
-
-    def start(self, timeout: float | None = None) -> None:
-        self.machine.start(timeout)
-
-    def wait(self, timeout: float | None = None) -> Stop | None:
-        return self.machine.wait(timeout)
-
-    def stop(self) -> Stop | None:
-        return self.machine.stop()
-
     def send(self, data: bytes | str) -> None:
         self.devices.feed_serial(data.encode() if isinstance(data, str) else data)
-
-    @property
-    def stats(self) -> dict:
-        m = self.machine
-        return {"exits": m.vcpu.exit_counts(), "guest_errors": dict(m.stats.guest_errors),
-                "pvm_gaps_completed": dict(m.stats.pvm_gaps), "unclaimed_ports": m.pio.unclaimed}
 
     def close(self) -> None:
         machine = getattr(self, "machine", None)
         if machine is not None:
             machine.close()
         self.console.close()
-
-    def __enter__(self) -> "MultibootVM":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def looks_multiboot(path: str | os.PathLike) -> bool:

@@ -85,3 +85,11 @@ class Recorder:
 
     def write(self, offset, size, value):
         self.data.append(value)
+
+
+def load_real_mode(machine, code: bytes) -> None:
+    """Put a real-mode program at 0x1000 and point vCPU 0 at it (CS=0x100, IP=0), for the tiny
+    hand-assembled guests of the KVM tests."""
+    from pykvm.x86.cpu import setup_real_mode
+    machine.mem.write(0x1000, code)
+    setup_real_mode(machine.vcpu, 0x100, 0)

@@ -5,9 +5,8 @@ import pytest
 from pykvm.console import ConsoleLog
 from pykvm.machine import Machine
 from pykvm.pc import add_pc_devices
-from pykvm.x86.cpu import setup_real_mode
 
-from conftest import needs_kvm
+from conftest import load_real_mode, needs_kvm
 
 # Real mode at 0x1000: print "hi\n" on COM1 the way Linux's console does (poll LSR for THRE, write
 # THR), write POST codes 0..N-1 to port 0x80, then signal the exit port with status 7.
@@ -34,8 +33,7 @@ def run_program(fast: bool, post_writes: int = 1000):
     console = ConsoleLog()
     with Machine(1 << 20, fast_path=fast) as m:
         devs = add_pc_devices(m, console)
-        m.mem.write(0x1000, polled_uart_program(post_writes))
-        setup_real_mode(m.vcpu, 0x100, 0)
+        load_real_mode(m, polled_uart_program(post_writes))
         stop = m.run(timeout=60)
         return stop, console.data, devs, m.vcpu.exit_counts(), (m.fast.handled if m.fast else 0)
 
@@ -66,8 +64,7 @@ def test_uart_with_interrupts_on_goes_to_python():
         code = bytes([0xba, 0xf9, 0x03, 0xb0, 0x02, 0xee,      # IER = THRI
                       0xba, 0xf8, 0x03, 0xb0, 0x41, 0xee,      # THR = 'A'
                       0xb0, 0x00, 0xe6, 0xf4, 0xf4])           # exit 0
-        m.mem.write(0x1000, code)
-        setup_real_mode(m.vcpu, 0x100, 0)
+        load_real_mode(m, code)
         stop = m.run(timeout=30)
         assert stop.reason == "exit"
         assert console.data == b"A"

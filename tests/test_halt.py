@@ -11,9 +11,8 @@ import pytest
 
 from pykvm.halt import HaltWatch, VcpuState, halted_for_good, watch_for_final_halt
 from pykvm.machine import Machine
-from pykvm.x86.cpu import setup_real_mode
 
-from conftest import needs_kvm
+from conftest import load_real_mode, needs_kvm
 
 HALTED_IF0 = VcpuState(halted=True, interrupts_enabled=False)
 
@@ -137,8 +136,7 @@ STI_HLT = bytes([0xfb, 0xf4, 0xeb, 0xfd])
 def test_in_kernel_irqchip_final_hlt_is_seen_on_a_kick():
     with Machine(1 << 20, irqchip="kernel") as m:
         watch = watch_for_final_halt(m, period=0.1)
-        m.mem.write(0x1000, CLI_HLT)
-        setup_real_mode(m.vcpu, 0x100, 0)
+        load_real_mode(m, CLI_HLT)
         stop = m.run(timeout=60)
         assert stop.reason == "halt", stop
         assert stop.message == HaltWatch.MESSAGE
@@ -150,8 +148,7 @@ def test_in_kernel_irqchip_final_hlt_is_seen_on_a_kick():
 def test_in_kernel_irqchip_idle_hlt_is_not_the_end():
     with Machine(1 << 20, irqchip="kernel") as m:
         watch = watch_for_final_halt(m, period=0.05)
-        m.mem.write(0x1000, STI_HLT)
-        setup_real_mode(m.vcpu, 0x100, 0)
+        load_real_mode(m, STI_HLT)
         m.start(timeout=60)
         while watch.checks < 5 and m.running:
             time.sleep(0.05)
@@ -162,8 +159,7 @@ def test_in_kernel_irqchip_idle_hlt_is_not_the_end():
 @needs_kvm
 def test_user_irqchip_final_hlt_is_a_hlt_exit():
     with Machine(1 << 20, irqchip="user") as m:
-        m.mem.write(0x1000, CLI_HLT)
-        setup_real_mode(m.vcpu, 0x100, 0)
+        load_real_mode(m, CLI_HLT)
         stop = m.run(timeout=60)
         assert stop.reason == "halt", stop
         assert m.vcpu.exit_counts()["HLT"] == 1

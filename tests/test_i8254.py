@@ -33,6 +33,14 @@ def make():
     return pit, bus, irq, clock
 
 
+def program_channel2(bus, control: int, count: int):
+    """Gate channel 2 on (port 0x61 bit 0), write its control word, then the count LSB, MSB."""
+    bus.write(0x61, 1, 0x01)
+    bus.write(0x43, 1, control)
+    bus.write(0x42, 1, count & 0xFF)
+    bus.write(0x42, 1, count >> 8)
+
+
 def read_word(bus, port):
     lo = bus.read(port, 1)
     return lo | bus.read(port, 1) << 8
@@ -117,10 +125,7 @@ def test_tsc_calibration_channel2_through_port_61():
 
 def test_quick_pit_calibrate_msb_counts_down():
     pit, bus, _, clock = make()
-    bus.write(0x61, 1, 0x01)
-    bus.write(0x43, 1, 0xB0)
-    bus.write(0x42, 1, 0xFF)
-    bus.write(0x42, 1, 0xFF)
+    program_channel2(bus, 0xB0, 0xFFFF)         # mode 0, LSB then MSB
     for i in range(5):
         bus.read(0x42, 1)                     # LSB
         assert bus.read(0x42, 1) == 0xFF - i  # MSB
@@ -129,10 +134,7 @@ def test_quick_pit_calibrate_msb_counts_down():
 
 def test_gate_low_holds_mode0_count():
     pit, bus, _, clock = make()
-    bus.write(0x61, 1, 0x01)
-    bus.write(0x43, 1, 0xB0)
-    bus.write(0x42, 1, 0x00)
-    bus.write(0x42, 1, 0x10)                  # 4096
+    program_channel2(bus, 0xB0, 4096)
     clock.advance_clocks(96)
     bus.write(0x61, 1, 0x00)                  # gate low: counting suspended
     clock.advance_clocks(5000)
@@ -203,10 +205,7 @@ def test_lsb_and_msb_only_access():
 
 def test_mode3_square_wave_output():
     pit, bus, _, clock = make()
-    bus.write(0x61, 1, 0x01)
-    bus.write(0x43, 1, 0xB6)
-    bus.write(0x42, 1, 10)
-    bus.write(0x42, 1, 0)
+    program_channel2(bus, 0xB6, 10)            # mode 3
     outs = []
     for _ in range(20):
         outs.append(pit.output(2))

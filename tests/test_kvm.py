@@ -9,9 +9,8 @@ import pytest
 
 from pykvm.kvm import KvmError, KvmUnavailable, Kvm, exits as E
 from pykvm.machine import Machine, MachineError
-from pykvm.x86.cpu import setup_real_mode
 
-from conftest import Recorder, needs_kvm
+from conftest import Recorder, load_real_mode, needs_kvm
 
 # Real-mode guest at 0x1000 (CS=0x100, IP=0): mov dx, 0xe9; mov al, 'A'; out dx, al; hlt
 OUT_A_HLT = bytes([0xba, 0xe9, 0x00, 0xb0, 0x41, 0xee, 0xf4])
@@ -58,8 +57,7 @@ def test_real_mode_out_and_hlt():
     with Machine(1 << 20, irqchip="none") as m:
         rec = Recorder()
         m.add_pio(0xe9, 1, rec)
-        m.mem.write(0x1000, OUT_A_HLT)
-        setup_real_mode(m.vcpu, 0x100, 0)
+        load_real_mode(m, OUT_A_HLT)
         stop = m.run(timeout=30)
         assert stop.reason == "halt"
         assert rec.data == b"A"
@@ -70,8 +68,7 @@ def test_real_mode_out_and_hlt():
 @needs_kvm
 def test_vcpu_run_returns_typed_exits():
     with Machine(1 << 20, irqchip="none") as m:
-        m.mem.write(0x1000, OUT_A_HLT)
-        setup_real_mode(m.vcpu, 0x100, 0)
+        load_real_mode(m, OUT_A_HLT)
         e = m.vcpu.run()
         assert isinstance(e, E.IoOut) and (e.port, e.size, e.count) == (0xe9, 1, 1)
         assert bytes(e.data) == b"A"
@@ -83,8 +80,7 @@ def test_timeout_stops_a_busy_guest():
     with Machine(1 << 20, irqchip="none") as m:
         rec = Recorder()
         m.add_pio(0xe9, 1, rec)
-        m.mem.write(0x1000, OUT_LOOP)
-        setup_real_mode(m.vcpu, 0x100, 0)
+        load_real_mode(m, OUT_LOOP)
         stop = m.run(timeout=0.3)
         assert stop.reason == "timeout"
         assert len(rec.data) > 10
@@ -94,8 +90,7 @@ def test_timeout_stops_a_busy_guest():
 def test_background_run_and_stop():
     """A vCPU in another thread, busy in the guest, stops on request (kick via signal)."""
     with Machine(2 << 20) as m:
-        m.mem.write(0x1000, bytes([0xeb, 0xfe]))   # jmp $: never exits on its own
-        setup_real_mode(m.vcpu, 0x100, 0)
+        load_real_mode(m, bytes([0xeb, 0xfe]))   # jmp $: never exits on its own
         m.start()
         time.sleep(0.2)
         assert m.running
@@ -164,8 +159,7 @@ def test_run_decodes_port_io_as_decode_exit_does():
 
     def exits(fast):
         with Machine(1 << 20, irqchip="none") as m:
-            m.mem.write(0x1000, IO_MIX)
-            setup_real_mode(m.vcpu, 0x100, 0)
+            load_real_mode(m, IO_MIX)
             seen = []
             while True:
                 e = m.vcpu.run() if fast is None else m.vcpu.run_fast(fast)

@@ -3,9 +3,8 @@
 
 from pykvm.machine import Machine
 from pykvm.profile import GuestProfiler, load_system_map
-from pykvm.x86.cpu import setup_real_mode
 
-from conftest import needs_kvm
+from conftest import load_real_mode, needs_kvm
 
 
 def test_system_map_lookup(tmp_path):
@@ -33,8 +32,7 @@ def test_a_stub_system_map_is_named_in_the_report(tmp_path):
 @needs_kvm
 def test_samples_land_on_the_spinning_instruction():
     with Machine(1 << 20, irqchip="none") as m:
-        m.mem.write(0x1000, bytes([0x90, 0xeb, 0xfd]))      # l: nop; jmp l  (never exits)
-        setup_real_mode(m.vcpu, 0x100, 0)
+        load_real_mode(m, bytes([0x90, 0xeb, 0xfd]))      # l: nop; jmp l  (never exits)
         prof = GuestProfiler(period=0.01)
         prof.start(m)
         m.run(timeout=0.5)

@@ -27,6 +27,14 @@ def setup(device=None):
     return mem, irq, dev, t, MmioDriver(t, mem)
 
 
+def acknowledge(drv):
+    """Steps 1-3 of driver initialisation (virtio 1.2, 3.1.1): reset, ACKNOWLEDGE, DRIVER; the
+    tests below go on from there their own (wrong) way."""
+    drv.w(R.STATUS, 0)
+    drv.add_status(STATUS_ACKNOWLEDGE)
+    drv.add_status(STATUS_DRIVER)
+
+
 def test_identification_registers():
     mem, irq, dev, t, drv = setup()
     assert t.read(R.MAGIC_VALUE, 4) == 0x74726976
@@ -60,9 +68,7 @@ def test_linux_probe_sequence_and_request():
 
 def test_features_not_offered_do_not_stick():
     mem, irq, dev, t, drv = setup()
-    drv.w(R.STATUS, 0)
-    drv.add_status(STATUS_ACKNOWLEDGE)
-    drv.add_status(STATUS_DRIVER)
+    acknowledge(drv)
     assert not drv.set_features(VIRTIO_F_VERSION_1 | (1 << 40))
     assert t.errors["features not offered"] == 1
     assert not drv.set_features(VIRTIO_F_INDIRECT_DESC)       # legacy driver: no VERSION_1
@@ -71,9 +77,7 @@ def test_features_not_offered_do_not_stick():
 
 def test_driver_ok_without_features_ok_needs_reset():
     mem, irq, dev, t, drv = setup()
-    drv.w(R.STATUS, 0)
-    drv.add_status(STATUS_ACKNOWLEDGE)
-    drv.add_status(STATUS_DRIVER)
+    acknowledge(drv)
     drv.add_status(STATUS_DRIVER_OK)
     st_ = t.read(R.STATUS, 4)
     assert st_ & STATUS_DEVICE_NEEDS_RESET and not st_ & STATUS_DRIVER_OK
@@ -95,9 +99,7 @@ def test_clearing_a_status_bit_needs_reset():
 
 def test_bad_queue_address_needs_reset():
     mem, irq, dev, t, drv = setup()
-    drv.w(R.STATUS, 0)
-    drv.add_status(STATUS_ACKNOWLEDGE)
-    drv.add_status(STATUS_DRIVER)
+    acknowledge(drv)
     assert drv.set_features(VIRTIO_F_VERSION_1)
     drv.w(R.QUEUE_SEL, 0)
     drv.w(R.QUEUE_NUM, 64)
@@ -132,9 +134,7 @@ def test_narrow_register_access_is_a_counted_guest_error():
 
 def test_notify_before_driver_ok_is_served_at_driver_ok():
     mem, irq, dev, t, drv = setup()
-    drv.w(R.STATUS, 0)
-    drv.add_status(STATUS_ACKNOWLEDGE)
-    drv.add_status(STATUS_DRIVER)
+    acknowledge(drv)
     assert drv.set_features(VIRTIO_F_VERSION_1)
     q = drv.setup_queue(0)
     head = q.add_chain([], [8])

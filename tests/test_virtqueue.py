@@ -10,9 +10,11 @@ from pykvm.virtio.queue import VIRTQ_DESC_F_NEXT, ChainError, VirtQueue
 RAM = 64 * 1024
 
 
-def make(size=8, indirect=True, ram=RAM):
-    mem = GuestMemory.for_test(ram)
-    alloc = GuestAllocator(mem, 0x100, ram)
+def make(size=8, indirect=True, ram=RAM, mem=None, alloc_end=None):
+    """A live queue of `size` in `mem` (a fresh test RAM of `ram` bytes if None), its driver side
+    allocated between 0x100 and `alloc_end` (the end of RAM if None)."""
+    mem = GuestMemory.for_test(ram) if mem is None else mem
+    alloc = GuestAllocator(mem, 0x100, ram if alloc_end is None else alloc_end)
     mq = MockQueue(mem, size, alloc)
     q = VirtQueue(size)
     q.mem = mem
@@ -166,12 +168,8 @@ desc_st = st.tuples(
        avail_idx=st.one_of(st.none(), st.integers(0, 0xFFFF)))
 def test_fuzz_descriptor_chains(table, heads, avail_idx):
     size = 8
-    mem = SpyMemory([GuestMemory.for_test(RAM).regions[0]])
-    mq = MockQueue(mem, size, GuestAllocator(mem, 0x100, 0x1000))
-    q = VirtQueue(size)
-    q.mem, q.indirect = mem, True
-    q.desc_addr, q.avail_addr, q.used_addr = mq.desc_addr, mq.avail_addr, mq.used_addr
-    q.ready = True
+    mem, mq, q = make(size, mem=SpyMemory([GuestMemory.for_test(RAM).regions[0]]),
+                      alloc_end=0x1000)
     for i, d in enumerate(table):
         mq.set_desc(i, *d)
     for h in heads[:size]:
@@ -277,12 +275,7 @@ def test_fuzz_chains_match_a_reference_walk(table, indirect, heads, indirect_ok)
     refuses is returned to the driver with length 0 and counted. Indirect tables are filled with
     fuzzed descriptors (the old fuzz left them all zero)."""
     size = 8
-    mem = GuestMemory.for_test(RAM)
-    mq = MockQueue(mem, size, GuestAllocator(mem, 0x100, 0x1000))
-    q = VirtQueue(size)
-    q.mem, q.indirect = mem, indirect_ok
-    q.desc_addr, q.avail_addr, q.used_addr = mq.desc_addr, mq.avail_addr, mq.used_addr
-    q.ready = True
+    mem, mq, q = make(size, indirect_ok, alloc_end=0x1000)
     for i, d in enumerate(table):
         mq.set_desc(i, *d)
     for i, d in enumerate(indirect):

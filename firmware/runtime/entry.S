@@ -35,6 +35,20 @@
     hlt
 .endm
 
+/* load_data_segments: every data segment register to the flat data descriptor. Needed after each
+ * mode switch: a segment register keeps the descriptor cached when it was loaded (SDM Vol. 3,
+ * 3.4.3), so the old mode's segments stay in force until reloaded. In 64-bit mode the CPU
+ * ignores the bases and limits of DS, ES and SS; they are loaded anyway, so that no register keeps
+ * a stale descriptor from the mode before. */
+.macro load_data_segments
+    movw $FW_SEL_DATA, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    movw %ax, %fs
+    movw %ax, %gs
+.endm
+
 /* ---------------------------------------------------------------- 16-bit real mode, at 0x8000 */
     .section .boot16, "awx"
     .code16
@@ -79,12 +93,7 @@ fw_boot_record:                 /* struct fw_boot_record, filled in as we go */
     .section .text.entry, "ax"
     .code32
 start32:
-    movw $FW_SEL_DATA, %ax
-    movw %ax, %ds
-    movw %ax, %es
-    movw %ax, %ss
-    movw %ax, %fs
-    movw %ax, %gs
+    load_data_segments
     movl $kstack_top, %esp
 
     movl %cr0, %eax
@@ -180,12 +189,7 @@ pm_refused:
 /* ---------------------------------------------------------------- 64-bit long mode */
     .code64
 start64:
-    movw $FW_SEL_DATA, %ax
-    movw %ax, %ds
-    movw %ax, %es
-    movw %ax, %ss
-    movw %ax, %fs
-    movw %ax, %gs
+    load_data_segments
     movq $kstack_top, %rsp
 
     movq %cr0, %rax

@@ -15,7 +15,7 @@ except ImportError as e:  # pragma: no cover - depends on the install
 
 from .errors import KvmError
 
-__all__ = ["ffi", "lib", "ioctl", "ioctl_int"]
+__all__ = ["ffi", "lib", "ioctl", "ioctl_int", "ioctl_new"]
 
 
 def ioctl(fd: int, request: int, arg, name: str) -> int:
@@ -32,3 +32,11 @@ def ioctl_int(fd: int, request: int, arg: int, name: str) -> int:
     if r < 0:
         raise KvmError(-r, name)
     return r
+
+
+def ioctl_new(fd: int, name: str, ctype: str, init=None):
+    """The shape of most KVM_GET_* ioctls: a new `ctype` struct (fields from `init`, else zeroed)
+    handed to ioctl `name` (the constant's name in <linux/kvm.h>), and returned as KVM filled it."""
+    obj = ffi.new(ctype) if init is None else ffi.new(ctype, init)
+    ioctl(fd, getattr(lib, name), obj, name)
+    return obj

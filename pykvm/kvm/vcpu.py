@@ -16,7 +16,7 @@ import errno
 import mmap
 import struct
 
-from ._lib import ffi, ioctl, ioctl_int, lib
+from ._lib import ffi, ioctl, ioctl_int, ioctl_new, lib
 from .errors import KvmError
 from . import exits as E
 
@@ -241,25 +241,19 @@ class Vcpu:
 
     # ---- registers ----
     def get_regs(self):
-        regs = ffi.new("struct kvm_regs *")
-        ioctl(self.fd, lib.KVM_GET_REGS, regs, "KVM_GET_REGS")
-        return regs
+        return ioctl_new(self.fd, "KVM_GET_REGS", "struct kvm_regs *")
 
     def set_regs(self, regs) -> None:
         ioctl(self.fd, lib.KVM_SET_REGS, regs, "KVM_SET_REGS")
 
     def get_sregs(self):
-        sregs = ffi.new("struct kvm_sregs *")
-        ioctl(self.fd, lib.KVM_GET_SREGS, sregs, "KVM_GET_SREGS")
-        return sregs
+        return ioctl_new(self.fd, "KVM_GET_SREGS", "struct kvm_sregs *")
 
     def set_sregs(self, sregs) -> None:
         ioctl(self.fd, lib.KVM_SET_SREGS, sregs, "KVM_SET_SREGS")
 
     def get_fpu(self):
-        fpu = ffi.new("struct kvm_fpu *")
-        ioctl(self.fd, lib.KVM_GET_FPU, fpu, "KVM_GET_FPU")
-        return fpu
+        return ioctl_new(self.fd, "KVM_GET_FPU", "struct kvm_fpu *")
 
     def set_fpu(self, fpu) -> None:
         ioctl(self.fd, lib.KVM_SET_FPU, fpu, "KVM_SET_FPU")
@@ -301,9 +295,7 @@ class Vcpu:
         ioctl(self.fd, lib.KVM_SET_CPUID2, cpuid, "KVM_SET_CPUID2")
 
     def get_vcpu_events(self):
-        ev = ffi.new("struct kvm_vcpu_events *")
-        ioctl(self.fd, lib.KVM_GET_VCPU_EVENTS, ev, "KVM_GET_VCPU_EVENTS")
-        return ev
+        return ioctl_new(self.fd, "KVM_GET_VCPU_EVENTS", "struct kvm_vcpu_events *")
 
     def set_vcpu_events(self, ev) -> None:
         ioctl(self.fd, lib.KVM_SET_VCPU_EVENTS, ev, "KVM_SET_VCPU_EVENTS")
@@ -332,9 +324,7 @@ class Vcpu:
     # ---- the rest of the vCPU's state, for snapshots (pykvm/snapshot/) ----
     def get_xcrs(self):
         """KVM_GET_XCRS: the extended control registers (XCR0 says which XSAVE components are on)."""
-        xcrs = ffi.new("struct kvm_xcrs *")
-        ioctl(self.fd, lib.KVM_GET_XCRS, xcrs, "KVM_GET_XCRS")
-        return xcrs
+        return ioctl_new(self.fd, "KVM_GET_XCRS", "struct kvm_xcrs *")
 
     def set_xcrs(self, xcrs) -> None:
         ioctl(self.fd, lib.KVM_SET_XCRS, xcrs, "KVM_SET_XCRS")
@@ -342,18 +332,14 @@ class Vcpu:
     def get_lapic(self):
         """KVM_GET_LAPIC: the local APIC's 1 KiB register page, as the guest's MMIO sees it
         (Intel SDM Vol. 3, 11.4.1; needs the in-kernel irqchip)."""
-        lapic = ffi.new("struct kvm_lapic_state *")
-        ioctl(self.fd, lib.KVM_GET_LAPIC, lapic, "KVM_GET_LAPIC")
-        return lapic
+        return ioctl_new(self.fd, "KVM_GET_LAPIC", "struct kvm_lapic_state *")
 
     def set_lapic(self, lapic) -> None:
         ioctl(self.fd, lib.KVM_SET_LAPIC, lapic, "KVM_SET_LAPIC")
 
     def get_mp_state(self) -> int:
         """KVM_GET_MP_STATE: runnable, halted, waiting for INIT/SIPI, ... (KVM_MP_STATE_*)."""
-        mp = ffi.new("struct kvm_mp_state *")
-        ioctl(self.fd, lib.KVM_GET_MP_STATE, mp, "KVM_GET_MP_STATE")
-        return mp.mp_state
+        return ioctl_new(self.fd, "KVM_GET_MP_STATE", "struct kvm_mp_state *").mp_state
 
     def activity(self) -> str:
         """KVM_GET_MP_STATE decoded for code outside the binding: "halted", "waiting-for-sipi"
@@ -371,9 +357,7 @@ class Vcpu:
 
     def get_debugregs(self):
         """KVM_GET_DEBUGREGS: DR0-3, DR6, DR7."""
-        dr = ffi.new("struct kvm_debugregs *")
-        ioctl(self.fd, lib.KVM_GET_DEBUGREGS, dr, "KVM_GET_DEBUGREGS")
-        return dr
+        return ioctl_new(self.fd, "KVM_GET_DEBUGREGS", "struct kvm_debugregs *")
 
     def set_debugregs(self, dr) -> None:
         ioctl(self.fd, lib.KVM_SET_DEBUGREGS, dr, "KVM_SET_DEBUGREGS")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import os
 
-from ._lib import ffi, ioctl, ioctl_int, lib
+from ._lib import ffi, ioctl, ioctl_int, ioctl_new, lib
 
 if TYPE_CHECKING:
     from .vcpu import Vcpu
@@ -70,9 +70,7 @@ class Vm:
 
     def get_irqchip(self, chip_id: int):
         """KVM_GET_IRQCHIP: the state of an in-kernel interrupt controller (a `struct kvm_irqchip *`)."""
-        chip = ffi.new("struct kvm_irqchip *", {"chip_id": chip_id})
-        ioctl(self.fd, lib.KVM_GET_IRQCHIP, chip, "KVM_GET_IRQCHIP")
-        return chip
+        return ioctl_new(self.fd, "KVM_GET_IRQCHIP", "struct kvm_irqchip *", {"chip_id": chip_id})
 
     def set_irqchip(self, chip) -> None:
         ioctl(self.fd, lib.KVM_SET_IRQCHIP, chip, "KVM_SET_IRQCHIP")
@@ -124,9 +122,7 @@ class Vm:
 
     def get_pit2(self):
         """KVM_GET_PIT2: the in-kernel i8254's three channels (counts, modes, latches, gates)."""
-        pit = ffi.new("struct kvm_pit_state2 *")
-        ioctl(self.fd, lib.KVM_GET_PIT2, pit, "KVM_GET_PIT2")
-        return pit
+        return ioctl_new(self.fd, "KVM_GET_PIT2", "struct kvm_pit_state2 *")
 
     def set_pit2(self, pit) -> None:
         ioctl(self.fd, lib.KVM_SET_PIT2, pit, "KVM_SET_PIT2")
@@ -139,9 +135,7 @@ class Vm:
     def get_clock_data(self):
         """KVM_GET_CLOCK as the struct: `clock` (ns) and `flags` (KVM_CLOCK_TSC_STABLE: the
         guest's clock follows the host TSC on every vCPU alike)."""
-        data = ffi.new("struct kvm_clock_data *")
-        ioctl(self.fd, lib.KVM_GET_CLOCK, data, "KVM_GET_CLOCK")
-        return data
+        return ioctl_new(self.fd, "KVM_GET_CLOCK", "struct kvm_clock_data *")
 
     def set_clock(self, ns: int) -> None:
         data = ffi.new("struct kvm_clock_data *", {"clock": ns})

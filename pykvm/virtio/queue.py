@@ -208,7 +208,9 @@ class VirtQueue(Stateful):
         # Where each ring is in RAM, (region view, offset), checked once for the configuration
         # in the key: the rings are read and written with unpack_from/pack_into, not through
         # a GuestMemory lookup per access. The transport (and tests) set the addresses as plain
-        # attributes, so the key is compared on use rather than invalidated on write.
+        # attributes, so the key is compared on use rather than invalidated on write. The three
+        # lookups below are one shape written three times on purpose: each ring access goes
+        # through one, several per request, and a shared helper would add a call to each.
         self._desc_key = self._avail_key = self._used_key = None
         self._desc_at = self._avail_at = self._used_at = None
 
