@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--testdev", action="store_true",
                       help="QEMU's pc-testdev: scratch ports 0xe0/0xe8, IRQ lines at 0x2000")
     from .snapshot import cli as snapshot_cli
-    snapshot_cli.add_boot_options(boot)
+    snapshot_cli.add_save_options(boot)
     boot.set_defaults(fn=cmd_boot)
 
     selftest = sub.add_parser("selftest", help="run a check (or COMMAND) on AMD-V in the AMD-V lane",

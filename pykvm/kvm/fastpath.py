@@ -2,8 +2,10 @@
 
 `csrc/fastpath.h` runs the KVM_RUN loop in C and answers, without entering the interpreter, the port
 accesses that have no side effect beyond what it can do itself: the 16550A's polled transmit (LSR
-read, THR write, with interrupts off), POST codes on port 0x80, debug-console bytes on 0xe9. Anything
-else comes back to Python as a typed exit, exactly as without the fast path.
+read, THR write, with interrupts off), POST codes on port 0x80, debug-console bytes on 0xe9; and,
+when one is bound, a virtio-blk disk's QueueNotify (an MMIO exit), whose requests C serves itself
+(`bind_virtio_blk`; pykvm/virtio/blk_fast.py decides when, pykvm/kvm/vblk.py is its C struct).
+Anything else comes back to Python as a typed exit, exactly as without the fast path.
 
 The device models stay the owners of their state. A model that takes part keeps the registers the C
 loop reads in a `struct pykvm_fast` block (its `shared` attribute points there instead of at a

@@ -17,11 +17,12 @@ import signal
 SAVE_SIGNAL = signal.SIGUSR1
 
 
-def add_boot_options(boot) -> None:
-    boot.add_argument("--save-at", metavar="REGEX",
-                      help="when a console line matches REGEX, save the VM to --save-to and stop")
-    boot.add_argument("--save-to", metavar="FILE",
-                      help="snapshot file: written at --save-at, or when pykvm gets SIGUSR1")
+def add_save_options(parser) -> None:
+    """--save-at and --save-to, the same for `pykvm boot` and `pykvm restore`."""
+    parser.add_argument("--save-at", metavar="REGEX",
+                        help="when a console line matches REGEX, save the VM to --save-to and stop")
+    parser.add_argument("--save-to", metavar="FILE",
+                        help="snapshot file: written at --save-at, or when pykvm gets SIGUSR1")
 
 
 def check_boot_options(args, usage_error) -> None:
@@ -72,9 +73,7 @@ def add_restore_command(sub, run_fn) -> None:
                    help="give this VM its own identity (MAC, fresh virtio-rng entropy)")
     p.add_argument("--verify", action="store_true",
                    help="check guest RAM's checksum first (reads the whole file)")
-    p.add_argument("--save-to", metavar="FILE", help="save again when pykvm gets SIGUSR1")
-    p.add_argument("--save-at", metavar="REGEX",
-                   help="when a console line matches REGEX, save to --save-to and stop")
+    add_save_options(p)
     p.set_defaults(fn=run_fn)
 
 

@@ -321,7 +321,7 @@ def run_firmware(name: str, *, cpl: int = 3, args: Iterable[int] = (), timeout: 
     "none" (the default: firmware that needs none), "user" (pykvm's Python 8259 pair and 8254,
     injected with KVM_INTERRUPT: firmware/timer.c) or "kernel" (needed by devices that drive an
     interrupt line, e.g. a virtio-mmio device from attach_mmio, even when the guest polls).
-    fast_path: the Machine's C run loop (pykvm.fastpath), as LinuxVM's machines have it.
+    fast_path: the Machine's C run loop (pykvm.kvm.fastpath), as LinuxVM's machines have it.
     hugepages: Machine(hugepages=...), how guest RAM is backed."""
     from ..devices.debugcon import DebugCon
     from ..stop import StopReason
