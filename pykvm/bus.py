@@ -37,11 +37,13 @@ from __future__ import annotations
 
 import bisect
 import threading
-from dataclasses import dataclass
-from typing import Any, Protocol
+
+from .record import FrozenRecord
 
 
-class Device(Protocol):
+class Device:
+    """What a bus device is (any object with these two methods will do; nothing checks the type)."""
+
     def read(self, offset: int, size: int) -> int: ...
 
     def write(self, offset: int, size: int, value: int) -> None: ...
@@ -54,17 +56,17 @@ class BusOverlapError(ValueError):
     """Two devices claimed the same addresses (a VMM configuration bug)."""
 
 
-@dataclass(frozen=True)
-class Range:
-    base: int
-    length: int
-    device: Any          # the device as registered
-    name: str
-    target: Any = None   # what accesses go to: the device, or its LockedDevice
+class Range(FrozenRecord):
+    """`length` addresses from `base` claimed by `device` (as registered) under `name`; accesses go
+    to `target`: the device itself, or its LockedDevice."""
 
-    def __post_init__(self) -> None:
-        if self.target is None:
-            object.__setattr__(self, "target", self.device)
+    __slots__ = ("base", "length", "device", "name", "target")
+
+    def __init__(self, base: int, length: int, device: object, name: str,
+                 target: object = None) -> None:
+        for k, v in (("base", base), ("length", length), ("device", device), ("name", name),
+                     ("target", device if target is None else target)):
+            object.__setattr__(self, k, v)
 
     @property
     def end(self) -> int:
@@ -87,7 +89,7 @@ class Bus:
         self.unclaimed_other = 0
         # Addresses seen before -> (device, base): a guest hits the same few ports over and over,
         # and a dict lookup is cheaper than a bisection on every exit.
-        self._hits: dict[int, tuple[Any, int]] = {}
+        self._hits: dict[int, tuple[object, int]] = {}
 
     def register(self, base: int, length: int, device: Device, name: str | None = None) -> None:
         if length <= 0:
@@ -136,7 +138,7 @@ class Bus:
         else:
             self.unclaimed_other += 1
 
-    def _lookup(self, addr: int) -> tuple[Any, int] | None:
+    def _lookup(self, addr: int) -> tuple[object, int] | None:
         hit = self._hits.get(addr)
         if hit is None:
             r = self.find(addr)

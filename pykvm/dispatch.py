@@ -8,11 +8,12 @@ per exit); there is no second copy of any handler.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
 
 from .kvm import exits as E
 from .stop import Stop, StopReason
 
+TYPE_CHECKING = False   # typing.TYPE_CHECKING, without importing typing (pykvm/record.py)
 if TYPE_CHECKING:
     from .machine import Machine
 

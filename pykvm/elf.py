@@ -23,8 +23,9 @@ itself, and the tests check this reader against pyelftools field by field.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+
+from .record import FrozenRecord
 
 MAGIC = b"\x7fELF"
 ELFCLASS32 = 1
@@ -59,26 +60,26 @@ class ElfFormatError(ValueError):
     """The bytes are not a well-formed 64-bit little-endian ELF file; the message says why."""
 
 
-@dataclass(frozen=True)
-class ProgramHeader:
-    type: int
-    flags: int
-    offset: int
-    vaddr: int
-    paddr: int
-    filesz: int
-    memsz: int
-    align: int
+class ProgramHeader(FrozenRecord):
+    """One Elf64_Phdr (gABI ch. 5, "Program Header"), its fields in file order."""
+
+    __slots__ = ("type", "flags", "offset", "vaddr", "paddr", "filesz", "memsz", "align")
+
+    def __init__(self, type: int, flags: int, offset: int, vaddr: int, paddr: int, filesz: int,
+                 memsz: int, align: int) -> None:
+        for k, v in zip(self.__slots__, (type, flags, offset, vaddr, paddr, filesz, memsz, align)):
+            object.__setattr__(self, k, v)
 
 
-@dataclass(frozen=True)
-class Elf64:
+class Elf64(FrozenRecord):
     """What a loader needs of a 64-bit little-endian ELF file."""
 
-    type: int
-    machine: int
-    entry: int
-    segments: tuple[ProgramHeader, ...]
+    __slots__ = ("type", "machine", "entry", "segments")
+
+    def __init__(self, type: int, machine: int, entry: int,
+                 segments: tuple[ProgramHeader, ...]) -> None:
+        for k, v in zip(self.__slots__, (type, machine, entry, segments)):
+            object.__setattr__(self, k, v)
 
     @property
     def machine_name(self) -> str:

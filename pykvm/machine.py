@@ -28,8 +28,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 from .bus import Bus
 from .devices.debugcon import ExitPort
@@ -59,17 +58,21 @@ def check_cpus(cpus, irqchip: str = "kernel") -> int:
     return cpus
 
 
-@dataclass
 class Stats:
     """What the VMM counted. Exits by reason and time inside KVM_RUN are kept by the vCPU's C
     helper (Vcpu.exit_counts(), Vcpu.seconds_in_run); these are the rest."""
 
-    guest_errors: collections.Counter = field(default_factory=collections.Counter)
-    pvm_gaps: collections.Counter = field(default_factory=collections.Counter)
-    interrupts: collections.Counter = field(default_factory=collections.Counter)  # vector -> count
-                                                        # injected by the VMM (irqchip="user")
-    wall_time: float = 0.0     # wall seconds in the run loop
-    worker_errors: collections.Counter = field(default_factory=collections.Counter)  # thread name
+    def __init__(self) -> None:
+        self.guest_errors: collections.Counter = collections.Counter()
+        self.pvm_gaps: collections.Counter = collections.Counter()
+        self.interrupts: collections.Counter = collections.Counter()  # vector -> count injected
+                                                                       # by the VMM (irqchip="user")
+        self.wall_time = 0.0                                           # wall seconds in the run loop
+        self.worker_errors: collections.Counter = collections.Counter()   # by thread name
+
+    def __repr__(self) -> str:
+        return "Stats(" + ", ".join(f"{k}={v!r}" for k, v in vars(self).items()) + ")"
+
 
 
 _kick_handler_installed = False

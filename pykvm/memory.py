@@ -15,7 +15,8 @@ with no /dev/kvm).
 from __future__ import annotations
 
 import mmap
-from dataclasses import dataclass
+
+from .record import Record
 
 
 class GuestMemoryError(Exception):
@@ -77,12 +78,8 @@ class MmapBackend:
                          prot=mmap.PROT_READ | mmap.PROT_WRITE)
 
     def _address(self) -> int:
-        import ctypes
-        c = ctypes.c_char.from_buffer(self.mmap)
-        try:
-            return ctypes.addressof(c)
-        finally:
-            del c
+        from .kvm._lib import buffer_address     # the binding owns every pointer
+        return buffer_address(self.mmap)
 
     def view(self) -> memoryview:
         return self._view
@@ -118,13 +115,15 @@ class FileBackend(MmapBackend):
         self._view = self._whole
 
 
-@dataclass
-class Region:
+class Region(Record):
     """A contiguous range of guest-physical RAM: [gpa, gpa + size)."""
 
-    gpa: int
-    size: int
-    backend: BytesBackend | MmapBackend
+    __slots__ = ("gpa", "size", "backend")
+
+    def __init__(self, gpa: int, size: int, backend: BytesBackend | MmapBackend) -> None:
+        self.gpa = gpa
+        self.size = size
+        self.backend = backend
 
     @property
     def end(self) -> int:

@@ -9,7 +9,8 @@ more member here, and one more row in the CLI's exit-status table (pykvm/cli_run
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+
+from .record import FrozenRecord
 
 
 class StopReason(enum.StrEnum):
@@ -27,15 +28,16 @@ class StopReason(enum.StrEnum):
                                  # (value << 1) | 1 (pykvm/devices/debug_exit.py)
 
 
-@dataclass(frozen=True)
-class Stop:
+class Stop(FrozenRecord):
     """Why the run loop ended: a reason, the guest's status where it gave one (the exit port), and a
     sentence for people. `reason` may be given as its string; it is always a StopReason after."""
 
-    reason: StopReason
-    status: int | None = None
-    message: str = ""
+    __slots__ = ("reason", "status", "message")
 
-    def __post_init__(self) -> None:
-        if type(self.reason) is not StopReason:
-            object.__setattr__(self, "reason", StopReason(self.reason))
+    def __init__(self, reason: StopReason | str, status: int | None = None,
+                 message: str = "") -> None:
+        if type(reason) is not StopReason:
+            reason = StopReason(reason)
+        object.__setattr__(self, "reason", reason)
+        object.__setattr__(self, "status", status)
+        object.__setattr__(self, "message", message)

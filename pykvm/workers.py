@@ -13,11 +13,8 @@ counts the failure and stops the VM with reason "error" and a message naming the
 
 from __future__ import annotations
 
-import logging
 import threading
-from typing import Callable
-
-log = logging.getLogger(__name__)
+from collections.abc import Callable
 
 ErrorHandler = Callable[[str, BaseException], None]
 
@@ -29,6 +26,8 @@ def guarded(name: str, body: Callable[[], None], on_error: ErrorHandler | None) 
         try:
             body()
         except BaseException as e:     # noqa: BLE001 - any failure must reach someone
+            import logging             # only now: importing it costs start-up (pykvm/record.py)
+            log = logging.getLogger(__name__)
             log.debug("thread %s failed", name, exc_info=True)
             if on_error is None:
                 log.error("thread %s failed: %s: %s", name, type(e).__name__, e)

@@ -16,7 +16,7 @@ None of these raise interrupts.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from pykvm.devices.shared import SharesRegisters
 from pykvm.devices.state import Stateful

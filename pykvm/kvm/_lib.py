@@ -15,7 +15,7 @@ except ImportError as e:  # pragma: no cover - depends on the install
 
 from .errors import KvmError
 
-__all__ = ["ffi", "lib", "ioctl", "ioctl_int", "ioctl_new"]
+__all__ = ["ffi", "lib", "ioctl", "ioctl_int", "ioctl_new", "buffer_address"]
 
 
 def ioctl(fd: int, request: int, arg, name: str) -> int:
@@ -40,3 +40,14 @@ def ioctl_new(fd: int, name: str, ctype: str, init=None):
     obj = ffi.new(ctype) if init is None else ffi.new(ctype, init)
     ioctl(fd, getattr(lib, name), obj, name)
     return obj
+
+
+def buffer_address(buf) -> int:
+    """The host virtual address of a writable buffer (an mmap of guest RAM), for
+    KVM_SET_USER_MEMORY_REGION. cffi borrows the buffer only for the moment it takes to read the
+    address (ctypes would do the same, at the cost of importing ctypes at start-up)."""
+    c = ffi.from_buffer(buf, require_writable=True)
+    try:
+        return int(ffi.cast("uintptr_t", c))
+    finally:
+        ffi.release(c)

@@ -18,59 +18,71 @@ compiled binding: this module imports nothing from it.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+
+from ..record import Record
 
 
-class Exit:
-    """Base class of every exit value."""
+class Exit(Record):
+    """Base class of every exit value: a record whose fields are its `__slots__` (pykvm/record.py
+    says why these are written out by hand rather than made by `dataclasses`)."""
 
     __slots__ = ()
 
 
-@dataclass(slots=True)
 class IoOut(Exit):
     """`out`/`outs`: the guest wrote `count` items of `size` bytes to `port`; `data` holds them."""
 
-    port: int
-    size: int
-    count: int
-    data: memoryview
+    __slots__ = ("port", "size", "count", "data")
+
+    def __init__(self, port: int, size: int, count: int, data: memoryview) -> None:
+        self.port = port
+        self.size = size
+        self.count = count
+        self.data = data
 
 
-@dataclass(slots=True)
 class IoIn(Exit):
     """`in`/`ins`: fill `data` (count * size bytes) with what the guest reads from `port`."""
 
-    port: int
-    size: int
-    count: int
-    data: memoryview
+    __slots__ = ("port", "size", "count", "data")
+
+    def __init__(self, port: int, size: int, count: int, data: memoryview) -> None:
+        self.port = port
+        self.size = size
+        self.count = count
+        self.data = data
 
 
-@dataclass(slots=True)
 class MmioWrite(Exit):
     """A store to guest-physical `addr` that is not RAM."""
 
-    addr: int
-    data: memoryview
+    __slots__ = ("addr", "data")
+
+    def __init__(self, addr: int, data: memoryview) -> None:
+        self.addr = addr
+        self.data = data
 
 
-@dataclass(slots=True)
 class MmioRead(Exit):
     """A load from guest-physical `addr` that is not RAM: fill `data` (len(data) bytes)."""
 
-    addr: int
-    data: memoryview
+    __slots__ = ("addr", "data")
+
+    def __init__(self, addr: int, data: memoryview) -> None:
+        self.addr = addr
+        self.data = data
 
 
-@dataclass(slots=True)
 class Hlt(Exit):
     """`hlt` with no in-kernel irqchip to wait for an interrupt (or interrupts disabled)."""
 
+    __slots__ = ()
 
-@dataclass(slots=True)
+
 class Shutdown(Exit):
     """A triple fault (or `ud2`-style shutdown): a real PC resets here."""
+
+    __slots__ = ()
 
 
 class SystemEventKind(enum.Enum):
@@ -82,56 +94,68 @@ class SystemEventKind(enum.Enum):
     OTHER = "other"
 
 
-@dataclass(slots=True)
 class SystemEvent(Exit):
     """PSCI-style shutdown/reset/crash: `kind` decoded from `type`, the raw KVM_SYSTEM_EVENT_*."""
 
-    kind: SystemEventKind
-    type: int = -1
+    __slots__ = ("kind", "type")
+
+    def __init__(self, kind: SystemEventKind, type: int = -1) -> None:
+        self.kind = kind
+        self.type = type
 
 
-@dataclass(slots=True)
 class InternalError(Exit):
     """KVM could not go on. `suberror` KVM_INTERNAL_ERROR_EMULATION means its instruction emulator
     met an instruction it does not know (`emulation` is then True): on KVM-PVM hosts, pykvm.pvm
     completes some of those."""
 
-    suberror: int
-    data: tuple[int, ...]
-    emulation: bool = False
+    __slots__ = ("suberror", "data", "emulation")
+
+    def __init__(self, suberror: int, data: tuple[int, ...], emulation: bool = False) -> None:
+        self.suberror = suberror
+        self.data = data
+        self.emulation = emulation
 
 
-@dataclass(slots=True)
 class FailEntry(Exit):
     """VM entry failed: the register state is invalid for the hardware (a VMM bug)."""
 
-    reason: int
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: int) -> None:
+        self.reason = reason
 
 
-@dataclass(slots=True)
 class IrqWindowOpen(Exit):
     """The guest can take an interrupt now (asked for with request_interrupt_window)."""
 
+    __slots__ = ()
 
-@dataclass(slots=True)
+
 class Interrupted(Exit):
     """KVM_RUN returned EINTR: a signal arrived (Ctrl-C, a timeout, a kick from another thread)."""
 
+    __slots__ = ()
 
-@dataclass(slots=True)
+
 class Debug(Exit):
     """A single-step or breakpoint exit (KVM_SET_GUEST_DEBUG): `exception` 1 (#DB: a step or a
     hardware breakpoint, DR6 says which) or 3 (#BP: an int3 with KVM_GUESTDBG_USE_SW_BP); `pc` the
     guest's linear RIP as KVM reports it (struct kvm_debug_exit_arch)."""
 
-    exception: int
-    pc: int
-    dr6: int = 0
-    dr7: int = 0
+    __slots__ = ("exception", "pc", "dr6", "dr7")
+
+    def __init__(self, exception: int, pc: int, dr6: int = 0, dr7: int = 0) -> None:
+        self.exception = exception
+        self.pc = pc
+        self.dr6 = dr6
+        self.dr7 = dr7
 
 
-@dataclass(slots=True)
 class Unknown(Exit):
     """An exit pykvm does not decode; `reason` is the raw KVM_EXIT_* number."""
 
-    reason: int
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: int) -> None:
+        self.reason = reason

@@ -19,7 +19,7 @@ through Python, for teaching and for comparison.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from ._lib import ffi
 

@@ -7,14 +7,13 @@ fd. See Documentation/virt/kvm/api.rst, section 4 ("API description").
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import errno
 import os
 
 from ._lib import ffi, ioctl, ioctl_int, lib
 from .errors import KvmError, KvmUnavailable
 
+TYPE_CHECKING = False   # typing.TYPE_CHECKING, without importing typing (pykvm/record.py)
 if TYPE_CHECKING:
     from .vm import Vm
 

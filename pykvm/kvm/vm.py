@@ -6,12 +6,11 @@ interrupt lines and the eventfd fast paths; vCPUs are created from it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import os
 
 from ._lib import ffi, ioctl, ioctl_int, ioctl_new, lib
 
+TYPE_CHECKING = False   # typing.TYPE_CHECKING, without importing typing (pykvm/record.py)
 if TYPE_CHECKING:
     from .vcpu import Vcpu
 

@@ -27,16 +27,15 @@ little-endian (the same layout is `struct fw_args` in firmware/runtime/fw.h):
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import struct
-import subprocess
-import tempfile
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
-from ..assets.cache import cache_root   # the one cache root ($PYKVM_CACHE, ~/.cache/pykvm)
+from ..record import Record
+
+# Building (hashlib, subprocess, tempfile, the asset cache) imports what it needs when it runs:
+# loading and running an already-built program is on the start-up path that bench/startup.py times.
 
 REPO = Path(__file__).resolve().parents[2]
 FIRMWARE_DIR = REPO / "firmware"
@@ -92,6 +91,12 @@ def programs() -> list[str]:
                   if p.is_file() and p.suffix in (".c", ".S"))
 
 
+def cache_root() -> Path:
+    """The one cache root ($PYKVM_CACHE, ~/.cache/pykvm): pykvm.assets.cache's, imported on use."""
+    from ..assets.cache import cache_root as root
+    return root()
+
+
 def _sources(name: str) -> list[Path]:
     found = [p for p in (FIRMWARE_DIR / f"{name}.c", FIRMWARE_DIR / f"{name}.S") if p.is_file()]
     if not found:
@@ -103,6 +108,7 @@ def _sources(name: str) -> list[Path]:
 
 @functools.lru_cache(maxsize=None)
 def _tool_version(tool: str) -> str:
+    import subprocess
     try:
         out = subprocess.run([tool, "--version"], capture_output=True, text=True, check=True).stdout
     except FileNotFoundError:
@@ -112,6 +118,7 @@ def _tool_version(tool: str) -> str:
 
 
 def _key(name: str, sources: list[Path]) -> str:
+    import hashlib
     h = hashlib.sha256()
     h.update(f"pykvm-firmware {_BUILDER_VERSION}\n{name}\n".encode())
     h.update(("\0".join(CFLAGS + LDFLAGS) + "\n").encode())
@@ -124,6 +131,7 @@ def _key(name: str, sources: list[Path]) -> str:
 
 
 def _run_tool(argv: list[str], what: str) -> None:
+    import subprocess
     r = subprocess.run(argv, capture_output=True, text=True)
     if r.returncode != 0:
         output = (r.stderr + r.stdout).strip()
@@ -137,6 +145,7 @@ def build(name: str, *, cache: Path | None = None) -> Path:
 
     Cached by a hash of the inputs: the first call compiles (well under a second), later calls
     only hash the sources."""
+    import tempfile
     sources = _sources(name)
     out_dir = (cache or cache_root()) / "firmware" / _key(name, sources)
     elf = out_dir / f"{name}.elf"
@@ -218,22 +227,30 @@ def start_real_mode(vcpu, entry: int) -> None:
 
 # ---------------------------------------------------------------- running
 
-@dataclass
-class FirmwareResult:
+class FirmwareResult(Record):
     """How a firmware run ended.
 
     status: the value written to the exit port (None if the program never got there: see stop).
     output: everything written to the debug console.
+    stop: the pykvm.stop.Stop the run ended with.
     exits: VM exits by reason, from the vCPU's counters ({"IO": 12, "HLT": 1}).
+    seconds_in_run: inside KVM_RUN; wall_time: in Machine.run.
+    unclaimed_pio: port accesses no device claimed.
     """
 
-    status: int | None
-    output: bytes
-    stop: object                       # pykvm.machine.Stop
-    exits: dict[str, int] = field(default_factory=dict)
-    seconds_in_run: float = 0.0        # inside KVM_RUN
-    wall_time: float = 0.0             # in Machine.run
-    unclaimed_pio: int = 0             # port accesses no device claimed
+    __slots__ = ("status", "output", "stop", "exits", "seconds_in_run", "wall_time",
+                 "unclaimed_pio")
+
+    def __init__(self, status: int | None, output: bytes, stop: object,
+                 exits: dict[str, int] | None = None, seconds_in_run: float = 0.0,
+                 wall_time: float = 0.0, unclaimed_pio: int = 0) -> None:
+        self.status = status
+        self.output = output
+        self.stop = stop
+        self.exits = {} if exits is None else exits
+        self.seconds_in_run = seconds_in_run
+        self.wall_time = wall_time
+        self.unclaimed_pio = unclaimed_pio
 
     @property
     def text(self) -> str:
