@@ -78,8 +78,8 @@ class MmapBackend:
                          prot=mmap.PROT_READ | mmap.PROT_WRITE)
 
     def _address(self) -> int:
-        from .kvm._lib import buffer_address     # the binding owns every pointer
-        return buffer_address(self.mmap)
+        from .kvm.vm import host_address     # the binding owns every pointer
+        return host_address(self.mmap)
 
     def view(self) -> memoryview:
         return self._view

@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import os
 
-from ._lib import ffi, ioctl, ioctl_int, ioctl_new, lib
+from ._lib import buffer_address, ffi, ioctl, ioctl_int, ioctl_new, lib
 
 TYPE_CHECKING = False   # typing.TYPE_CHECKING, without importing typing (pykvm/record.py)
 if TYPE_CHECKING:
     from .vcpu import Vcpu
 
+
+
+def host_address(buf) -> int:
+    """The host virtual address of a writable buffer: guest RAM's mapping, as
+    KVM_SET_USER_MEMORY_REGION's `userspace_addr` wants it (pykvm.memory asks through here)."""
+    return buffer_address(buf)
 
 class Vm:
     def __init__(self, kvm, fd: int):
