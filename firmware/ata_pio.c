@@ -118,14 +118,19 @@ static void command(uint8_t cmd, uint64_t lba, unsigned count, int ext)
     outb(ATA_COMMAND, cmd);
 }
 
-/* PIO data-in of `count` sectors into buf. Returns 0, or the failing status | error << 8. */
-static unsigned data_in(uint16_t *buf, unsigned count)
+/* The PIO data-in and data-out protocols (ATA8-ACS, "PIO data-in/out command protocol"): for each
+ * sector, wait for BSY clear and DRQ set, then move 256 words through the data register; after
+ * the last, DRQ must drop. `out` says which way. Returns 0, or the failing status | error << 8. */
+static unsigned pio_transfer(uint16_t *buf, unsigned count, int out)
 {
     for (unsigned s = 0; s < count; s++) {
         uint8_t st = wait_not_busy();
         if ((st & (ST_ERR | ST_DF)) || !(st & ST_DRQ))
             return st | (unsigned)inb(ATA_ERROR) << 8;
-        insw(ATA_DATA, buf + s * 256, 256);
+        if (out)
+            outsw(ATA_DATA, buf + s * 256, 256);
+        else
+            insw(ATA_DATA, buf + s * 256, 256);
     }
     uint8_t st = wait_not_busy();
     if (st & (ST_ERR | ST_DF | ST_DRQ))
@@ -133,18 +138,11 @@ static unsigned data_in(uint16_t *buf, unsigned count)
     return 0;
 }
 
+static unsigned data_in(uint16_t *buf, unsigned count) { return pio_transfer(buf, count, 0); }
+
 static unsigned data_out(const uint16_t *buf, unsigned count)
 {
-    for (unsigned s = 0; s < count; s++) {
-        uint8_t st = wait_not_busy();
-        if ((st & (ST_ERR | ST_DF)) || !(st & ST_DRQ))
-            return st | (unsigned)inb(ATA_ERROR) << 8;
-        outsw(ATA_DATA, buf + s * 256, 256);
-    }
-    uint8_t st = wait_not_busy();
-    if (st & (ST_ERR | ST_DF | ST_DRQ))
-        return st | (unsigned)inb(ATA_ERROR) << 8;
-    return 0;
+    return pio_transfer((uint16_t *)buf, count, 1);
 }
 
 static unsigned non_data(uint8_t cmd)

@@ -226,9 +226,13 @@ def cmd_selftest(args) -> int:
 
 
 def _machine_summary(vm) -> str:
-    cpus = len(getattr(vm.machine, "vcpus", [vm.machine.vcpu]))
-    acpi = getattr(vm, "acpi", None) is not None
-    return f"{cpus} vCPU{'s' if cpus != 1 else ''}, " + ("ACPI" if acpi else "no ACPI (MP table)")
+    from .multiboot_vm import MultibootVM
+    cpus = len(vm.machine.vcpus)
+    if isinstance(vm, MultibootVM):
+        tables = "no ACPI or MP table (fw_cfg has the vCPU count)"
+    else:
+        tables = "ACPI" if vm.acpi is not None else "no ACPI (MP table)"
+    return f"{cpus} vCPU{'s' if cpus != 1 else ''}, {tables}"
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:

@@ -15,9 +15,10 @@ before running the guest and `close()`s it after (LinuxVM does).
 (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES): `virtio_mmio.device=4K@0xd0000000:5`. Linux has no other way to find a virtio-mmio device on x86
 (there is no bus to enumerate; ARM machines describe them in the device tree instead).
 
-Interrupts: with no MP table or ACPI, Linux drives the two 8259 PICs and only ISA IRQs 0-15 exist.
-Device `index` gets the index-th IRQ from `layout.IRQ_VIRTIO_FIRST` up that no legacy PC device
-uses: 5, 6, 7, 9, 10, 11. The line is edge-triggered at the PIC (ELCR is 0); that works because
+Interrupts: ISA IRQs 0-15, which reach both the 8259 PICs and the IOAPIC's first pins, so the same
+number works whichever the guest drives. Device `index` gets the index-th IRQ from
+`layout.IRQ_VIRTIO_FIRST` up that no legacy PC device (nor the ACPI SCI, IRQ 9) uses: 5, 6, 7, 10,
+11 (`VIRTIO_IRQS`). The line is edge-triggered at the PIC (ELCR is 0); that works because
 virtio-mmio drops the line when the driver acknowledges InterruptStatus and Linux's handler looks
 at the used rings only after acknowledging, so every new batch of used buffers is a new edge.
 
@@ -36,8 +37,9 @@ it, a kick is an MMIO exit handled on the vCPU thread, which is simpler and alwa
 finds it by enumerating PCI, so there is no kernel argument. The bus assigns its BAR (as firmware
 would) and writes the chosen ISA IRQ into its Interrupt Line register, which is where Linux
 without ACPI or an MP table takes the IRQ from (drivers/pci/probe.c pci_read_irq; x86's
-pirq_enable_irq keeps it when there is no PIRQ routing table). IRQs are handed out downwards from
-11 (11, 10, 9, 7, 6, 5), while virtio-mmio devices take them upwards from 5, and each PCI device
+pirq_enable_irq keeps it when there is no PIRQ routing table; with ACPI the DSDT's _PRT says the
+same). IRQs are handed out downwards from 11 (11, 10, 7, 6, 5), while virtio-mmio devices take
+them upwards from 5, and each PCI device
 gets its own: several IrqLines on one KVM GSI would overwrite each other's level rather than
 wire-OR them. The IRQ is made level-triggered in the PIC's ELCR (see pci.py). Kicks stay MMIO
 exits: the BAR, and so the notify addresses, can move whenever the guest reprograms it, and an
