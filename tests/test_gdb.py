@@ -121,77 +121,76 @@ class FakeVcpu:
         self.kicks += 1
 
 
-def fake_stub(**kw):
+def fake_stub(host_kind="VT-x", **kw):
     machine = SimpleNamespace(mem=GuestMemory.for_test(1 << 20),
                               kvm=SimpleNamespace(check_extension=lambda cap: 0))
     vcpu = FakeVcpu()
-    stub = GdbStub(machine, vcpus=[vcpu], address=("127.0.0.1", 0), host_kind="VT-x",
+    stub = GdbStub(machine, vcpus=[vcpu], address=("127.0.0.1", 0), host_kind=host_kind,
                    log=lambda m: None, **kw)
     return stub, vcpu, machine
 
 
 def test_g_packet_is_every_register_in_order():
     stub, vcpu, _ = fake_stub()
-    g = stub._command("g", b"g")
+    g = stub.commands.reply("g", b"g")
     assert g[:16] == (1).to_bytes(8, "little").hex()                     # rax
     off = 16 * 16
     assert g[off:off + 16] == (0x1000).to_bytes(8, "little").hex()       # rip
     assert g[off + 16:off + 24] == (0x202).to_bytes(4, "little").hex()   # eflags
     assert len(g) == 2 * sum(r.size for r in stub.regs)
     n = [r.name for r in stub.regs].index("cr3")
-    assert stub._command(f"p{n:x}", b"") == (0x5000).to_bytes(8, "little").hex()
+    assert stub.commands.reply(f"p{n:x}", b"") == (0x5000).to_bytes(8, "little").hex()
 
 
 def test_register_writes_reach_the_vcpu_when_released():
     stub, vcpu, _ = fake_stub()
     rip = [r.name for r in stub.regs].index("rip")
-    assert stub._command(f"P{rip:x}=" + (0x2000).to_bytes(8, "little").hex(), b"") == "OK"
+    assert stub.commands.reply(f"P{rip:x}=" + (0x2000).to_bytes(8, "little").hex(), b"") == "OK"
     cs = [r.name for r in stub.regs].index("cs")
-    assert stub._command(f"P{cs:x}=00000000", b"") == "E01"            # selectors: read-only
-    stub._rf(stub.cpus[0]).flush()
+    assert stub.commands.reply(f"P{cs:x}=00000000", b"") == "E01"            # selectors: read-only
+    stub.cpus[0].flush()
     assert vcpu.regs.rip == 0x2000
 
 
 def test_memory_reads_writes_and_breakpoints_leave_no_int3_behind():
     stub, vcpu, machine = fake_stub()
     machine.mem.write(0x3000, b"\x55\x48\x89\xe5")
-    assert stub._command("m3000,4", b"") == "554889e5"
-    assert stub._command("M3000,2:9090", b"") == "OK"
+    assert stub.commands.reply("m3000,4", b"") == "554889e5"
+    assert stub.commands.reply("M3000,2:9090", b"") == "OK"
     assert machine.mem.read(0x3000, 2) == b"\x90\x90"
-    assert stub._command("m200000,4", b"") == "E14"                      # not RAM
-    assert stub._command("Z0,3001,1", b"") == "OK"
-    with stub._cv:
-        stub._plant()
+    assert stub.commands.reply("m200000,4", b"") == "E14"                      # not RAM
+    assert stub.commands.reply("Z0,3001,1", b"") == "OK"
+    with stub.breakpoints.lock:
+        stub.breakpoints.plant()
     assert machine.mem.read(0x3001, 1) == b"\xcc"
-    with stub._cv:
-        stub._unplant()
+    with stub.breakpoints.lock:
+        stub.breakpoints.unplant()
     assert machine.mem.read(0x3000, 4) == b"\x90\x90\x89\xe5"
-    assert stub._command("z0,3001,1", b"") == "OK" and not stub._bps
+    assert stub.commands.reply("z0,3001,1", b"") == "OK" and not stub.breakpoints.software
 
 
 def test_watchpoints_are_refused_with_a_reason_on_kvm_pvm():
     said = []
-    stub, _, _ = fake_stub()
-    stub.pvm = True
+    stub, _, _ = fake_stub(host_kind="KVM-PVM")
     stub.log = said.append
-    assert stub._command("Z2,3000,4", b"") == ""        # empty: "not supported" to gdb
-    assert stub._command("Z4,3000,4", b"") == ""
-    assert stub._command("Z1,3000,1", b"") == "OK"      # execution breakpoints work there
+    assert stub.commands.reply("Z2,3000,4", b"") == ""        # empty: "not supported" to gdb
+    assert stub.commands.reply("Z4,3000,4", b"") == ""
+    assert stub.commands.reply("Z1,3000,1", b"") == "OK"      # execution breakpoints work there
     assert len(said) == 1 and "KVM-PVM" in said[0] and "software watchpoints" in said[0]
 
 
 def test_queries():
     stub, _, _ = fake_stub()
-    assert "qXfer:features:read+" in stub._command("qSupported:multiprocess+", b"")
-    assert stub._command("qfThreadInfo", b"") == "m1" and stub._command("qC", b"") == "QC1"
-    xml = stub._command("qXfer:features:read:target.xml:0,100000", b"")
+    assert "qXfer:features:read+" in stub.commands.reply("qSupported:multiprocess+", b"")
+    assert stub.commands.reply("qfThreadInfo", b"") == "m1" and stub.commands.reply("qC", b"") == "QC1"
+    xml = stub.commands.reply("qXfer:features:read:target.xml:0,100000", b"")
     assert xml.startswith("l<?xml") and "org.gnu.gdb.i386.core" in xml
-    part = stub._command("qXfer:features:read:target.xml:0,a", b"")     # hex: 10 bytes
+    part = stub.commands.reply("qXfer:features:read:target.xml:0,a", b"")     # hex: 10 bytes
     assert part == "m" + xml[1:11]
-    assert bytes.fromhex(stub._command("qRcmd," + b"phys on".hex(), b"")).startswith(b"memory")
-    assert stub._phys_mode
-    assert stub._command("vCont?", b"") == "vCont;c;C;s;S"
-    assert stub._command("qTStatus", b"") == ""
+    assert bytes.fromhex(stub.commands.reply("qRcmd," + b"phys on".hex(), b"")).startswith(b"memory")
+    assert stub.memory.phys_mode
+    assert stub.commands.reply("vCont?", b"") == "vCont;c;C;s;S"
+    assert stub.commands.reply("qTStatus", b"") == ""
 
 
 def test_busy_port_is_a_one_line_error():
@@ -348,12 +347,12 @@ def test_dr7_encodes_each_slot():
 def test_hardware_points_fill_four_slots():
     stub, _, _ = fake_stub()
     for i in range(4):
-        assert stub._command(f"Z1,{0x1000 + i:x},1", b"") == "OK"
-    assert stub._command("Z2,3000,4", b"") == "E28"              # all four in use
-    assert stub._command("z1,1002,1", b"") == "OK"
-    assert stub._command("Z2,3001,4", b"") == "E22"              # not aligned
-    assert stub._command("Z2,3000,4", b"") == "OK"
-    assert stub._hw[2] is not None and stub._hw[2].kind == 2
+        assert stub.commands.reply(f"Z1,{0x1000 + i:x},1", b"") == "OK"
+    assert stub.commands.reply("Z2,3000,4", b"") == "E28"              # all four in use
+    assert stub.commands.reply("z1,1002,1", b"") == "OK"
+    assert stub.commands.reply("Z2,3001,4", b"") == "E22"              # not aligned
+    assert stub.commands.reply("Z2,3000,4", b"") == "OK"
+    assert stub.breakpoints.hardware[2] is not None and stub.breakpoints.hardware[2].kind == 2
 
 
 @needs_kvm
@@ -375,14 +374,14 @@ def test_each_vcpu_is_a_thread():
     b.regs.rip = 0x2222
     stub = GdbStub(machine, vcpus=[a, b], address=("127.0.0.1", 0), host_kind="VT-x",
                    log=lambda m: None)
-    assert stub._command("qfThreadInfo", b"") == "m1,2"
-    assert stub._command("T2", b"") == "OK" and stub._command("T3", b"") == "E01"
-    assert bytes.fromhex(stub._command("qThreadExtraInfo,2", b"")) == b"vCPU 1"
+    assert stub.commands.reply("qfThreadInfo", b"") == "m1,2"
+    assert stub.commands.reply("T2", b"") == "OK" and stub.commands.reply("T3", b"") == "E01"
+    assert bytes.fromhex(stub.commands.reply("qThreadExtraInfo,2", b"")) == b"vCPU 1"
     rip = [r.name for r in stub.regs].index("rip")
-    assert stub._command("Hg2", b"") == "OK"
-    assert stub._command(f"p{rip:x}", b"") == (0x2222).to_bytes(8, "little").hex()
-    assert stub._command("Hg1", b"") == "OK"
-    assert stub._command(f"p{rip:x}", b"") == (0x1000).to_bytes(8, "little").hex()
+    assert stub.commands.reply("Hg2", b"") == "OK"
+    assert stub.commands.reply(f"p{rip:x}", b"") == (0x2222).to_bytes(8, "little").hex()
+    assert stub.commands.reply("Hg1", b"") == "OK"
+    assert stub.commands.reply(f"p{rip:x}", b"") == (0x1000).to_bytes(8, "little").hex()
 
 
 @needs_kvm
@@ -399,3 +398,4 @@ def test_gdb_sees_each_vcpu_as_a_thread():
     assert "Thread 2 (vCPU 1)" in out and "Thread 3 (vCPU 2)" in out, out
     assert "$1 = 0xfff0" in out, out            # an AP still waits for its SIPI at the reset vector
     assert "fw_cfg cpus 0x3" in console and code == 1, out + console
+

@@ -1,15 +1,21 @@
 """A gdb stub for pykvm guests: `pykvm boot ... --gdb tcp::1234 [--gdb-wait]`, then
 `gdb vmlinux -ex 'target remote :1234'`.
 
-- packets.py    the remote protocol's framing ($...#cs, acks, escapes, Ctrl-C)
-- registers.py  the target description (x86-64 or i386, with segment and control registers) and
-                register images read from the vCPU
-- debugregs.py  DR0-DR3/DR7 for hardware breakpoints and watchpoints
-- stub.py       the server: holds and releases vCPUs, breakpoints, single-step, memory by virtual
-                or physical address
+- stub.py         the server: the listening socket, one gdb session at a time, the packet loop
+- packets.py      the remote protocol's framing ($...#cs, acks, escapes, Ctrl-C)
+- commands.py     each command gdb sends and the reply
+- vcpus.py        holding and releasing the vCPUs (all-stop), KVM_SET_GUEST_DEBUG, the exits
+                  that stop them (single-step, int3, debug registers, Ctrl-C)
+- breakpoints.py  int3s planted in guest memory, DR0-DR3 for hardware breakpoints and watchpoints
+- debugregs.py    DR7's encoding
+- memory.py       guest memory by virtual (KVM_TRANSLATE) or physical address
+- registers.py    the target description (x86-64 or i386, with segment and control registers) and
+                  register images read from the vCPU
+- address.py      --gdb tcp::PORT, and GdbError
 """
 
-from .stub import GdbError, GdbStub, parse_address
+from .address import GdbError, parse_address
+from .stub import GdbStub
 
 # x86-64 Linux maps its image at __START_KERNEL_map + physical address (arch/x86/include/asm/
 # page_64_types.h; Documentation/arch/x86/x86_64/mm.rst: "kernel text mapping, mapped to physical
