@@ -238,7 +238,9 @@ def _machine_summary(vm) -> str:
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """--timeout, --until and --console: how a run ends and where its console goes, the same for
     `pykvm boot` and `pykvm restore` (pykvm/snapshot/cli.py)."""
-    parser.add_argument("--timeout", type=float, help="stop after this many seconds (exit status 4)")
+    parser.add_argument("--timeout", type=float,
+                        help="stop after the guest has run this many seconds (exit status 4); "
+                             "time gdb holds it stopped does not count")
     parser.add_argument("--until", metavar="REGEX",
                         help="stop with status 0 when a console line matches REGEX")
     parser.add_argument("--console", default="stdio", metavar="stdio|none|FILE",

@@ -37,6 +37,7 @@ from .kvm.fastpath import FastPath
 from .irq import IrqfdLine, IrqLine, KvmIrqLine
 from .kvm import KICK_SIGNAL, Kvm, exits as E
 from .memory import GuestMemory, MmapBackend, Region
+from .runclock import RunClock, RunDeadline
 from .stop import Stop, StopReason
 from .workers import start_worker
 from .x86 import layout
@@ -134,6 +135,9 @@ class Machine:
         # look even at a guest that never exits. None: never.
         self.watchdog_period: float | None = None
         self.on_stop: list[Callable[[Stop], None]] = []
+        # How long run() has let the guest run: held while a debugger holds the vCPUs, so that
+        # run(timeout) does not count the minutes someone spends in gdb (pykvm/runclock.py).
+        self.run_clock = RunClock()
         # Called with every exit before it is dispatched (pykvm.trace.ExitTracer, --trace).
         self.trace: Callable[[E.Exit], None] | None = None
         # The C run loop (pykvm.kvm.fastpath): devices bind to it as they are added (pykvm.pc).
@@ -251,10 +255,11 @@ class Machine:
         """Run the vCPUs until the guest or the VMM stops them: vCPU 0 on this thread, the others
         on threads of their own (joined before this returns)."""
         timer = None
+        self.run_clock.restart()
         if timeout is not None:
-            timer = threading.Timer(timeout, self.request_stop,
-                                    (Stop(StopReason.TIMEOUT, message=f"no stop within {timeout:g} s"),))
-            timer.daemon = True
+            # Counted in running time: the spans the gdb stub holds the vCPUs do not count.
+            timer = RunDeadline(self.run_clock, timeout, lambda: self.request_stop(
+                Stop(StopReason.TIMEOUT, message=f"no stop within {timeout:g} s of running")))
             timer.start()
         watchdog_stop = threading.Event()
         if self.watchdog_period:

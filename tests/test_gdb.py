@@ -399,3 +399,31 @@ def test_gdb_sees_each_vcpu_as_a_thread():
     assert "$1 = 0xfff0" in out, out            # an AP still waits for its SIPI at the reset vector
     assert "fw_cfg cpus 0x3" in console and code == 1, out + console
 
+
+# ---------------------------------------------------------------- --timeout counts running time
+
+@needs_kvm
+@needs_gdb
+@needs_gcc
+def test_time_held_by_gdb_does_not_count_against_the_timeout():
+    # gdb holds the guest at `main` for 7 s (its `shell sleep`) under a 5 s timeout: the run
+    # ends normally. Before the run clock, the timer killed it 5 s of wall time in.
+    from pykvm.stop import StopReason
+    from pykvm.testing.gdb import debug_firmware
+    result, out = debug_firmware("hello", ["break main", "continue", "shell sleep 7", "delete",
+                                           "continue"], cpl=0, timeout=5)
+    assert "Breakpoint 1, main" in out, out
+    assert result.stop.reason is StopReason.EXIT and result.status == 0, (result.stop, out)
+    assert "exited normally" in out, out
+
+
+@needs_kvm
+@needs_gdb
+@needs_gcc
+def test_timeout_still_counts_while_gdb_lets_the_guest_run():
+    # spin never exits by itself: once gdb continues it, its 2 s of running time run out.
+    from pykvm.stop import StopReason
+    from pykvm.testing.gdb import debug_firmware
+    result, out = debug_firmware("spin", ["continue"], timeout=2)
+    assert result.stop.reason is StopReason.TIMEOUT, (result.stop, out)
+    assert "of running" in result.stop.message
