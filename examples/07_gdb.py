@@ -10,10 +10,14 @@ first instruction (real mode, CS:IP = 0:0x8000) and Debian's gdb, in batch mode,
    and the stub reports it to gdb as SIGTRAP.
 2. `break main` plants an int3 (0xcc) at main while the guest runs; the exit it causes is a
    breakpoint hit (on a KVM-PVM host that exit is an emulation failure at the int3; in real mode
-   there the stub single-steps to the breakpoint instead - pykvm/gdb/stub.py explains why).
+   there the stub single-steps to the breakpoint instead - pykvm/gdb/vcpus.py explains why).
 3. At the stop, gdb reads registers (`g`: every register of the target description, control
    registers included) and memory by virtual address (the stub walks the guest's page tables
    with KVM_TRANSLATE), and `continue` lets the program run to its exit.
+4. Then the same program again with main at CPL3 (user mode): a breakpoint and a step there. On
+   a KVM-PVM host user-mode traps go to the guest's own IDT, not to KVM; the stub catches them at
+   the entry of the guest's #BP/#DB handlers, which run emulated at CPL0, and unwinds the
+   exception frame back to the user-mode address (pykvm/gdb/usertraps.py).
 
 Run with `pykvm boot ... --gdb tcp::1234 --gdb-wait` and `gdb -ex 'target remote :1234'` to do the
 same by hand with any guest.
@@ -48,5 +52,20 @@ commands = [
     "continue",
 ]
 result, transcript = debug_firmware("hello", commands, cpl=0)
+print(transcript)
+print(f"the guest printed: {result.text.strip()!r}; exit status {result.status}")
+
+user_mode = [
+    "break main",
+    "continue",
+    "echo --- main at CPL3 (the low two bits of CS):\n",
+    "p $cs & 3",
+    "stepi",
+    "echo --- one instruction later, still in user mode:\n",
+    "info registers rip cs",
+    "delete",
+    "continue",
+]
+result, transcript = debug_firmware("hello", user_mode, cpl=3)
 print(transcript)
 print(f"the guest printed: {result.text.strip()!r}; exit status {result.status}")

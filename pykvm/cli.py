@@ -194,7 +194,8 @@ def _start_gdb(vm, args, address):
     multiboot = isinstance(vm, MultibootVM)
     stub = GdbStub(vm.machine, address=address, wait=args.gdb_wait, host_kind=vm.host_kind,
                    arch="i386" if multiboot else "i386:x86-64",
-                   early_translate=None if multiboot else linux_text_mapping)
+                   early_translate=None if multiboot else linux_text_mapping,
+                   user_traps=None if multiboot else False)   # Linux: no userland on KVM-PVM
     try:
         stub.start()
     except GdbError as e:

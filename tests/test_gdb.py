@@ -427,3 +427,47 @@ def test_timeout_still_counts_while_gdb_lets_the_guest_run():
     result, out = debug_firmware("spin", ["continue"], timeout=2)
     assert result.stop.reason is StopReason.TIMEOUT, (result.stop, out)
     assert "of running" in result.stop.message
+
+
+# ---------------------------------------------------------------- CPL3 breakpoints and steps
+
+def test_idt_gate_and_gdt_descriptor_decoding():
+    from pykvm.gdb.usertraps import gate_offset, load_segment
+    # a present 64-bit interrupt gate, DPL3 (type_attr 0xee), handler 0x1234_5678_9abc_def0
+    gate = struct.pack("<HHBBHII", 0xDEF0, 0x18, 0, 0xEE, 0x9ABC, 0x12345678, 0)
+    assert gate_offset(gate) == 0x123456789ABCDEF0
+    assert gate_offset(gate[:5] + b"\x0e" + gate[6:]) is None          # P = 0
+    seg = SimpleNamespace()
+    load_segment(seg, 0x2B, 0x00AFFB000000FFFF)     # 64-bit user code: L=1, DPL3, type 0xb, G=1
+    assert (seg.l, seg.dpl, seg.type, seg.s, seg.present, seg.db) == (1, 3, 0xB, 1, 1, 0)
+    assert seg.limit == 0xFFFFFFFF and seg.base == 0 and seg.selector == 0x2B
+
+
+@needs_kvm
+@needs_gdb
+@needs_gcc
+def test_gdb_cpl3_breakpoints_and_steps():
+    # On KVM-PVM the #BP/#DB of CPL3 code go to the guest's IDT; the stub catches them at the
+    # handlers' entry and unwinds the frame (pykvm/gdb/usertraps.py). Elsewhere KVM exits itself.
+    from pykvm.testing.gdb import debug_firmware
+    result, out = debug_firmware("hello", [
+        "break main", "continue", "p $pc == main", "p $cs & 3", "stepi", "p $pc != main",
+        "p $cs & 3", "break fw_printf", "continue", "bt 2", "delete", "continue"])
+    assert "Breakpoint 1, main ()" in out and "$1 = 1" in out and "$2 = 3" in out, out
+    assert "$3 = 1" in out and "$4 = 3" in out, out                 # one step, still in user mode
+    assert "Breakpoint 2, fw_printf" in out and re.search(r"#1 .* in main \(\)", out), out
+    assert "exited normally" in out and result.text == "Hello from pykvm firmware at CPL3\n", out
+
+
+@needs_kvm
+@needs_gdb
+@needs_gcc
+def test_the_guests_own_cpl3_int3_still_reaches_its_handler():
+    # fault.c kind 4 runs int3 at CPL3: not the stub's, so the guest's #BP handler gets it (the
+    # runtime's prints the frame and exits 0x1003) even while the stub's catcher sits on it.
+    from pykvm.testing.gdb import debug_firmware
+    result, out = debug_firmware("fault", ["break main", "continue", "p $cs & 3", "continue"],
+                                 args=[4])
+    assert "Breakpoint 1, main ()" in out and "$1 = 3" in out, out
+    assert result.status == 0x1003 and "exception 3 (#BP breakpoint)" in result.text, result.text
+    assert "cs=0x2b" in result.text, result.text                   # the frame says CPL3

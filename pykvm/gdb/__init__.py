@@ -7,6 +7,8 @@
 - vcpus.py        holding and releasing the vCPUs (all-stop), KVM_SET_GUEST_DEBUG, the exits
                   that stop them (single-step, int3, debug registers, Ctrl-C)
 - breakpoints.py  int3s planted in guest memory, DR0-DR3 for hardware breakpoints and watchpoints
+- usertraps.py    KVM-PVM: user-mode (CPL3) breakpoints and steps, caught in the guest's own
+                  #BP/#DB handlers and unwound
 - debugregs.py    DR7's encoding
 - memory.py       guest memory by virtual (KVM_TRANSLATE) or physical address
 - registers.py    the target description (x86-64 or i386, with segment and control registers) and

@@ -13,6 +13,10 @@ host; QEMU uses the four unconditionally too). On KVM-PVM, measured here, execut
 in CPL0 code (KVM's instruction emulator checks DR7 before each instruction) but a data watchpoint
 never does, so Z2-Z4 are refused there (empty reply: gdb falls back to software watchpoints, which
 single-step) with the reason said once.
+
+Catchers: int3s the stub plants for itself on the first instruction of the guest's #BP and #DB
+handlers, to see user-mode (CPL3) traps on KVM-PVM (pykvm/gdb/usertraps.py). They are planted and
+lifted with the breakpoints, never shown to gdb.
 """
 
 from __future__ import annotations
@@ -33,6 +37,11 @@ class SoftwareBreakpoint:
     saved: bytes = b""                  # the byte it replaced
 
 
+@dataclass
+class Catcher(SoftwareBreakpoint):
+    vector: int = 0                     # whose handler it sits on: 1 (#DB) or 3 (#BP)
+
+
 class Breakpoints:
     """The breakpoints gdb has set. `translate(addr)` gives the physical address to plant at (the
     first vCPU's page tables); `lock` is the stub's, held by whoever plants or edits."""
@@ -47,6 +56,8 @@ class Breakpoints:
         self.software: dict[int, SoftwareBreakpoint] = {}
         self.hardware: list[HwPoint | None] = [None] * 4      # DR0-DR3
         self.planted = False
+        self.catchers: dict[int, Catcher] = {}               # by handler address
+        self.catch_pending = False          # catchers wanted, but the guest has no IDT yet
         self._told_watch = False
 
     # ---- gdb's packets
@@ -109,10 +120,43 @@ class Breakpoints:
         return next((self.hardware[i] for i in range(4)
                      if dr6 & (1 << i) and self.hardware[i] is not None), None)
 
+    # ---- catchers (call with the lock held)
+    def catch(self, handlers: dict[int, int] | None) -> None:
+        """Sit catchers on these handlers ({vector: address}; None: wanted, no IDT yet)."""
+        if handlers is None:
+            self.catch_pending = True
+            return
+        self.catch_pending = False
+        wanted = {addr: vector for vector, addr in handlers.items()}
+        if {a: c.vector for a, c in self.catchers.items()} == wanted:
+            return
+        self.uncatch()
+        self.catchers = {addr: Catcher(addr, vector=v) for addr, v in wanted.items()}
+
+    def uncatch(self) -> None:
+        for c in self.catchers.values():
+            if c.phys is not None:
+                self._restore(c)
+        self.catchers = {}
+        self.catch_pending = False
+
+    def catcher_at(self, pc: int) -> int | None:
+        """The vector whose handler starts here, if our catcher is in memory at this address."""
+        c = self.catchers.get(pc)
+        return c.vector if c is not None and c.phys is not None else None
+
+    def lift(self, pc: int) -> None:
+        """Take the catcher at `pc` out of memory (plant() puts it back), to step over it."""
+        c = self.catchers.get(pc)
+        if c is not None and c.phys is not None:
+            self._restore(c)
+
     # ---- int3s in guest memory (call with the lock held)
     def plant(self) -> None:
-        """Write int3 at every breakpoint whose address is mapped now."""
-        for bp in self.software.values():
+        """Write int3 at every breakpoint (and catcher) whose address is mapped now. A catcher on
+        the address of a breakpoint of gdb's stays out: that int3 is there already."""
+        catchers = [c for a, c in self.catchers.items() if a not in self.software]
+        for bp in [*self.software.values(), *catchers]:
             if bp.phys is None:
                 phys = self.translate(bp.addr)
                 if phys is None or not self.mem.contains(phys, 1):
@@ -123,7 +167,7 @@ class Breakpoints:
         self.planted = True
 
     def unplant(self) -> None:
-        for bp in self.software.values():
+        for bp in [*self.software.values(), *self.catchers.values()]:
             if bp.phys is not None:
                 self._restore(bp)
         self.planted = False
@@ -138,4 +182,6 @@ class Breakpoints:
         """gdb went away: no int3 left behind, no debug registers set."""
         self.unplant()
         self.software.clear()
+        self.catchers = {}
+        self.catch_pending = False
         self.hardware = [None] * 4

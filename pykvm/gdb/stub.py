@@ -11,6 +11,7 @@ turns gdb's bytes into commands and the vCPUs' stops into stop replies. The rest
 - commands.py     each command and its reply
 - vcpus.py        holding and releasing the vCPUs, KVM_SET_GUEST_DEBUG, the exits that stop them
 - breakpoints.py  int3s in guest memory and the debug registers
+- usertraps.py    KVM-PVM: user-mode (CPL3) breakpoints and steps caught in the guest's handlers
 - memory.py       guest memory by linear (virtual) or physical address
 """
 
@@ -30,6 +31,7 @@ from .breakpoints import Breakpoints
 from .commands import DETACH, Commands
 from .memory import LinearMemory
 from .packets import PacketReader, frame
+from .usertraps import UserTraps
 from .vcpus import VcpuControl
 
 
@@ -41,13 +43,16 @@ class GdbStub:
     gdb attaches and continues. host_kind: pykvm.pvm.host_kind() (decides how breakpoints are
     found, pykvm/gdb/vcpus.py). log: where one-line notices go (default: stderr).
     early_translate: a fallback for linear addresses the current page tables do not map yet
-    (pykvm/gdb/memory.py; pykvm.gdb.linux_text_mapping)."""
+    (pykvm/gdb/memory.py; pykvm.gdb.linux_text_mapping). user_traps: catch CPL3 breakpoints and
+    steps in the guest's own #BP/#DB handlers (pykvm/gdb/usertraps.py); default: on KVM-PVM hosts
+    for x86-64 guests (pass False for Linux, whose userland cannot run there)."""
 
     def __init__(self, machine, *, vcpus: list | None = None,
                  address: tuple[str, int] = ("127.0.0.1", 1234), arch: str = "i386:x86-64",
                  wait: bool = False, host_kind: str | None = None,
                  log: Callable[[str], None] | None = None,
-                 early_translate: Callable[[int], int | None] | None = None):
+                 early_translate: Callable[[int], int | None] | None = None,
+                 user_traps: bool | None = None):
         self.machine = machine
         self.address = address
         self.arch = arch
@@ -66,8 +71,11 @@ class GdbStub:
             machine.mem, lambda addr: self.memory.translate(self.control.cpus[0], addr), lock,
             pvm=pvm, log=lambda msg: self.log(msg))
         vcpus = vcpus or getattr(machine, "vcpus", None) or [machine.vcpu]
+        if user_traps is None:
+            user_traps = pvm and arch == "i386:x86-64"
         self.control = VcpuControl(machine, vcpus, self.breakpoints, lock, pvm=pvm,
-                                   wakeup=self._wakeup)
+                                   wakeup=self._wakeup,
+                                   user_traps=UserTraps(self.memory) if user_traps else None)
         self.cpus = self.control.cpus
         self.commands = Commands(self)
         self.last_stop = f"T05thread:{self.cpus[0].tid:x};"

@@ -18,7 +18,9 @@ How the CPU is made to stop (KVM_SET_GUEST_DEBUG, Documentation/virt/kvm/api.rst
   breakpoints. In real mode that emulator *does* run int3 (through the IVT), so there the vCPU
   continues by single-stepping and compares each new PC with the breakpoints instead, until the
   guest leaves real mode. Guest code at CPL3 runs natively there and its #DB/#BP go to the guest's
-  own IDT, so stepping and breakpoints in user mode do not reach the stub on such hosts.
+  own IDT: for 64-bit firmware and multiboot guests the stub catches them at the entry of the
+  guest's handlers and unwinds the frame (pykvm/gdb/usertraps.py), and single-steps the guest
+  until it has an IDT to catch them in.
 - hardware breakpoints: KVM_GUESTDBG_USE_HW_BP with DR0-DR3/DR7; a hit is a `Debug` exit whose DR6
   bits 0-3 name the slot.
 - Ctrl-C in gdb (byte 0x03): every vCPU is kicked and held; the stop is reported as SIGINT.
@@ -48,7 +50,8 @@ class Cpu:
     tid: int                            # gdb's thread id: vCPU index + 1
     parked: bool = False
     action: str | None = None           # "c" or "s": what to do when released
-    mode: str = "run"                   # while running: "run", "step", "step-to-bp"
+    mode: str = "run"                   # while running: "run", "step", "step-to-bp", "step-over"
+    after_step_over: str = "c"          # what to do once stepped over a catcher
     control: int = -1                   # the guest-debug control last set (-1: never)
     debugreg: tuple = ()                # and the debug registers given with it
     inject_bp: bool = False
@@ -80,7 +83,7 @@ class VcpuControl:
     stub's thread something changed (a stop to report)."""
 
     def __init__(self, machine, vcpus: list, breakpoints, lock: threading.Condition, *,
-                 pvm: bool, wakeup: Callable[[], None]):
+                 pvm: bool, wakeup: Callable[[], None], user_traps=None):
         from ..kvm import headers as lib     # KVM_GUESTDBG_* from <linux/kvm.h>, via the binding
         self.lib = lib
         self.machine = machine
@@ -89,6 +92,7 @@ class VcpuControl:
         self.cv = lock
         self.pvm = pvm
         self.wakeup = wakeup
+        self.traps = user_traps             # pykvm.gdb.usertraps.UserTraps, or None
         self.pause = False                  # held: vCPUs park at their next exit
         self.events: list[Event] = []
         self.interrupted = False            # gdb sent Ctrl-C while running
@@ -142,8 +146,8 @@ class VcpuControl:
         if action == "s":
             cpu.mode = "step"
             control = lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP | lib.KVM_GUESTDBG_BLOCKIRQ
-        elif self.bps.software and not self.bps.planted:
-            cpu.mode = "step-to-bp"        # real mode on KVM-PVM: see the module docstring
+        elif self.bps.software and (not self.bps.planted or self.bps.catch_pending):
+            cpu.mode = "step-to-bp"        # real mode, or no IDT yet, on KVM-PVM: see above
             control = lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP
         else:
             cpu.mode = "run"
@@ -184,6 +188,11 @@ class VcpuControl:
             return Stop(StopReason.ERROR, message=f"debug exit on a vCPU the gdb stub does not hold: {e!r}")
         rf = R.RegisterFile(cpu.vcpu)
         pc = rf.linear_pc
+        if cpu.mode == "step-over":          # past the handler's first instruction: catch again
+            with self.cv:
+                self.bps.plant()
+            self.resume_cpu(cpu, cpu.after_step_over)
+            return None
         if e.exception == 3:                 # #BP: an int3 ran
             if self.bps.at(pc):
                 self.stop_all(cpu, Event(cpu, SIGTRAP, "swbreak:;"))
@@ -202,23 +211,64 @@ class VcpuControl:
                 self.stop_all(cpu, Event(cpu, SIGTRAP, "swbreak:;"))
             elif rf.sregs.cr0 & CR0_PE:      # out of real mode: plant the int3s and run freely
                 with self.cv:
+                    if self.bps.catch_pending:  # once there is an IDT to catch CPL3 traps in
+                        self.bps.catch(self.traps.handlers(cpu))
                     self.bps.plant()
-                self.resume_cpu(cpu, "c")
+                self.resume_cpu(cpu, "c")   # steps on while the catchers are pending
         else:                                # a #DB we did not ask for (hardware breakpoint?)
             self.stop_all(cpu, Event(cpu, SIGTRAP))
         return None
 
     def on_internal_error(self, machine, e) -> bool:
-        """KVM-PVM: an int3 at CPL0 is an emulation failure with RIP on it. Ours: a breakpoint hit."""
+        """KVM-PVM: an int3 at CPL0 is an emulation failure with RIP on it. Ours: a breakpoint hit,
+        or a catcher on a #BP/#DB handler (pykvm/gdb/usertraps.py)."""
         if not self.bps.planted or not getattr(e, "emulation", e.suberror == 1):
             return False
         cpu = self.current()
         if cpu is None:
             return False
-        if not self.bps.planted_at(R.RegisterFile(cpu.vcpu).linear_pc):
+        pc = R.RegisterFile(cpu.vcpu).linear_pc
+        vector = self.bps.catcher_at(pc)
+        if vector is not None:
+            extra = self._caught(cpu, vector)
+            if extra is not None:            # our CPL3 breakpoint or step, unwound
+                self.stop_all(cpu, Event(cpu, SIGTRAP, extra))
+            else:                            # the guest's own trap: its handler runs
+                with self.cv:
+                    self.bps.lift(pc)
+                cpu.after_step_over = "s" if cpu.mode == "step" else "c"
+                cpu.mode = "step-over"
+                lib, debugreg = self.lib, self.bps.debugreg()
+                control = lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP
+                self._set_debug(cpu, control | (lib.KVM_GUESTDBG_USE_HW_BP if debugreg else 0),
+                                debugreg)
+            return True
+        if not self.bps.planted_at(pc):
             return False
         self.stop_all(cpu, Event(cpu, SIGTRAP, "swbreak:;"))
         return True
+
+    def _caught(self, cpu: Cpu, vector: int) -> str | None:
+        """A CPL3 trap stopped at a catcher: if it is one the stub caused, the vCPU is put back in
+        user mode where it happened and the stop reply's extra is returned; else None."""
+        frame = self.traps.frame(cpu)
+        if frame is None:
+            return None
+        rip, cs, rflags, rsp, ss = frame
+        if cs & 3 != 3:
+            return None
+        if vector == 3 and self.bps.planted_at(rip - 1):
+            rip, extra = rip - 1, "swbreak:;"
+        elif vector == 1 and cpu.mode == "step":
+            extra = ""
+        else:
+            return None
+        if not self.traps.unwind(cpu, rip, cs, rflags, rsp, ss):
+            return None
+        # KVM sets RFLAGS.TF for a step at KVM_SET_GUEST_DEBUG time, for the RIP it had then
+        # (arch/x86/kvm/x86.c, __kvm_set_rflags): the next step must set it again.
+        cpu.control = -1
+        return extra
 
     # ---- holding and releasing (the stub's thread)
     def hold_all(self, interrupt: bool = False) -> None:
@@ -245,12 +295,18 @@ class VcpuControl:
         named continues)."""
         for cpu in self.cpus:
             cpu.flush()
+        stepping = any(a == "s" for a in actions.values())
         with self.cv:
             self.events.clear()
             self.interrupted = False
             self._set_pause(False)
-            if self.bps.software and not (self.pvm and any(not (c.vcpu.get_sregs().cr0 & CR0_PE)
-                                                           for c in self.cpus)):
+            real_mode = self.pvm and any(not (c.vcpu.get_sregs().cr0 & CR0_PE) for c in self.cpus)
+            if self.traps is not None:       # catchers: KVM-PVM, 64-bit firmware (usertraps.py)
+                if self.bps.software or stepping:
+                    self.bps.catch(None if real_mode else self.traps.handlers(self.cpus[0]))
+                else:
+                    self.bps.uncatch()
+            if (self.bps.software or self.bps.catchers) and not real_mode:
                 self.bps.plant()
             for cpu in self.cpus:
                 if cpu.parked:
