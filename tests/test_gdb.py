@@ -50,7 +50,8 @@ def test_reader_handles_split_packets_acks_interrupts_and_bad_checksums():
 
 @pytest.mark.parametrize("text,expected", [("tcp::1234", ("127.0.0.1", 1234)),
                                            ("tcp:0.0.0.0:99", ("0.0.0.0", 99)),
-                                           (":5", ("127.0.0.1", 5)), ("7", ("127.0.0.1", 7))])
+                                           (":5", ("127.0.0.1", 5)), ("7", ("127.0.0.1", 7)),
+                                           ("tcp:[::1]:9", ("::1", 9))])
 def test_parse_address(text, expected):
     assert parse_address(text) == expected
 
@@ -202,6 +203,15 @@ def test_busy_port_is_a_one_line_error():
         with pytest.raises(GdbError) as e:
             stub.start()
     assert "in use" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("host", ["999.1.1.1", "nohost.invalid"])
+def test_a_host_that_is_not_ours_is_a_one_line_error(host):
+    stub, _, _ = fake_stub()
+    stub.address = (host, _free_port())
+    with pytest.raises(GdbError) as e:
+        stub.start()
+    assert f"cannot listen on {host!r}" in str(e.value) and "\n" not in str(e.value)
 
 
 # ---------------------------------------------------------------- Debian's gdb, firmware guests

@@ -9,10 +9,12 @@ class GdbError(Exception):
 
 
 def parse_address(text: str) -> tuple[str, int]:
-    """QEMU's `tcp::1234` / `tcp:HOST:1234`, or `HOST:PORT`, `:PORT`, `PORT`. An empty host is
+    """QEMU's `tcp::1234` / `tcp:HOST:1234` / `tcp:[IPV6]:1234`, or `HOST:PORT`, `:PORT`, `PORT`. An empty host is
     127.0.0.1: the stub gives full control of the guest, so it listens on loopback unless told."""
     spec = text[4:] if text.startswith("tcp:") else text
     host, _, port = spec.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]                 # an IPv6 address, as QEMU writes it: tcp:[::1]:1234
     try:
         number = int(port)
     except ValueError:

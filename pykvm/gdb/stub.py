@@ -17,6 +17,7 @@ turns gdb's bytes into commands and the vCPUs' stops into stop replies. The rest
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import socket
@@ -90,12 +91,20 @@ class GdbStub:
     # ------------------------------------------------------------ life cycle
     def start(self) -> None:
         try:
-            sock = socket.create_server(self.address, reuse_port=False)
+            family = socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET
+            sock = socket.create_server(self.address, family=family, reuse_port=False)
         except OSError as e:
             host, port = self.address
-            why = "is in use" if e.errno == 98 else f"cannot be used ({e.strerror})"
-            raise GdbError(f"--gdb: port {port} on {host} {why}; pick another with "
-                           f"--gdb tcp::PORT") from None
+            reason = (e.strerror or str(e)).split(" (while attempting")[0]
+            if e.errno == errno.EADDRINUSE:
+                raise GdbError(f"--gdb: port {port} on {host} is in use; pick another with "
+                               f"--gdb tcp::PORT") from None
+            # getaddrinfo's EAI_* codes are negative: the host name did not resolve
+            if isinstance(e, socket.gaierror) or (e.errno or 0) < 0 \
+                    or e.errno == errno.EADDRNOTAVAIL:
+                raise GdbError(f"--gdb: cannot listen on {host!r}: {reason} (an address of this "
+                               f"machine, e.g. tcp::{port} for 127.0.0.1)") from None
+            raise GdbError(f"--gdb: port {port} on {host} cannot be used ({reason})") from None
         self._sock = sock
         m, c = self.machine, self.control
         m.debug_handler = c.on_debug
