@@ -250,10 +250,11 @@ def test_gdb_long_mode_cpl0_breakpoint_and_step():
 def test_gdb_interrupts_a_cpl3_guest_and_changes_its_memory():
     from pykvm.testing.gdb import debug_firmware
     result, out = debug_firmware("spin", [
-        "continue", "p $cs & 3", "p spins > 0", "set var release = 1", "continue"],
-        interrupt=True)
+        "continue", "p $cs & 3", "p spins > 0", "p/x $pc", "stepi", "p $pc != $3",
+        "p $cs & 3", "set var release = 1", "continue"], interrupt=True)
     assert "received signal SIGINT" in out, out
     assert "$1 = 3" in out and "$2 = 1" in out, out               # user mode; it was counting
+    assert "$4 = 1" in out and "$5 = 3" in out, out               # one CPL3 step (usertraps.py)
     assert "exited with code 052" in out and result.status == 0x2A, out
 
 
