@@ -10,7 +10,7 @@ page tables (pykvm.gdb.linux_text_mapping), so `break start_kernel` can be plant
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 CR0_PG = 1 << 31
 PAGE = 0x1000

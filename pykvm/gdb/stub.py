@@ -23,7 +23,7 @@ import select
 import socket
 import sys
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from ..stop import Stop
 from . import registers as R
