@@ -128,3 +128,55 @@ def test_accesses_from_several_vcpu_threads_keep_the_sci_consistent():
     # After the last acknowledgement the line is low, and it never went up twice in a row.
     assert not sci.level and dev.read(pm.PM1_STS, 2) == 0
     assert all(a != b for a, b in zip(sci.history, sci.history[1:]))
+
+
+# ---- the GPE0 block (ACPI 6.5, 4.8.4.1) ----
+
+def test_a_gpe_raises_the_sci_only_when_enabled_and_until_cleared():
+    """ACPICA's edge-GPE sequence: the event latches status; the SCI fires once the OS enabled
+    the bit; the handler clears the status (write 1) and the SCI drops."""
+    dev, _, sci, _ = make()
+    dev.raise_gpe(0)
+    assert dev.read(pm.GPE0_STS, 2) == 0x0001 and not sci.level   # latched, not enabled
+    dev.write(pm.GPE0_EN, 1, 0x01)                                  # ACPICA writes a byte
+    assert sci.level and dev.read(pm.GPE0_EN, 2) == 0x0001
+    dev.write(pm.GPE0_STS, 1, 0x01)
+    assert dev.read(pm.GPE0_STS, 2) == 0 and not sci.level
+    dev.raise_gpe(9)                                                # second status byte
+    dev.write(pm.GPE0_EN + 1, 1, 0x02)
+    assert dev.read(pm.GPE0_STS + 1, 1) == 0x02 and sci.level
+    dev.write(pm.GPE0_EN + 1, 1, 0)                                 # disabled: line drops,
+    assert not sci.level and dev.read(pm.GPE0_STS, 2) == 1 << 9    # status stays latched
+
+
+def test_gpe_and_pm1_events_share_the_one_sci():
+    dev, _, sci, _ = make()
+    dev.write(pm.PM1_EN, 2, pm.PWRBTN_EN)
+    dev.write(pm.GPE0_EN, 2, 0xFFFF)
+    dev.press_power_button()
+    dev.raise_gpe(3)
+    dev.write(pm.PM1_STS, 2, pm.PWRBTN_STS)
+    assert sci.level                                   # the GPE still holds it
+    dev.write(pm.GPE0_STS, 2, 1 << 3)
+    assert not sci.level
+
+
+def test_gpe_numbers_outside_the_block_are_refused():
+    dev, _, _, _ = make()
+    for n in (-1, pm.GPE_COUNT):
+        try:
+            dev.raise_gpe(n)
+        except ValueError:
+            continue
+        raise AssertionError(f"GPE {n} accepted")
+
+
+@given(st.lists(st.tuples(st.sampled_from([pm.GPE0_STS, pm.GPE0_EN]), st.integers(0, 0xFFFF))),
+       st.lists(st.integers(0, pm.GPE_COUNT - 1)))
+def test_the_sci_is_always_status_and_enable(writes, raised):
+    dev, _, sci, _ = make()
+    for n in raised:
+        dev.raise_gpe(n)
+    for reg, value in writes:
+        dev.write(reg, 2, value)
+        assert sci.level == bool(dev.read(pm.GPE0_STS, 2) & dev.read(pm.GPE0_EN, 2))

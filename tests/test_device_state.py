@@ -138,21 +138,25 @@ def test_i8042(before, after):
 
 
 @SETTINGS
-@given(accesses(13, (1, 2, 4)), accesses(13, (1, 2, 4)), st.booleans())
-def test_acpi_pm(before, after, pressed):
-    """PM1 status/enable/control, the SCI level and the PM timer, which goes on counting from its
-    saved value in a process whose clock reads something else entirely. The original may have had
-    its power button pressed (PWRBTN_STS latched) before the save."""
+@given(accesses(20, (1, 2, 4)), accesses(20, (1, 2, 4)), st.booleans(), st.sets(st.integers(0, 15)))
+def test_acpi_pm(before, after, pressed, gpes):
+    """PM1 status/enable/control, the GPE0 block, the SCI level and the PM timer, which goes on
+    counting from its saved value in a process whose clock reads something else entirely. The
+    original may have had its power button pressed (PWRBTN_STS latched) and GPEs raised (a
+    clone's new generation ID) before the save."""
     built = []
 
     def make():
         pm = AcpiPm(on_poweroff=lambda: None, on_reset=lambda: None, sci=RecordingIrqLine(),
                     clock=FakeClock())
-        if pressed and not built:
-            pm.press_power_button()
+        if not built:
+            if pressed:
+                pm.press_power_button()
+            for n in gpes:
+                pm.raise_gpe(n)
         built.append(pm)
         return pm
-    a, b = check_twin(make, lambda d: [(d, offset) for offset in range(13)], before, after,
+    a, b = check_twin(make, lambda d: [(d, offset) for offset in range(20)], before, after,
                       clock_of=lambda d: d.clock)
     assert a.sci.level == b.sci.level
     assert a.sleep_requests == b.sleep_requests

@@ -8,7 +8,8 @@ ACPI 6.5, chapter 20 ("ACPI Machine Language Specification"); section numbers ar
 encoding. The tests disassemble the result with Debian's `iasl -d`, an independent reader.
 
 Only what pykvm's DSDT needs is here: names, integers, strings, packages, buffers, Scope, Device,
-and the resource descriptors of _CRS (chapter 6.4). No methods, no operation regions.
+the resource descriptors of _CRS (chapter 6.4), and just enough of methods for the VM generation
+ID device: Method, Return, Notify. No operation regions.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ DWORD_PREFIX = 0x0C
 STRING_PREFIX = 0x0D
 QWORD_PREFIX = 0x0E
 SCOPE_OP = 0x10
+METHOD_OP = 0x14
+NOTIFY_OP = 0x86
+RETURN_OP = 0xA4
 BUFFER_OP = 0x11
 PACKAGE_OP = 0x12
 EXT_OP_PREFIX = 0x5B
@@ -137,6 +141,26 @@ def device(path: str, *terms: bytes) -> bytes:
     """DefDevice (20.2.5.2): Device (path) { terms }."""
     body = name_string(path) + b"".join(terms)
     return bytes([EXT_OP_PREFIX, DEVICE_OP]) + pkg_length(len(body)) + body
+
+
+def method(path: str, *terms: bytes, args: int = 0, serialized: bool = False) -> bytes:
+    """DefMethod (20.2.5.2): MethodOp PkgLength NameString MethodFlags TermList. MethodFlags:
+    bits 0-2 the argument count, bit 3 SerializeFlag, bits 4-7 SyncLevel (0 here)."""
+    if not 0 <= args <= 7:
+        raise ValueError(f"an AML method takes 0-7 arguments, not {args}")
+    body = name_string(path) + bytes([args | (0x08 if serialized else 0)]) + b"".join(terms)
+    return bytes([METHOD_OP]) + pkg_length(len(body)) + body
+
+
+def return_(value: bytes) -> bytes:
+    """DefReturn (20.2.5.3): ReturnOp ArgObject - an encoded TermArg (an integer, a package...)."""
+    return bytes([RETURN_OP]) + value
+
+
+def notify(path: str, value: int) -> bytes:
+    """DefNotify (20.2.5.3): NotifyOp NotifyObject NotifyValue - tell the OS's driver of the
+    device at `path` that event `value` happened (5.6.6: 0x80 and up are device-specific)."""
+    return bytes([NOTIFY_OP]) + name_string(path) + integer(value)
 
 
 # ---- resource descriptors for _CRS (6.4, "Resource Data Types for ACPI") ----

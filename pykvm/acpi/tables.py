@@ -82,13 +82,15 @@ GAS = Struct(
 SPACE_MEMORY, SPACE_IO = 0, 1
 
 
-def gas_io(port: int, bits: int, access: bool = True) -> dict:
-    """An I/O-port register `bits` wide. access=False leaves the access size "undefined" (legacy):
-    for the PM1 blocks, which ACPICA splits into two registers of half the block's width."""
+def gas_io(port: int, bits: int, access: bool = True, access_bits: int | None = None) -> dict:
+    """An I/O-port register `bits` wide, accessed `access_bits` at a time (default: all of it).
+    access=False leaves the access size "undefined" (legacy): for the PM1 blocks, which ACPICA
+    splits into two registers of half the block's width."""
     if not port:
         return dict(space_id=0, bit_width=0, bit_offset=0, access_size=0, address=0)
     return dict(space_id=SPACE_IO, bit_width=bits, bit_offset=0,
-                access_size={8: 1, 16: 2, 32: 3}[bits] if access else 0, address=port)
+                access_size={8: 1, 16: 2, 32: 3}[access_bits or bits] if access else 0,
+                address=port)
 
 
 # 5.2.10 Firmware ACPI Control Structure (64 bytes, no standard header, 64-byte aligned). Needed

@@ -1,7 +1,7 @@
 """The ACPI fixed-hardware power-management registers: how an ACPI OS powers a PC off or resets it.
 
 ACPI 6.5 chapter 4.8 ("ACPI Hardware Model", fixed hardware) gives every full-ACPI PC a few
-registers at I/O ports the FADT names (pykvm puts them at layout.PORT_ACPI_PM, 16 ports):
+registers at I/O ports the FADT names (pykvm puts them at layout.PORT_ACPI_PM, 20 ports):
 
     offset  width  register        (ACPI 6.5 section)
     0       16     PM1a_STS        4.8.3.1.1  status bits, write 1 to clear
@@ -9,6 +9,8 @@ registers at I/O ports the FADT names (pykvm puts them at layout.PORT_ACPI_PM, 1
     4       16     PM1a_CNT        4.8.3.2.1  SCI_EN (bit 0), SLP_TYP (bits 10-12), SLP_EN (bit 13)
     8       32     PM_TMR          4.8.3.3    a free-running 3.579545 MHz counter, read-only
     12      8      RESET           4.8.3.6    the FADT's RESET_REG: writing RESET_VALUE resets
+    16      16     GPE0_STS        4.8.4.1    general-purpose event status, write 1 to clear
+    18      16     GPE0_EN         4.8.4.1    which GPE status bits raise the SCI
 
 - **Power-off** (7.4.2.5 and 16.1.3.5): the OS reads SLP_TYP for S5 from the DSDT's \\_S5 package,
   then writes PM1a_CNT with that SLP_TYP and SLP_EN set. We call `on_poweroff()` then.
@@ -18,6 +20,12 @@ registers at I/O ports the FADT names (pykvm puts them at layout.PORT_ACPI_PM, 1
 - **SCI**: the interrupt the PM1 status bits raise when enabled. The only event we ever latch is
   the power button (`press_power_button()`, PWRBTN_STS), so a host can ask an ACPI guest to shut
   down cleanly. TMR_STS (the timer's bit 31 toggling) is not modelled: Linux never enables it.
+- **GPE0 block** (4.8.4.1, "General-Purpose Event Register Blocks"): 16 general-purpose events,
+  a status half then an enable half (the FADT's GPE0_BLK_LEN is the whole block, 4 bytes). A
+  host-side event calls `raise_gpe(n)`: status bit n latches, and the SCI rises if the OS
+  enabled bit n. The OS's SCI handler (ACPICA's acpi_ev_gpe_detect) finds the bit, clears it, and
+  runs the DSDT's `\\_GPE._Enn` method (edge: "_E"; the status was latched, not a held level),
+  which is where AML turns a wire into a Notify() on a device (pykvm.devices.vmgenid uses GPE 0).
 
 The device knows nothing of KVM: it gets `read(offset, size)`/`write(offset, size, value)` from a
 bus, an irq line for the SCI, and two callbacks.
@@ -35,9 +43,10 @@ from typing import Callable
 from ..irq import IrqLine, NullIrqLine
 from .state import Stateful
 
-SIZE = 16
-PM1_STS, PM1_EN, PM1_CNT, PM_TMR, RESET = 0, 2, 4, 8, 12
-PM1_EVT_LEN, PM1_CNT_LEN, PM_TMR_LEN = 4, 2, 4
+SIZE = 20
+PM1_STS, PM1_EN, PM1_CNT, PM_TMR, RESET, GPE0_STS, GPE0_EN = 0, 2, 4, 8, 12, 16, 18
+PM1_EVT_LEN, PM1_CNT_LEN, PM_TMR_LEN, GPE0_BLK_LEN = 4, 2, 4, 4
+GPE_COUNT = 8 * GPE0_BLK_LEN // 2         # one status and one enable bit per event
 
 # PM1 status / enable bits (Tables 4.16 and 4.17)
 TMR_STS = 1 << 0
@@ -65,7 +74,8 @@ class AcpiPm(Stateful):
     its clocksource go on from where it was saved, not jump to the new process's clock."""
 
     thread_safe = True      # its own lock (module docstring): a bus need not add one
-    STATE = ("status", "enable", "control", "sleep_requests", "ignored_writes", "sci")
+    STATE = ("status", "enable", "control", "gpe_status", "gpe_enable", "sleep_requests",
+             "ignored_writes", "sci")
 
     def __init__(self, *, on_poweroff: Callable[[], None], on_reset: Callable[[], None],
                  sci: IrqLine | None = None, slp_typ_s5: int = 5,
@@ -81,6 +91,8 @@ class AcpiPm(Stateful):
         # SMI_CMD is 0 in the FADT: no firmware owns the hardware, the system is always in ACPI
         # mode, so SCI_EN reads as set from the start (4.8.3.2.1: "the OS must not change it").
         self.control = SCI_EN
+        self.gpe_status = 0
+        self.gpe_enable = 0
         self.sleep_requests: list[int] = []     # SLP_TYP values written with SLP_EN
         self.ignored_writes = 0                 # reset-register values other than RESET_VALUE
         self._lock = threading.Lock()
@@ -92,7 +104,8 @@ class AcpiPm(Stateful):
     def _register_bytes(self) -> bytes:
         return (self.status.to_bytes(2, "little") + self.enable.to_bytes(2, "little")
                 + self.control.to_bytes(2, "little") + bytes(2)
-                + self.timer().to_bytes(4, "little") + bytes(4))
+                + self.timer().to_bytes(4, "little") + bytes(4)
+                + self.gpe_status.to_bytes(2, "little") + self.gpe_enable.to_bytes(2, "little"))
 
     def read(self, offset: int, size: int) -> int:
         with self._lock:
@@ -105,7 +118,8 @@ class AcpiPm(Stateful):
         data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
         with self._lock:
             actions = []
-            for reg, width in ((PM1_STS, 2), (PM1_EN, 2), (PM1_CNT, 2), (RESET, 1)):
+            for reg, width in ((PM1_STS, 2), (PM1_EN, 2), (PM1_CNT, 2), (RESET, 1),
+                               (GPE0_STS, 2), (GPE0_EN, 2)):
                 lo, hi = max(offset, reg), min(offset + size, reg + width)
                 if lo >= hi:
                     continue
@@ -134,6 +148,10 @@ class AcpiPm(Stateful):
                     return self.on_poweroff
                 # Other sleep states (S1-S4) are not offered by the DSDT; a guest asking for one
                 # anyway is ignored, as hardware without that state would.
+        elif reg == GPE0_STS:
+            self.gpe_status &= ~(value & mask)                # write 1 to clear
+        elif reg == GPE0_EN:
+            self.gpe_enable = (self.gpe_enable & ~mask) | (value & mask)
         elif reg == RESET:
             if value == RESET_VALUE:
                 return self.on_reset
@@ -158,5 +176,13 @@ class AcpiPm(Stateful):
             self.status |= PWRBTN_STS
             self._update_sci()
 
+    def raise_gpe(self, n: int) -> None:
+        """General-purpose event `n` happened: latch its status bit, and the SCI if enabled."""
+        if not 0 <= n < GPE_COUNT:
+            raise ValueError(f"GPE {n} is outside the GPE0 block (0-{GPE_COUNT - 1})")
+        with self._lock:
+            self.gpe_status |= 1 << n
+            self._update_sci()
+
     def _update_sci(self) -> None:
-        self.sci.set_level(bool(self.status & self.enable))
+        self.sci.set_level(bool(self.status & self.enable) or bool(self.gpe_status & self.gpe_enable))

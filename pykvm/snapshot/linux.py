@@ -7,13 +7,18 @@ model back where they were. The console starts empty: it shows what the guest pr
 instruction after the save on.
 
 Clones (`clone=True`): every restore of one snapshot is the same machine, down to the state of the
-guest's random number generator. A clone gets what QEMU and Firecracker give theirs where pykvm
-can: a new MAC address on its virtio-net device (the device's config space; a guest driver that
-already read it keeps the old one until it re-reads), and fresh host entropy from its virtio-rng
-for every request from then on (the device reads os.urandom; nothing of the original's entropy is
-replayed). The guest's own CRNG state in RAM is the original's until the guest reseeds: Linux
-pulls from virtio-rng (hwrng) on its own schedule, and a VM generation ID device (ACPI VMGENID,
-which makes Linux reseed at once) is not implemented yet: see README "Snapshots".
+guest's random number generator. A clone gets what QEMU and Firecracker give theirs:
+- a new VM generation ID (with ACPI, the default: pykvm/devices/vmgenid.py), written before the
+  guest runs on and announced through GPE 0: Linux's vmgenid driver reseeds the kernel's CRNG at
+  once, so two clones' /dev/urandom differ from their first read after the notification is
+  handled (a kernel worker runs the AML; until then - a few instructions after the restore - the
+  old state is still there, as on any VMM);
+- a new MAC address on its virtio-net device (the device's config space; a guest driver that
+  already read it keeps the old one until it re-reads);
+- fresh host entropy from its virtio-rng for every request from then on (the device reads
+  os.urandom; nothing of the original's entropy is replayed).
+Without ACPI (`acpi=False`) there is no generation ID: the guest's CRNG is the original's until
+Linux reseeds on its own schedule (from virtio-rng through hwrng, and interrupt timings).
 """
 
 from __future__ import annotations
@@ -92,6 +97,8 @@ def apply_to(vm, snap: Snapshot) -> None:
 
 def make_clone(vm) -> None:
     """Give a restored VM its own identity (see the module docstring for what that covers)."""
+    if vm.acpi is not None:
+        vm.acpi.vmgenid.new_generation()
     from pykvm.virtio import VirtioNet
     from pykvm.virtio.net import random_mac
     for device in vm.virtio:

@@ -87,7 +87,7 @@ PORT_DEBUG = 0xe9          # Bochs/QEMU debug console: a byte written here is pr
 PORT_EXIT = 0xf4           # firmware test programs write their exit status here
 PORT_ELCR = 0x4d0          # edge/level control of both 8259s (one byte each)
 PORT_PCI_CONFIG = 0xcf8    # PCI configuration mechanism #1: CONFIG_ADDRESS, CONFIG_DATA at +4
-PORT_ACPI_PM = 0x600       # the ACPI PM registers: PM1a event/control, PM timer, reset (16 ports)
+PORT_ACPI_PM = 0x600       # the ACPI PM registers: PM1a event/control, PM timer, reset, GPE0 (20 ports)
 
 SECTOR = 512              # a disk sector (virtio-blk and ATA address these), and a bzImage's
                            # setup_sects unit: the PC's 512-byte sector from the BIOS days on
