@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 
 from . import cli_checks, pvm
-from .boot import BootError, load_linux
+from .boot import BootError            # (pykvm.boot loads its parts on first use)
 from .boot.cmdline import Cmdline
 from .config import LinuxConfig
 from .console import ConsoleLog
@@ -26,7 +26,7 @@ from .machine import Machine, MachineError
 from .stop import Stop, StopReason
 from .pc import add_pc_devices
 from .runnable import RunnableVM
-from .x86 import cpu, layout, mptable
+from .x86 import cpu, layout
 
 
 # What every pykvm guest gets unless the user says otherwise (Cmdline.add_default).
@@ -156,6 +156,7 @@ class LinuxVM(RunnableVM):
             else:
                 if irqchip == "kernel":
                     self._write_mptable()
+                from .boot.loader import load_linux
                 self.plan = load_linux(self.machine.mem, kernel_bytes, str(self.cmdline),
                                        initrd=initrd_bytes, decompress=boot.decompress,
                                        acpi_rsdp=self.acpi.tables.rsdp if self.acpi else 0)
@@ -164,10 +165,10 @@ class LinuxVM(RunnableVM):
             self.close()
             raise
         if pvm_workarounds:
-            self.machine.internal_error_handlers.append(pvm.complete_gap)
+            self.machine.internal_error_handlers.append(pvm.complete_gap_lazily)
             # A vmcall never exits on KVM-PVM: look at the vCPU once a second, and complete a
             # vmcall it is stuck on (pykvm.pvm.StuckVmcall).
-            self.machine.interrupted_handlers.append(pvm.StuckVmcall().check)
+            self.machine.interrupted_handlers.append(pvm.LazyStuckVmcall().check)
             self.machine.watchdog_period = 1.0
         # The final hlt stays inside KVM with the in-kernel irqchip: look at the vCPU on a kick.
         watch_for_final_halt(self.machine)
@@ -224,6 +225,7 @@ class LinuxVM(RunnableVM):
         """Describe the CPU, the IOAPIC and the interrupt routes (ISA and PCI INTx) in an MP table
         (pykvm/x86/mptable.py), as the in-kernel irqchip provides them. Written with ACPI too: an
         ACPI kernel prefers the MADT, and one booted with acpi=off still finds its CPUs."""
+        from .x86 import mptable
         gpa, blob = mptable.build(cpus=len(self.machine.vcpus), pci_irqs=self._pci_routes())
         self.machine.mem.write(gpa, blob)
 

@@ -13,16 +13,29 @@
 Every failure is a `BootError` with a one-line message naming the problem and the fix.
 """
 
-from pykvm.boot.bzimage import BzImage, parse_bzimage
-from pykvm.boot.cmdline import Cmdline
-from pykvm.boot.decompress import decompress_payload, detect_compression
-from pykvm.boot.elf import ElfKernel, load_elf, parse_elf
-from pykvm.boot.errors import BootError
-from pykvm.boot.loader import BootPlan, load_linux, place_initrd
-from pykvm.boot.zeropage import E820Entry, build_pvh_start_info, build_zero_page, e820_table
+# The public names, loaded on first use (PEP 562): `from pykvm.boot import BootError` must not
+# cost a restored VM - which loads no kernel - the bzImage parser, construct and the decompressors
+# (tens of milliseconds of a restore's start-up; `python -X importtime` shows them).
+_WHERE = {
+    "BzImage": "bzimage", "parse_bzimage": "bzimage", "Cmdline": "cmdline",
+    "decompress_payload": "decompress", "detect_compression": "decompress",
+    "ElfKernel": "elf", "load_elf": "elf", "parse_elf": "elf", "BootError": "errors",
+    "BootPlan": "loader", "load_linux": "loader", "place_initrd": "loader",
+    "E820Entry": "zeropage", "build_pvh_start_info": "zeropage", "build_zero_page": "zeropage",
+    "e820_table": "zeropage",
+}
 
-__all__ = [
-    "BootError", "BootPlan", "BzImage", "Cmdline", "E820Entry", "ElfKernel", "build_pvh_start_info",
-    "build_zero_page", "decompress_payload", "detect_compression", "e820_table", "load_elf",
-    "load_linux", "parse_bzimage", "parse_elf", "place_initrd",
-]
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value         # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

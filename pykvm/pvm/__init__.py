@@ -40,10 +40,45 @@ a completed instruction does not raise #DB; the VEX forms do not check XCR0. Non
 a Linux kernel booting here.
 """
 
-# The public names, as `from pykvm import pvm; pvm.host_kind()` has always found them.
+# The public names, as `from pykvm import pvm; pvm.host_kind()` has always found them. host.py's
+# are plain Python and loaded at once; those of instructions.py and gaps.py on first use (PEP 562),
+# because they load iced-x86's decoder - a large share of a restored VM's start-up, for a gap
+# that may never come.
 from .host import AMD_V, INTEL_VTX, KVM_PVM, UNKNOWN, host_kind, host_notice, pvm_kernel_args
-from .instructions import (AC, AF, BP, CF, CR4_OSXSAVE, GP, GPRS, MAX_INSN, NM, OF, PF, PF_, SF,
-                           SUPPORTED, UD, ZF, Completion, PageFault, complete_instruction, decode,
-                           effective_address, format_instruction, linear_address, mnemonic, popcnt,
-                           write_gpr)
-from .gaps import StuckVmcall, complete_gap, describe_gap, read_linear, write_linear
+
+_INSTRUCTIONS = ("AC", "AF", "BP", "CF", "CR4_OSXSAVE", "GP", "GPRS", "MAX_INSN", "NM", "OF", "PF",
+                 "PF_", "SF", "SUPPORTED", "UD", "ZF", "Completion", "PageFault",
+                 "complete_instruction", "decode", "effective_address", "format_instruction",
+                 "linear_address", "mnemonic", "popcnt", "write_gpr")
+_GAPS = ("StuckVmcall", "complete_gap", "describe_gap", "read_linear", "write_linear")
+
+
+def __getattr__(name: str):
+    if name in _INSTRUCTIONS:
+        from . import instructions as module
+    elif name in _GAPS:
+        from . import gaps as module
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def complete_gap_lazily(machine, exit) -> bool:
+    """`complete_gap`, for `Machine.internal_error_handlers`, loading gaps.py at the first gap."""
+    from .gaps import complete_gap
+    return complete_gap(machine, exit)
+
+
+class LazyStuckVmcall:
+    """A `StuckVmcall` made at its first check (the first watchdog kick, a second into a run)."""
+
+    def __init__(self):
+        self._impl = None
+
+    def check(self, machine) -> bool:
+        if self._impl is None:
+            from .gaps import StuckVmcall
+            self._impl = StuckVmcall()
+        return self._impl.check(machine)

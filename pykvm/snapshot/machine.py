@@ -21,9 +21,7 @@ of the last exit (an `in` gets its data, RIP moves past it: Vcpu.complete_io), t
 
 from __future__ import annotations
 
-import hashlib
 import os
-import platform
 import threading
 import time
 
@@ -73,7 +71,8 @@ def host_fingerprint(machine) -> dict:
         tsc_khz = 0
     return {"kvm": pvm.host_kind(), "cpu_vendor": vendor, "cpu_model": model,
             "tsc_khz": tsc_khz, "structs": kvm_state.struct_sizes(),
-            "kernel": platform.release(), "machine": platform.machine()}
+            # os.uname() is what the platform module reads, without its import (restore start-up)
+            "kernel": os.uname().release, "machine": os.uname().machine}
 
 
 def check_host(saved: dict, here: dict, path: str) -> None:
@@ -100,6 +99,7 @@ def disk_fingerprint(path: str) -> dict:
     """Size, modification time and a SHA-256 over 16 64 KiB samples spread over the image (the
     first and last included): cheap for any size, and a changed image is very unlikely to pass."""
     st = os.stat(path)
+    import hashlib          # here: a restore without disks need not load it
     h = hashlib.sha256()
     with open(path, "rb") as f:
         size = st.st_size
