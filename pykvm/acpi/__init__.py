@@ -68,7 +68,8 @@ def build_fadt(facs: int, dsdt: int) -> bytes:
         pm1a_evt_blk=pm1a_evt, pm1b_evt_blk=0, pm1a_cnt_blk=pm1a_cnt, pm1b_cnt_blk=0,
         pm2_cnt_blk=0, pm_tmr_blk=pm_tmr, gpe0_blk=gpe0, gpe1_blk=0,
         pm1_evt_len=pm.PM1_EVT_LEN, pm1_cnt_len=pm.PM1_CNT_LEN, pm2_cnt_len=0,
-        pm_tmr_len=pm.PM_TMR_LEN, gpe0_blk_len=pm.GPE0_BLK_LEN, gpe1_blk_len=0, gpe1_base=0, cst_cnt=0,
+        pm_tmr_len=pm.PM_TMR_LEN, gpe0_blk_len=pm.GPE0_BLK_LEN, gpe1_blk_len=0, gpe1_base=0,
+        cst_cnt=0,
         p_lvl2_lat=101, p_lvl3_lat=1001,      # "C2/C3 not supported": idle is hlt (C1)
         flush_size=0, flush_stride=0, duty_offset=0, duty_width=0,
         day_alrm=0, mon_alrm=0, century=0x32,  # pykvm's CMOS keeps the century at index 0x32
@@ -86,7 +87,8 @@ def build_fadt(facs: int, dsdt: int) -> bytes:
         x_pm2_cnt_blk=gas0, x_pm_tmr_blk=T.gas_io(pm_tmr, 8 * pm.PM_TMR_LEN),
         # GPE0: status half, enable half, each register a byte to ACPICA (acpi_ev_create_gpe_block
         # makes 8-bit registers), so the access size says byte, as QEMU's FADT does
-        x_gpe0_blk=T.gas_io(gpe0, 8 * pm.GPE0_BLK_LEN, access_bits=8), x_gpe1_blk=gas0, sleep_control_reg=gas0, sleep_status_reg=gas0,
+        x_gpe0_blk=T.gas_io(gpe0, 8 * pm.GPE0_BLK_LEN, access_bits=8), x_gpe1_blk=gas0,
+        sleep_control_reg=gas0, sleep_status_reg=gas0,
         hypervisor_vendor_id=b"PYKVM\0\0\0",
     ))
     return T.finish(b"FACP", T.FADT_REVISION, body)

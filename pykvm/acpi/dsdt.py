@@ -37,7 +37,7 @@ In ASL (what `iasl -d` prints back for the bytes built here), pykvm's DSDT is:
         }
         Scope (\\_GPE)
         {
-            Method (_E00, 0, NotSerialized) { Notify (\\_SB.VGEN, 0x80) }   // GPE 0: a new generation
+            Method (_E00, 0, NotSerialized) { Notify (\\_SB.VGEN, 0x80) }   // GPE 0: new ID
         }
         Name (\\_S5, Package () { 5, 5, Zero, Zero })  // soft-off: SLP_TYP 5 in PM1a and PM1b
     }

@@ -185,4 +185,5 @@ class AcpiPm(Stateful):
             self._update_sci()
 
     def _update_sci(self) -> None:
-        self.sci.set_level(bool(self.status & self.enable) or bool(self.gpe_status & self.gpe_enable))
+        self.sci.set_level(bool(self.status & self.enable)
+                           or bool(self.gpe_status & self.gpe_enable))

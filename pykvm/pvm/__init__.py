@@ -41,9 +41,9 @@ a Linux kernel booting here.
 """
 
 # The public names, as `from pykvm import pvm; pvm.host_kind()` has always found them. host.py's
-# are plain Python and loaded at once; those of instructions.py and gaps.py on first use (PEP 562),
-# because they load iced-x86's decoder - a large share of a restored VM's start-up, for a gap
-# that may never come.
+# are plain Python and loaded at once; those of instructions.py and gaps.py on first use (PEP
+# 562), because they load iced-x86's decoder - a large share of a restored VM's start-up, for a
+# gap that may never come.
 from .host import AMD_V, INTEL_VTX, KVM_PVM, UNKNOWN, host_kind, host_notice, pvm_kernel_args
 
 _INSTRUCTIONS = ("AC", "AF", "BP", "CF", "CR4_OSXSAVE", "GP", "GPRS", "MAX_INSN", "NM", "OF", "PF",

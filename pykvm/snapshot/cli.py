@@ -70,7 +70,8 @@ def add_restore_command(sub, run_fn) -> None:
     p.add_argument("snapshot", help="snapshot file")
     add_run_options(p)
     p.add_argument("--clone", action="store_true",
-                   help="give this VM its own identity (MAC, fresh virtio-rng entropy)")
+                   help="give this VM its own identity (a new VM generation ID, on which "
+                        "Linux reseeds its CRNG; a new MAC; fresh virtio-rng entropy)")
     p.add_argument("--verify", action="store_true",
                    help="check guest RAM's checksum first (reads the whole file)")
     add_save_options(p)
