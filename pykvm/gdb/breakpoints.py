@@ -22,8 +22,8 @@ lifted with the breakpoints, never shown to gdb.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from .debugregs import HwPoint, dr7_for, valid_point
 

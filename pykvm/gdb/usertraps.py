@@ -25,9 +25,11 @@ puts the catcher back and lets the handler go on.
 
 Limits: 64-bit guests only (the frame and the 16-byte IDT gates of long mode; a 32-bit guest at
 CPL3 gets Ctrl-C only), an IDT in place (until the guest's `lidt`, the stub single-steps instead),
-and with several vCPUs another one passing a lifted catcher at that moment is not caught. The
-stub turns this on for firmware and multiboot guests; not for Linux, whose userland cannot run on
-KVM-PVM anyway and whose own int3s (text patching) would each cost a step over the catcher.
+and with several vCPUs another one passing a lifted catcher at that moment is not caught.
+GdbStub turns this on for x86-64 guests on KVM-PVM hosts (the firmware guests of
+pykvm.testing.gdb); `pykvm boot` turns it off for Linux, whose userland cannot run on KVM-PVM
+anyway and whose own int3s (text patching) would each cost a step over the catcher, and gives
+multiboot kernels an i386 stub.
 """
 
 from __future__ import annotations

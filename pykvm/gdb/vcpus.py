@@ -18,9 +18,9 @@ How the CPU is made to stop (KVM_SET_GUEST_DEBUG, Documentation/virt/kvm/api.rst
   breakpoints. In real mode that emulator *does* run int3 (through the IVT), so there the vCPU
   continues by single-stepping and compares each new PC with the breakpoints instead, until the
   guest leaves real mode. Guest code at CPL3 runs natively there and its #DB/#BP go to the guest's
-  own IDT: for 64-bit firmware and multiboot guests the stub catches them at the entry of the
-  guest's handlers and unwinds the frame (pykvm/gdb/usertraps.py), and single-steps the guest
-  until it has an IDT to catch them in.
+  own IDT: for 64-bit guests (x86-64 stubs; `pykvm boot` leaves it off for Linux) the stub catches
+  them at the entry of the guest's handlers and unwinds the frame (pykvm/gdb/usertraps.py), and
+  single-steps the guest until it has an IDT to catch them in.
 - hardware breakpoints: KVM_GUESTDBG_USE_HW_BP with DR0-DR3/DR7; a hit is a `Debug` exit whose DR6
   bits 0-3 name the slot.
 - Ctrl-C in gdb (byte 0x03): every vCPU is kicked and held; the stop is reported as SIGINT.
@@ -32,8 +32,8 @@ the time the guest was let run, not the time a person spent reading registers.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ..stop import Stop, StopReason
 from . import registers as R
