@@ -128,6 +128,13 @@ _KERNEL_ARGS: list[tuple[str, str]] = [
     ("nopcid", "no PCIDs in CR3: PVM shadows the guest's page tables, PCID buys nothing"),
     ("nokaslr", "kernel text at its link address: a gap's RIP reads straight against System.map; "
                 "loading the payload decompressed already skips KASLR, this makes it explicit"),
+    # An SMP kernel started with one CPU rewrites every `lock` prefix in its text to a harmless
+    # DS prefix (arch/x86/kernel/alternative.c, alternatives_smp_unlock), one text_poke() per
+    # site: each switches to a temporary mm and back and flushes the TLB, and on KVM-PVM every
+    # CR3 write rebuilds shadow page tables. The test kernel has ~5,000 sites ("Freeing SMP
+    # alternatives memory: 20K", 4 bytes each); a distribution kernel several times that. A
+    # `lock` prefix costs an emulated instruction nothing, so keeping them is free.
+    ("noreplace-smp", "keep lock prefixes on one CPU: no text_poke (two CR3 switches) per site"),
 ]
 
 
