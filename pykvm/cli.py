@@ -97,6 +97,7 @@ def cmd_boot(args) -> int:
     # --no-pvm-workarounds: False (never); without it None (when the host is KVM-PVM).
     machine = MachineConfig(memory=memory, irqchip=args.irqchip, fast_path=not args.no_fast_path,
                             pvm_workarounds=False if args.no_pvm_workarounds else None,
+                            pvm_skip_busywork=not args.no_pvm_skip_busywork,
                             acpi=not args.no_acpi, cpus=args.cpus)
     from .multiboot_vm import looks_multiboot
     if looks_multiboot(args.kernel):
@@ -132,6 +133,10 @@ def cmd_boot(args) -> int:
             _say(pvm.host_notice(vm.host_kind))
             if vm.added_pvm_args:
                 _say("added kernel arguments for this host: " + " ".join(vm.added_pvm_args))
+            if getattr(vm, "skipped_busywork", None):      # a MultibootVM has none
+                _say("skipping boot work only guest userland would notice (--no-pvm-skip-busywork "
+                     "keeps it; pykvm/pvm/busywork.py says why each): "
+                     + " ".join(vm.skipped_busywork))
         desc = vm.plan.description
         _say(f"booting {desc.get('format', 'kernel')} {desc.get('kernel_version', '').split(' ')[0]} with "
              f"{memory >> 20} MiB, {_machine_summary(vm)}; command line: {vm.cmdline}")
@@ -281,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="let the kernel decompress itself (classic bzImage boot)")
     boot.add_argument("--no-pvm-workarounds", action="store_true",
                       help="on KVM-PVM hosts, do not add kernel arguments or complete emulation gaps")
+    boot.add_argument("--no-pvm-skip-busywork", action="store_true",
+                      help="on KVM-PVM hosts, do not add the arguments that skip boot work only "
+                      "guest userland would notice (crypto self-tests, tracefs, BPF kfuncs, ...)")
     boot.add_argument("--cpus", default="1", metavar="N",
                       help="how many vCPUs (default 1; each runs on a thread of its own; more "
                       "than one needs --irqchip kernel)")

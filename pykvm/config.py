@@ -73,6 +73,8 @@ class MachineConfig:
     the fast default) or "user" (pykvm's Python i8259 pair and i8254; the kernel gets
     `nolapic noapic`). fast_path: answer the hot port I/O (serial console polling, POST port) in C;
     False sends every exit through Python. pvm_workarounds: None = when the host is KVM-PVM.
+    pvm_skip_busywork: with the workarounds, also add the arguments that skip boot work only guest
+    userland would notice, which cannot run on KVM-PVM (pykvm/pvm/busywork.py); False keeps it.
     acpi: ACPI tables and the PM registers (pykvm.acpi), so the guest powers off and resets the
     way PCs do; False keeps the MP-table-only machine (reboot through the i8042, `reboot=k`, and
     power-off seen on the console). cpus: how many vCPUs (each a thread; the MP table and the
@@ -82,6 +84,7 @@ class MachineConfig:
     irqchip: str = "kernel"
     fast_path: bool = True
     pvm_workarounds: bool | None = None
+    pvm_skip_busywork: bool = True
     acpi: bool = True
     cpus: int = 1
 

@@ -113,12 +113,15 @@ class LinuxVM(RunnableVM):
             # found" error); it takes the CPUs and interrupt routes from the MP table.
             self.cmdline.add_default("acpi", "off")
         self.added_pvm_args: list[str] = []
+        self.skipped_busywork: list[str] = []
         if pvm_workarounds:
             for arg in pvm.pvm_kernel_args() + PVM_SPEED_ARGS:
                 key, _, value = arg.partition("=")
                 if not self.cmdline.has(key):
                     self.cmdline.add(key, value or None)
                     self.added_pvm_args.append(arg)
+            if hw.pvm_skip_busywork:
+                self.skipped_busywork = pvm.add_busywork_args(self.cmdline)
 
         self.console = ConsoleLog()
         self.attached: list = []        # VirtioAttachment of each virtio device, in attach order

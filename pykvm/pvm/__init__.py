@@ -9,7 +9,9 @@ suberror KVM_INTERNAL_ERROR_EMULATION and RIP still at the instruction (docs/kvm
 This package:
 
 1. tells which kind of host this is: `host_kind()`, and what a user should expect: `host_notice()`;
-2. lists the kernel arguments that steer a Linux guest around the gaps: `pvm_kernel_args()`;
+2. lists the kernel arguments that steer a Linux guest around the gaps: `pvm_kernel_args()`, and
+   those that skip boot work only guest userland would notice (which cannot run here):
+   `busywork_args()`, `add_busywork_args(cmdline)`;
 3. completes a few gaps in the VMM: `complete_gap(machine, exit)`, registered in
    `machine.internal_error_handlers`. It reads RIP and the segment state, translates RIP with
    KVM_TRANSLATE, reads the instruction bytes from guest memory, decodes them with iced-x86 and does
@@ -24,10 +26,11 @@ This package:
 
    Anything else is left alone (returns False) and `describe_gap()` names it for the VMM's error.
 
-The package is split three ways: `host.py` (which host, what to expect, kernel arguments; plain
-Python), `instructions.py` (pure functions over bytes and a register dict: `decode`,
-`effective_address`, `linear_address`, `popcnt`, `complete_instruction`, testable with no /dev/kvm)
-and `gaps.py`, the KVM side (`complete_gap`, `describe_gap`, `StuckVmcall`), which only reads the
+The package is split four ways: `host.py` (which host, what to expect, kernel arguments; plain
+Python), `busywork.py` (the boot work only userland would notice, skipped: each argument with its
+reason), `instructions.py` (pure functions over bytes and a register dict: `decode`,
+`effective_address`, `linear_address`, `popcnt`, `complete_instruction`, testable with no
+/dev/kvm) and `gaps.py`, the KVM side (`complete_gap`, `describe_gap`, `StuckVmcall`), which only reads the
 vCPU's state into such a dict and writes the resulting `Completion` back. None of them imports the
 compiled binding at load time.
 
@@ -44,6 +47,7 @@ a Linux kernel booting here.
 # are plain Python and loaded at once; those of instructions.py and gaps.py on first use (PEP
 # 562), because they load iced-x86's decoder - a large share of a restored VM's start-up, for a
 # gap that may never come.
+from .busywork import add_busywork_args, busywork_args, skipped_description
 from .host import AMD_V, INTEL_VTX, KVM_PVM, UNKNOWN, host_kind, host_notice, pvm_kernel_args
 
 _INSTRUCTIONS = ("AC", "AF", "BP", "CF", "CR4_OSXSAVE", "GP", "GPRS", "MAX_INSN", "NM", "OF", "PF",
