@@ -69,6 +69,7 @@ class Stats:
         self.interrupts: collections.Counter = collections.Counter()  # vector -> count injected
                                                                        # by the VMM (irqchip="user")
         self.wall_time = 0.0                                           # wall seconds in the run loop
+        self.seconds_halted = 0.0      # irqchip="user": hlt waits for an interrupt (dispatch._hlt)
         self.worker_errors: collections.Counter = collections.Counter()   # by thread name
 
     def __repr__(self) -> str:

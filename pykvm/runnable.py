@@ -38,8 +38,8 @@ class RunnableVM:
 
     @property
     def stats(self) -> dict:
-        """The machine's counters: exits by reason (all vCPUs together), time in KVM_RUN and in
-        the run loop, PVM gaps completed, guest mistakes, interrupts injected, unclaimed ports,
+        """The machine's counters: exits by reason (all vCPUs together), time in KVM_RUN, in
+        the run loop and halted waiting for an interrupt in the VMM (irqchip="user"), PVM gaps completed, guest mistakes, interrupts injected, unclaimed ports,
         exits answered in C, worker-thread failures, and what the console dropped."""
         m = self.machine
         exits: dict[str, int] = {}
@@ -50,6 +50,8 @@ class RunnableVM:
             "exits": exits,
             "seconds_in_kvm_run": round(sum(v.seconds_in_run for v in m.vcpus), 3),
             "seconds_in_run_loop": round(m.seconds_running, 3),
+            # irqchip="user" only: idle in hlt, waited out by the VMM (KVM_RUN's with "kernel")
+            "seconds_halted": round(m.stats.seconds_halted, 3),
             "pvm_gaps_completed": dict(m.stats.pvm_gaps),
             "guest_errors": dict(m.stats.guest_errors),
             "interrupts_injected": dict(m.stats.interrupts),

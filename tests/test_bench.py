@@ -201,3 +201,18 @@ def test_each_benchmark_runs_alone():
         assert r.returncode == 0, (argv, r.stderr)
         assert "usage" in r.stdout
 
+
+
+def test_boot_bench_sees_linuxvms_irqchip_option():
+    # LinuxVM's options moved into LinuxConfig (pykvm/config.py); the --irqchip user boot row
+    # printed "n/a" instead of booting until bench.boot looked there too.
+    from bench import boot
+    assert boot.linuxvm_has_irqchip()
+
+
+def test_boot_row_counts_the_user_irqchips_hlt_wait_as_the_guests():
+    from bench.boot import BootResult
+    r = BootResult("until", 10.0, 0.5, {"seconds_in_kvm_run": 8.0, "seconds_halted": 1.9})
+    assert r.guest == pytest.approx(9.9)
+    k = BootResult("until", 10.0, 0.5, {"seconds_in_kvm_run": 9.9})
+    assert k.halted == 0 and k.guest == pytest.approx(9.9)

@@ -66,3 +66,35 @@ def test_pit_interrupts_reach_a_real_mode_guest_through_kvm_interrupt():
         assert chip.pic.spurious == 0
         # Five 10 ms periods: not much faster (no interrupt storm), not hugely slower.
         assert 0.04 < elapsed < 20
+
+
+@needs_kvm
+def test_machine_counts_the_guests_hlt_wait_apart_from_vmm_work():
+    """With irqchip="user" the VMM waits out the guest's `hlt` itself (pykvm.dispatch._hlt); that
+    time is the guest's idle time, which the in-kernel irqchip spends inside KVM_RUN, and it is
+    counted as Stats.seconds_halted (bench/boot.py adds it to the guest's time)."""
+    from pykvm.stop import Stop
+
+    class Ticks:
+        def __init__(self, machine):
+            self.machine, self.n = machine, 0
+
+        def read(self, offset, size):
+            return 0
+
+        def write(self, offset, size, value):
+            self.n += 1
+            if self.n == 5:
+                self.machine.request_stop(Stop("exit", 0))
+
+    with Machine(1 << 20, irqchip="user") as m:
+        ticks = Ticks(m)
+        m.add_pio(0xE9, 1, ticks)
+        m.mem.write(0x1000, MAIN)
+        m.mem.write(0x1100, HANDLER)
+        m.mem.write(0x30 * 4, (0x0100).to_bytes(2, "little") + (0x0100).to_bytes(2, "little"))
+        setup_real_mode(m.vcpu, 0x100, 0)
+        stop = m.run(timeout=30)
+        assert stop.reason == "exit" and ticks.n == 5
+        # the guest spent its time between ticks in hlt: all of that was waited in the VMM
+        assert 0 < m.stats.seconds_halted <= m.seconds_running
