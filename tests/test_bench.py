@@ -216,3 +216,30 @@ def test_boot_row_counts_the_user_irqchips_hlt_wait_as_the_guests():
     assert r.guest == pytest.approx(9.9)
     k = BootResult("until", 10.0, 0.5, {"seconds_in_kvm_run": 9.9})
     assert k.halted == 0 and k.guest == pytest.approx(9.9)
+
+
+def test_boot_rows_from_made_up_boots(monkeypatch, tmp_path):
+    """boot_rows' arithmetic on made-up boots: the VMM share leaves the user irqchip's hlt wait to
+    the guest, and the full run adds the test suite's 64 MiB boot against the default-size one."""
+    from bench import boot
+    calls = []
+
+    def fake_boot(kernel, initrd, *, fast_path, irqchip="kernel", timeout=0, memory=None):
+        calls.append((fast_path, irqchip, memory))
+        halted = 3.0 if irqchip == "user" else 0.0
+        wall = 10.0 if memory is None else 4.0
+        return boot.BootResult("until", wall, 0.1, {"seconds_in_kvm_run": 9.9 - halted,
+                                                    "seconds_halted": halted, "exits": {"IO": 5}})
+
+    monkeypatch.setattr(boot, "boot_once", fake_boot)
+    k, i = tmp_path / "bzImage", tmp_path / "initrd"
+    sec = boot.boot_rows(quick=False, irqchips=("kernel", "user"), kernel=k, initrd=i)
+    rows = {r.name: r for r in sec.rows}
+    user = rows["boot, fast path on, irqchip user"]
+    assert user.baseline == pytest.approx(9.9) and user.share == pytest.approx(1.0)
+    assert "3.00 s the guest idled in hlt" in user.note
+    small = rows["boot, fast path on, irqchip kernel, 64MiB (the test suite's size)"]
+    assert small.value == 4.0 and small.baseline == 10.0
+    assert (True, "kernel", "64M") in calls
+    quick = boot.boot_rows(quick=True, irqchips=("kernel",), kernel=k, initrd=i)
+    assert not any("64MiB" in r.name for r in quick.rows)
