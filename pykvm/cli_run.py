@@ -55,7 +55,7 @@ def run_on_console(vm, args, say) -> tuple[Stop, int | None]:
     elif args.console != "none":
         log = open(args.console, "wb")
         vm.console.tee_file(log)
-    saver = snapshot_cli.SaveOnSignal(vm) if getattr(args, "save_to", None) else None
+    saver = snapshot_cli.SaveOnSignal(vm) if args.save_to else None
     try:
         if interactive and os.isatty(0):
             def quit_():

@@ -93,3 +93,23 @@ def load_real_mode(machine, code: bytes) -> None:
     from pykvm.x86.cpu import setup_real_mode
     machine.mem.write(0x1000, code)
     setup_real_mode(machine.vcpu, 0x100, 0)
+
+
+def boot_expecting(vm, patterns, timeout: float) -> dict:
+    """Start `vm`, wait for each console pattern in turn (the last is usually the kernel's "Run
+    /init"), and stop it; returns its stats as they were at the last match."""
+    vm.start(timeout=timeout)
+    for pattern in patterns:
+        vm.console.expect(pattern, timeout=timeout)
+    stats = vm.stats
+    vm.stop()
+    return stats
+
+
+def assert_clean_ext4(image) -> None:
+    """`e2fsck -fn`: the image is a consistent ext4 filesystem (nothing to fix, nothing changed)."""
+    import shutil
+    import subprocess
+    e2fsck = shutil.which("e2fsck") or "/sbin/e2fsck"
+    p = subprocess.run([e2fsck, "-fn", str(image)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr

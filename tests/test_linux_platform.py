@@ -4,14 +4,13 @@ Boots stop at the kernel's "Run ... as init process" line (no guest userland on 
 """
 
 import shutil
-import subprocess
 
 import pytest
 
 from pykvm.assets import disk_image, initramfs
 from pykvm.linux import LinuxVM
 
-from conftest import KVM_MARKS
+from conftest import KVM_MARKS, assert_clean_ext4, boot_expecting
 
 pytestmark = [*KVM_MARKS, pytest.mark.linux]
 
@@ -27,13 +26,10 @@ def test_python_pit_and_pic_drive_the_kernel_timer(kernel):
     with LinuxVM(kernel.bzimage, initrd=initramfs(), memory=MEMORY, irqchip="user",
                  append="tsc_early_khz=0") as vm:
         assert "nolapic" in str(vm.cmdline)
-        vm.start(timeout=BOOT_TIMEOUT)
         # The delay loop is calibrated by counting jiffies, i.e. IRQ 0 from the Python PIT.
-        vm.console.expect(r"Calibrating delay loop\.\.\. \d+\.\d+ BogoMIPS", timeout=BOOT_TIMEOUT)
-        vm.console.expect(r"clocksource: Switched to clocksource", timeout=BOOT_TIMEOUT)
-        vm.console.expect(r"Run /init as init process", timeout=BOOT_TIMEOUT)
-        stats = vm.stats
-        vm.stop()
+        stats = boot_expecting(vm, [r"Calibrating delay loop\.\.\. \d+\.\d+ BogoMIPS",
+                                    r"clocksource: Switched to clocksource",
+                                    r"Run /init as init process"], BOOT_TIMEOUT)
     timer_irqs = stats["interrupts_injected"].get(IRQ0_VECTOR, 0)
     print("interrupts injected by vector:", stats["interrupts_injected"])
     # HZ=100 in the test kernel: a boot of tens of seconds takes hundreds of ticks at least.
@@ -46,12 +42,6 @@ def test_ext4_root_on_ide(kernel, tmp_path):
     shutil.copyfile(disk_image(), disk)
     with LinuxVM(kernel.bzimage, disk=disk, disk_bus="ide", append="rw", memory=MEMORY) as vm:
         assert "root=/dev/sda" in str(vm.cmdline)
-        vm.start(timeout=BOOT_TIMEOUT)
-        vm.console.expect(r"ata_piix", timeout=BOOT_TIMEOUT)
-        vm.console.expect(r"ATA-\d+: PYKVM HARDDISK", timeout=BOOT_TIMEOUT)
-        vm.console.expect(r"EXT4-fs \(sda\): mounted filesystem", timeout=BOOT_TIMEOUT)
-        vm.console.expect(RUN_INIT, timeout=BOOT_TIMEOUT)
-        vm.stop()
-    e2fsck = shutil.which("e2fsck") or "/sbin/e2fsck"
-    p = subprocess.run([e2fsck, "-fn", str(disk)], capture_output=True, text=True)
-    assert p.returncode == 0, p.stdout + p.stderr
+        boot_expecting(vm, [r"ata_piix", r"ATA-\d+: PYKVM HARDDISK",
+                            r"EXT4-fs \(sda\): mounted filesystem", RUN_INIT], BOOT_TIMEOUT)
+    assert_clean_ext4(disk)

@@ -6,14 +6,13 @@ can run), after the kernel has probed the devices and, for the disk, mounted the
 
 import hashlib
 import shutil
-import subprocess
 
 import pytest
 
 from pykvm.assets import disk_image
 from pykvm.linux import LinuxVM
 
-from conftest import KVM_MARKS
+from conftest import KVM_MARKS, assert_clean_ext4, boot_expecting
 
 pytestmark = [*KVM_MARKS, pytest.mark.linux]
 
@@ -34,28 +33,20 @@ def sha256(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def boot_to_init(vm):
-    vm.start(timeout=BOOT_TIMEOUT)
-    vm.console.expect(RUN_INIT, timeout=BOOT_TIMEOUT)
-    stats = vm.stats
-    vm.stop()
-    return stats
+def boot_to_init(vm, *lines):
+    """Boot until each of `lines`, then the kernel's Run /init, has been printed; stop."""
+    return boot_expecting(vm, [*lines, RUN_INIT], BOOT_TIMEOUT)
 
 
 def test_ext4_root_on_virtio_blk_read_write(kernel, disk):
     with LinuxVM(kernel.bzimage, disk=disk, append="rw", memory=MEMORY) as vm:
         assert "root=/dev/vda" in str(vm.cmdline)
-        vm.start(timeout=BOOT_TIMEOUT)
-        vm.console.expect(r"virtio_blk virtio0: \[vda\] \d+ 512-byte logical blocks", timeout=BOOT_TIMEOUT)
-        vm.console.expect(r"EXT4-fs \(vda\): mounted filesystem", timeout=BOOT_TIMEOUT)
-        vm.console.expect(r"VFS: Mounted root \(ext4 filesystem\) on device 254:0", timeout=BOOT_TIMEOUT)
-        vm.console.expect(RUN_INIT, timeout=BOOT_TIMEOUT)
-        vm.stop()
+        boot_to_init(vm, r"virtio_blk virtio0: \[vda\] \d+ 512-byte logical blocks",
+                     r"EXT4-fs \(vda\): mounted filesystem",
+                     r"VFS: Mounted root \(ext4 filesystem\) on device 254:0")
     # A read-write mount wrote the superblock (mount count, orphan list, journal): the image must
     # still be a clean, consistent filesystem once pykvm has let go of it.
-    e2fsck = shutil.which("e2fsck") or "/sbin/e2fsck"
-    p = subprocess.run([e2fsck, "-fn", str(disk)], capture_output=True, text=True)
-    assert p.returncode == 0, p.stdout + p.stderr
+    assert_clean_ext4(disk)
 
 
 def test_snapshot_leaves_the_image_untouched(kernel, disk):
@@ -92,9 +83,5 @@ def test_console_on_hvc0_and_virtio_rng(kernel, tmp_path):
 def test_ext4_root_on_virtio_pci(kernel, disk):
     with LinuxVM(kernel.bzimage, disk=disk, disk_bus="virtio-pci", snapshot=True, memory=MEMORY) as vm:
         assert "virtio_mmio.device" not in str(vm.cmdline)
-        vm.start(timeout=BOOT_TIMEOUT)
-        vm.console.expect(r"pci 0000:00:0\d\.0: \[1af4:1042\] type 00 class 0x018000", timeout=BOOT_TIMEOUT)
-        vm.console.expect(r"virtio_blk virtio0: \[vda\]", timeout=BOOT_TIMEOUT)
-        vm.console.expect(r"EXT4-fs \(vda\): mounted filesystem", timeout=BOOT_TIMEOUT)
-        vm.console.expect(RUN_INIT, timeout=BOOT_TIMEOUT)
-        vm.stop()
+        boot_to_init(vm, r"pci 0000:00:0\d\.0: \[1af4:1042\] type 00 class 0x018000",
+                     r"virtio_blk virtio0: \[vda\]", r"EXT4-fs \(vda\): mounted filesystem")
