@@ -289,3 +289,17 @@ def test_fuzz_never_impossible_state(init_first, seq):
         assert pic.intr == (changes[-1] if changes else False)
         master = pic.chips[0]
         assert pic.intr == (master.best_request(bool(master.icw4 & 0x10)) is not None)
+
+
+def test_highest_priority_request_matches_the_datasheets_order_exhaustively():
+    """_highest finds the winner by rotating the request byte (one step, no loop); every request
+    byte at every rotation gives the IR the 8259A's priority walk gives: from the IR after the
+    lowest-priority one, round to it [DS "Rotation"]."""
+    from pykvm.devices.i8259 import _Chip
+    chip = _Chip(elcr_mask=0xF8)
+    for lowest in range(8):
+        chip.lowest_priority = lowest
+        for bits in range(256):
+            walk = next((irq for irq in ((lowest + 1 + p) & 7 for p in range(8))
+                         if bits & (1 << irq)), None)
+            assert chip._highest(bits) == walk, (lowest, bits)

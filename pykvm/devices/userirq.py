@@ -84,6 +84,11 @@ class _DeadlineTimer:
         self.fired = 0
 
     def arm(self, deadline: float | None) -> None:
+        # Called before every KVM_RUN, nearly always with the deadline already armed: compare
+        # before taking the lock. (A stale read can only be a deadline that has just fired and
+        # kicked; re-arming it would kick again for nothing.)
+        if deadline == self._deadline:
+            return
         with self._cond:
             if deadline == self._deadline:
                 return
