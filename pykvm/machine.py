@@ -98,7 +98,8 @@ class Machine:
     Python i8259 pair and i8254 and injects their interrupts itself (slower, every step visible;
     one vCPU only: the Python PIC delivers to one CPU and there is no local APIC for the others);
     "none" leaves the vCPU with no interrupt controller at all (firmware tests).
-    fast_path: run vCPU 0's loop in C (csrc/fastpath.h), answering hot port I/O without Python.
+    fast_path: run vCPU 0's loop in C (csrc/fastpath.h), answering hot port I/O (and the kicks of a
+    virtio-blk disk bound to it, pykvm/virtio/blk_fast.py) without Python.
     ram: a factory (gpa, size) -> backend for each RAM region (default: anonymous memory).
     cpus: how many vCPUs (pykvm/machine.py's docstring: one thread each)."""
 

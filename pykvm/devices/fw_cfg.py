@@ -1,7 +1,7 @@
 """QEMU's firmware configuration device (fw_cfg): named blobs a guest reads through two ports.
 
 The spec is QEMU's docs/specs/fw_cfg.rst (section names quoted below); the constants are the ones
-in Linux's include/uapi/linux/qemu_fw_cfg.h (tests/test_fw_cfg.py checks them against the
+in Linux's include/uapi/linux/qemu_fw_cfg.h (tests/test_testdevs.py checks them against the
 installed header). On x86 ("Register Locations"):
 
     0x510  selector register, 16-bit, little-endian: picks an item and rewinds its data offset to 0

@@ -291,7 +291,7 @@ class Vcpu:
             raise KvmError(22, f"KVM_SET_MSRS (MSR {bad:#x} refused)")
 
     def set_cpuid(self, cpuid) -> None:
-        """KVM_SET_CPUID2 with a `struct kvm_cpuid2 *` (see pykvm.x86.cpu.guest_cpuid)."""
+        """KVM_SET_CPUID2 with a `struct kvm_cpuid2 *` (see pykvm.x86.cpu.setup_cpuid)."""
         ioctl(self.fd, lib.KVM_SET_CPUID2, cpuid, "KVM_SET_CPUID2")
 
     def get_vcpu_events(self):
