@@ -235,6 +235,18 @@ def test_cli_module_with_a_linux_kernel_is_a_usage_error(tmp_path):
     assert p.returncode == 2 and "--module is for multiboot kernels" in p.stderr
 
 
+@needs_gcc
+@pytest.mark.parametrize("option", [["DISK"], ["--rng"], ["--save-to", "vm.snap"]])
+def test_cli_linux_only_options_with_a_multiboot_kernel_are_one_line_errors(tmp_path, option):
+    args = [str(tmp_path / "disk.img") if a == "DISK" else a for a in option]
+    if option == ["DISK"]:
+        (tmp_path / "disk.img").write_bytes(bytes(4096))
+    p = pykvm(str(kernel()), *args, "--console", "none")
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("pykvm: error:")]
+    assert p.returncode == 2 and len(lines) == 1, p.stderr
+    assert "not supported with a multiboot kernel" in lines[0], p.stderr
+
+
 @needs_kvm
 @needs_gcc
 def test_testdev_scratch_and_bochs_shutdown_from_a_guest():
