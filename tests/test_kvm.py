@@ -52,12 +52,20 @@ def test_failed_ioctl_names_itself(kvm):
         vm.close()
 
 
+def debugcon_machine(code: bytes):
+    """A 1 MiB machine with no interrupt controller running `code` in real mode, and a Recorder
+    on port 0xe9 (the debug console the tiny programs here write to)."""
+    m = Machine(1 << 20, irqchip="none")
+    rec = Recorder()
+    m.add_pio(0xe9, 1, rec)
+    load_real_mode(m, code)
+    return m, rec
+
+
 @needs_kvm
 def test_real_mode_out_and_hlt():
-    with Machine(1 << 20, irqchip="none") as m:
-        rec = Recorder()
-        m.add_pio(0xe9, 1, rec)
-        load_real_mode(m, OUT_A_HLT)
+    m, rec = debugcon_machine(OUT_A_HLT)
+    with m:
         stop = m.run(timeout=30)
         assert stop.reason == "halt"
         assert rec.data == b"A"
@@ -77,10 +85,8 @@ def test_vcpu_run_returns_typed_exits():
 
 @needs_kvm
 def test_timeout_stops_a_busy_guest():
-    with Machine(1 << 20, irqchip="none") as m:
-        rec = Recorder()
-        m.add_pio(0xe9, 1, rec)
-        load_real_mode(m, OUT_LOOP)
+    m, rec = debugcon_machine(OUT_LOOP)
+    with m:
         stop = m.run(timeout=0.3)
         assert stop.reason == "timeout"
         assert len(rec.data) > 10
