@@ -20,8 +20,9 @@ kernel itself keeps time or handles interrupts (no-kvmclock, highres=off, tsc=re
 noirqdebug). They trim the emulated timer tick, but kernel code can see their effect, so they
 stay the user's choice.
 
-"Measured" figures are host wall time on this project's KVM-PVM machines (2 shared cores), from
-booting Debian's 6.1 cloud and standard kernels with and without the argument; they vary with load.
+The figures below are host wall time on this project's KVM-PVM machines (2 shared cores), from
+booting Debian's 6.1 cloud kernel with and without each argument (when its test was written); they
+vary with load. Debian's standard kernel was measured with the whole set only (docs/kvm-pvm.md).
 """
 
 from __future__ import annotations
