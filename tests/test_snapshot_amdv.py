@@ -1,5 +1,6 @@
 """Snapshots with guest userland: saved at the busybox prompt, restored, a command run; two clones
-restored side by side get different random bytes.
+restored side by side read different bytes from /dev/urandom at once: the VM generation ID makes
+their kernels reseed.
 
 Marked ``amdv``: they need guest user mode, so on KVM-PVM hosts they run in the AMD-V lane
 (pykvm/lane). Nothing here is timed.
@@ -40,22 +41,25 @@ def test_restored_at_the_prompt_runs_a_command(at_the_prompt):
         assert float(lines[2].split()[0]) > 1.0, r
 
 
+RESEED = "crng reseeded due to virtual machine fork"
+
+
 def test_two_clones_read_different_random_bytes(at_the_prompt):
     with LinuxVM.restore(at_the_prompt, clone=True) as a, \
             LinuxVM.restore(at_the_prompt, clone=True) as b:
+        assert a.acpi.vmgenid.guid != b.acpi.vmgenid.guid
         a.start(timeout=3 * TIMEOUT)
         b.start(timeout=3 * TIMEOUT)
-        # virtio-rng: each clone's device serves fresh host entropy (nothing of the original's
-        # is replayed), so the hardware RNG reads differ at once.
-        hw = [vm.shell("head -c 16 /dev/hwrng | od -An -tx1").output for vm in (a, b)]
-        assert hw[0] != hw[1] and all(len(h.split()) == 16 for h in hw), hw
-        # The kernel's CRNG: both clones start from the same saved state, and Linux reseeds it
-        # from its input pool (fed by virtio-rng through hwrng, and by interrupt timings) on its
-        # own schedule - every uptime/2 seconds early on, at most every 60 s. Without a VM
-        # generation ID device (not implemented: see README "Snapshots") nothing makes it reseed
-        # at the moment of the restore, so wait past one reseed interval before reading.
+        # The kernel's CRNG: both clones start from the same saved state. Each got its own VM
+        # generation ID before it ran on, and GPE 0; Linux's vmgenid driver, notified, calls
+        # add_vmfork_randomness(), which reseeds the CRNG at once and says so. (Linux would
+        # otherwise reseed on its own schedule, every uptime/2 s early on, at most every 60 s.)
         for vm in (a, b):
-            up = float(vm.shell("cat /proc/uptime").output.split()[0])
-            vm.shell(f"sleep {min(61, int(up / 2) + 2)}")
+            vm.console.expect(RESEED, timeout=TIMEOUT)
         rnd = [vm.shell("head -c 16 /dev/urandom | od -An -tx1").output for vm in (a, b)]
         assert rnd[0] != rnd[1] and all(len(r.split()) == 16 for r in rnd), rnd
+        # virtio-rng: each clone's device serves fresh host entropy (nothing of the original's
+        # is replayed), so the hardware RNG reads differ too.
+        hw = [vm.shell("head -c 16 /dev/hwrng | od -An -tx1").output for vm in (a, b)]
+        assert hw[0] != hw[1] and all(len(h.split()) == 16 for h in hw), hw
+

@@ -30,7 +30,7 @@ import mmap
 import os
 import struct
 import zlib
-from typing import NamedTuple
+from collections import namedtuple
 
 MAGIC = b"PYKVMSNP"
 FORMAT_VERSION = 1
@@ -42,11 +42,7 @@ _ENTRY = struct.Struct("<4sQQI")      # name, offset, length, CRC-32
 _CRC = struct.Struct("<I")            # CRC-32 of the header before it
 
 
-class SectionEntry(NamedTuple):
-    name: bytes
-    offset: int
-    length: int
-    crc: int
+SectionEntry = namedtuple("SectionEntry", "name offset length crc")   # one _ENTRY, unpacked
 
 
 class SnapshotFormatError(Exception):
