@@ -8,8 +8,9 @@ a dict {index: value} over the list KVM reports (KVM_GET_MSR_INDEX_LIST).
 Restore order matters (QEMU's kvm_arch_put_registers and Firecracker's vCPU restore agree on the
 gist): special registers first (they hold EFER and the APIC base, which the LAPIC and MSR writes
 depend on), then general registers, XCR0 before the XSAVE image it governs, the LAPIC, the MSRs
-(TSC included: the guest's TSC continues from its saved value), MP state, debug registers, and
-pending events last (an exception or interrupt half-delivered when the VM stopped).
+(TSC included: the guest's TSC continues from its saved value - except on KVM-PVM, which accepts
+the write and keeps the host's TSC: docs/kvm-pvm.md), MP state, debug registers, and pending
+events last (an exception or interrupt half-delivered when the VM stopped).
 
 Measured on KVM-PVM (2026-12-02): every ioctl here works, get and set, with the in-kernel
 irqchip; all 40 MSRs in the index list read back and are accepted.
