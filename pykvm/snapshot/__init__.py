@@ -9,7 +9,8 @@
    a restore maps it copy-on-write (`memory.FileBackend`).
 4. `machine.py` saves a stopped Machine and applies a snapshot to a Machine built the same way;
    `devices.py` names a machine's devices; `linux.py` does both for a LinuxVM
-   (`vm.save(path)`, `LinuxVM.restore(path)`).
+   (`vm.save(path)`, `LinuxVM.restore(path)`) and gives clones their own identity (a new VM
+   generation ID, pykvm/devices/vmgenid.py, and a new MAC).
 5. `pytest_plugin.py`: boot once per test session, hand every test a restored VM.
 """
 
