@@ -157,10 +157,12 @@ def _restore_row(path: str, cold: dict, save_at: str, count: int) -> Row:
     restore = restores[len(restores) // 2]
     imports = runs[len(runs) // 2]["imports"]
     name = save_at.split(" as ")[0]
-    return Row(f"restore at {name!r} to first guest instruction", restore * 1e3, "ms",
-               cold["seconds"] * 1e3, f"cold boot to {name!r}",
+    return Row(f"restore (saved at {name!r})", restore * 1e3, "ms",
+               cold["seconds"] * 1e3, "cold boot to that line",
                goal=GOAL_RESTORE, ratio=cold["seconds"] / restore,
-               details=[f"ratio is cold boot / restore (higher is better); median of "
+               details=[f"to the first guest exit after the restored guest ran, against a cold "
+                        f"boot to the console line {name!r}",
+                        f"ratio is cold boot / restore (higher is better); median of "
                         f"{len(restores)} restores, each in a fresh process "
                         f"({', '.join(f'{s * 1e3:.0f}' for s in restores)} ms)",
                         f"of the median restore, {imports * 1e3:.0f} ms are importing "
