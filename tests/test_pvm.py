@@ -609,3 +609,23 @@ def test_stuck_vmcall_completed_after_kicks_on_kvm(nr):
             assert interrupted >= 2
     finally:
         done.set()
+
+
+def test_lazy_stuck_vmcall_looks_at_most_every_min_interval_per_vcpu():
+    """Kicks other than the watchdog's (the user irqchip's PIT deadline, 100 a second; the
+    profiler) must not each pay for a register read, code fetch and decode: LinuxVM's checker
+    looks at a vCPU at most every MIN_INTERVAL seconds."""
+    from types import SimpleNamespace
+    now = [0.0]
+    lazy = pvm.LazyStuckVmcall(clock=lambda: now[0])
+    looked = []
+    lazy._impl = SimpleNamespace(check=lambda m: looked.append((m.vcpu.index, now[0])) or False)
+    cpu0 = SimpleNamespace(vcpu=SimpleNamespace(index=0))
+    cpu1 = SimpleNamespace(vcpu=SimpleNamespace(index=1))
+    step = lazy.MIN_INTERVAL / 4
+    for _ in range(12):                 # 3 x MIN_INTERVAL of kicks on vCPU 0, 4 per interval
+        lazy.check(cpu0)
+        now[0] += step
+    lazy.check(cpu1)                    # another vCPU has its own record
+    assert [t for i, t in looked if i == 0] == [0.0, 4 * step, 8 * step]
+    assert [i for i, _ in looked].count(1) == 1
