@@ -2,7 +2,6 @@
 the MP table), starts the second one with INIT/SIPI through KVM's local APIC, and says so:
 "smp: Brought up 1 node, 2 CPUs". Checked on the kernel's own console."""
 
-import os
 import re
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import time
 
 import pytest
 
-from pykvm import LinuxVM, pvm
+from pykvm import LinuxVM
 from pykvm.assets import cloud_kernel, initramfs
 
 from conftest import KVM_MARKS
@@ -66,16 +65,12 @@ def test_two_cpus_from_the_mp_table_through_the_cli(kernel, rootfs, tmp_path):
 
 
 # Debian's cloud kernel with two vCPUs. It runs in the full suite, like the other stock-kernel boots
-# (tests/test_linux.py). On KVM-PVM every instruction of its init is emulated, and with two vCPUs
-# both CPUs' timer ticks and scheduler work are too: the one run here (a 2-core host under a load
-# of ~8) found the tables, the IOAPIC and both CPUs ("Brought up 1 node, 2 CPUs" at guest time
-# 348 s) and was at "pnp: PnP ACPI: found 2 devices" when the 1200 s of one CPU's budget ran out.
-# Hence twice that budget. On such a host it takes over 20 minutes, too much of CI's 90: it runs
-# there only when asked (PYKVM_LONG_TESTS=1), and always on VT-x/AMD-V hosts.
-@pytest.mark.skipif(
-    pvm.host_kind() == pvm.KVM_PVM and not os.environ.get("PYKVM_LONG_TESTS"),
-    reason="this host's /dev/kvm is KVM-PVM: Debian's cloud kernel on two emulated vCPUs takes "
-           "over 20 min here, too much of CI's budget (PYKVM_LONG_TESTS=1 runs it)")
+# (tests/test_linux.py), on every host. On KVM-PVM every instruction of its init is emulated, and
+# from "smp: Brought up" on, two CPUs take timer ticks and balance load (docs/kvm-pvm.md, "Two
+# vCPUs"): measured there back to back on a 2-core machine under a load of 5-10 (nice 10), one vCPU
+# reached "Run /init" after 1039 s and two after 978 s; this test then passed in 535 s (load 2-5).
+# Like every boot there, it runs as fast as the host lets the vCPU threads run; the budget is
+# twice one CPU's.
 def test_debian_cloud_kernel_brings_up_two_cpus(tmp_path):
     from test_linux import STOCK_KERNEL_SPEEDUPS, STOCK_MEMORY
     from test_linux import STOCK_TIMEOUT as ONE_CPU_TIMEOUT
