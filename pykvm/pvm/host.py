@@ -69,7 +69,7 @@ _PVM_NOTICE = (
     "instructions it cannot emulate (int3, fwait, ldmxcsr/stmxcsr, clac/stac, popcnt), and skips "
     "boot work only guest userland would notice, such as crypto self-tests (--no-pvm-skip-busywork "
     "keeps it). A distribution's standard kernel takes many minutes to reach init here (Debian's: "
-    "~13 on a busy 2-core machine); a small kernel built for VMs, tens of seconds.")
+    "5-13 on a shared 2-core machine); a small kernel built for VMs, tens of seconds.")
 
 
 def host_notice(kind: str | None = None) -> str:
