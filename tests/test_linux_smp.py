@@ -68,7 +68,8 @@ def test_two_cpus_from_the_mp_table_through_the_cli(kernel, rootfs, tmp_path):
 # (tests/test_linux.py), on every host. On KVM-PVM every instruction of its init is emulated, and
 # from "smp: Brought up" on, two CPUs take timer ticks and balance load (docs/kvm-pvm.md, "Two
 # vCPUs"): measured there back to back on a 2-core machine under a load of 5-10 (nice 10), one vCPU
-# reached "Run /init" after 1039 s and two after 978 s; this test then passed in 535 s (load 2-5).
+# reached "Run /init" after 1039 s and two after 978 s; at a load of 2-4, 226 s and 468 s. This test
+# passed there in 535 s (load 2-5).
 # Like every boot there, it runs as fast as the host lets the vCPU threads run; the budget is
 # twice one CPU's.
 def test_debian_cloud_kernel_brings_up_two_cpus(tmp_path):
