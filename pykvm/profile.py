@@ -25,6 +25,8 @@ from pathlib import Path
 
 from .workers import start_worker
 
+RFLAGS_IF = 1 << 9       # interrupt enable flag (SDM Vol. 1, 3.4.3.2)
+
 
 def load_system_map(path: str | Path) -> tuple[list[int], list[str]]:
     """Text symbols from a System.map: sorted addresses and their names."""
@@ -47,6 +49,12 @@ class GuestProfiler:
         self.period = period
         self.samples: collections.Counter[int] = collections.Counter()
         self.by_vcpu: collections.Counter[tuple[int, int]] = collections.Counter()  # (vCPU, RIP)
+        # vCPU -> samples taken with RFLAGS.IF clear: the guest was in an interrupt handler (x86
+        # enters one through an interrupt gate with IF cleared, SDM Vol. 3A 6.12.1.3) or in code
+        # that masks interrupts. On KVM-PVM, where all of it is emulated, a large share means the
+        # guest's own interrupt work is where the time goes (docs/kvm-pvm.md, "Two vCPUs"). An AP
+        # still waiting for its startup IPI (RFLAGS = 0x2 from reset) counts as interrupts off.
+        self.irqs_off: collections.Counter[int] = collections.Counter()
         self._cpus = 1
         self._addrs, self._names = load_system_map(system_map) if system_map else ([], [])
         self._stop = threading.Event()
@@ -80,9 +88,12 @@ class GuestProfiler:
 
     def _sample(self, machine) -> None:
         vcpu = machine.vcpu                 # the vCPU of the thread that was kicked
-        rip = vcpu.get_regs().rip
+        regs = vcpu.get_regs()
+        rip, cpu = regs.rip, getattr(vcpu, "index", 0)
         self.samples[rip] += 1
-        self.by_vcpu[(getattr(vcpu, "index", 0), rip)] += 1
+        self.by_vcpu[(cpu, rip)] += 1
+        if not regs.rflags & RFLAGS_IF:
+            self.irqs_off[cpu] += 1
 
     def report(self, top: int = 20) -> str:
         """The hottest functions (or addresses, without a System.map), with their share."""
@@ -92,6 +103,13 @@ class GuestProfiler:
         total = sum(by_name.values()) or 1
         lines = [self.note] if self.note else []
         lines.append(f"{total} samples every {self.period * 1000:g} ms")
+        per_cpu_total: collections.Counter[int] = collections.Counter()
+        for (cpu, _), n in self.by_vcpu.items():
+            per_cpu_total[cpu] += n
+        if per_cpu_total:
+            lines.append("interrupts off (RFLAGS.IF=0) in " + ", ".join(
+                f"cpu{c} {100 * self.irqs_off[c] / n:.0f}%" for c, n in sorted(per_cpu_total.items()))
+                + " of samples: interrupt handlers, or code masking interrupts")
         if self._cpus > 1:
             per_cpu: dict[str, collections.Counter[int]] = collections.defaultdict(collections.Counter)
             for (cpu, rip), n in self.by_vcpu.items():

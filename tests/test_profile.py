@@ -40,3 +40,20 @@ def test_samples_land_on_the_spinning_instruction():
     assert sum(prof.samples.values()) >= 5
     assert set(prof.samples) <= {0x0, 0x1}       # IP within the loop (CS base 0x1000 not in RIP)
     assert "samples every 10 ms" in prof.report()
+
+
+@needs_kvm
+def test_the_interrupt_flag_share_is_reported():
+    """Samples with RFLAGS.IF clear (interrupt handlers, irqs-off code) are counted per vCPU."""
+    shares = {}
+    for first, name in ((0xfa, "cli"), (0xfb, "sti")):
+        with Machine(1 << 20, irqchip="none") as m:
+            load_real_mode(m, bytes([first, 0xeb, 0xfe]))      # cli or sti; l: jmp l
+            prof = GuestProfiler(period=0.01)
+            prof.start(m)
+            m.run(timeout=0.5)
+            prof.stop()
+        assert sum(prof.samples.values()) >= 5
+        shares[name] = prof.report()
+    assert "interrupts off (RFLAGS.IF=0) in cpu0 100% of samples" in shares["cli"]
+    assert "interrupts off (RFLAGS.IF=0) in cpu0 0% of samples" in shares["sti"]
