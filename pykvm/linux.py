@@ -115,11 +115,10 @@ class LinuxVM(RunnableVM):
         self.added_pvm_args: list[str] = []
         self.skipped_busywork: list[str] = []
         if pvm_workarounds:
-            for arg in pvm.pvm_kernel_args() + PVM_SPEED_ARGS:
-                key, _, value = arg.partition("=")
-                if not self.cmdline.has(key):
-                    self.cmdline.add(key, value or None)
-                    self.added_pvm_args.append(arg)
+            try:
+                self.added_pvm_args = pvm.add_pvm_args(self.cmdline, PVM_SPEED_ARGS)
+            except ValueError as e:     # a clearcpuid= of the user's that no longer fits
+                raise BootError(str(e)) from None
             if hw.pvm_skip_busywork:
                 self.skipped_busywork = pvm.add_busywork_args(self.cmdline)
 

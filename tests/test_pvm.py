@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from pykvm import pvm
+from pykvm.boot.cmdline import Cmdline
 from pykvm.pvm import gaps
 from pykvm.pvm import (AC, AF, CF, OF, PF, SF, ZF, PageFault, complete_instruction,
                        decode, effective_address, host_kind, linear_address, popcnt)
@@ -75,6 +76,34 @@ def test_kernel_args():
     # ... and the SIMD features whose kernel routines stopped Debian's stock kernel (movd xmm).
     assert {137, 147, 148, 129, 153} <= numbers
     assert all(" " not in a for a in args)
+
+def test_pvm_args_meet_the_users_own():
+    """A key the user set keeps their value; clearcpuid= becomes one list (6.1 reads the last)."""
+    line = Cmdline("console=ttyS0 nokaslr clearcpuid=514,151 rodata=on")
+    added = pvm.add_pvm_args(line, ["rodata=off"])
+    assert line.get("rodata") == "on" and "rodata=off" not in added
+    assert str(line).count("nokaslr") == 1 and "nokaslr" not in added
+    assert str(line).count("clearcpuid=") == 1
+    cleared = line.get("clearcpuid").split(",")
+    assert cleared[:2] == ["514", "151"]                        # the user's first, in their order
+    assert {"308", "141", "154"} <= set(cleared) and len(cleared) == len(set(cleared))
+    assert str(line).startswith("console=ttyS0 nokaslr clearcpuid=514,151,")   # where theirs was
+    assert f"clearcpuid={line.get('clearcpuid')}" in added
+
+
+def test_pvm_args_on_an_empty_line():
+    line = Cmdline("")
+    assert pvm.add_pvm_args(line) == pvm.pvm_kernel_args()
+    assert str(line) == " ".join(pvm.pvm_kernel_args())
+
+
+def test_a_clearcpuid_too_long_for_the_kernel_is_refused():
+    """Linux 6.1 copies clearcpuid= into a 128-byte buffer: a longer list would be cut silently."""
+    users = ",".join(str(n) for n in range(400, 440))
+    with pytest.raises(ValueError, match="at most 127.*--no-pvm-workarounds"):
+        pvm.merge_clearcpuid(users)
+    assert len(pvm.merge_clearcpuid("")) <= pvm.host.CLEARCPUID_MAX
+
 
 # ---------------------------------------------------------------------------------------------
 # Decoding and operand addresses

@@ -86,6 +86,14 @@ class Cmdline:
             self.add(key, value)
         return self
 
+    def replace(self, key: str, value: object) -> "Cmdline":
+        """Put one `key=value` where the first `key` was, dropping every other `key`."""
+        at = next((i for i, a in enumerate(self._args) if _key(a) == key), len(self._args))
+        self._args = [a for a in self._args if _key(a) != key]
+        self.add(key, value)
+        self._args.insert(at, self._args.pop())
+        return self
+
     def has(self, key: str) -> bool:
         return any(_key(a) == key for a in self._args)
 

@@ -9,7 +9,8 @@ suberror KVM_INTERNAL_ERROR_EMULATION and RIP still at the instruction (docs/kvm
 This package:
 
 1. tells which kind of host this is: `host_kind()`, and what a user should expect: `host_notice()`;
-2. lists the kernel arguments that steer a Linux guest around the gaps: `pvm_kernel_args()`, and
+2. lists the kernel arguments that steer a Linux guest around the gaps: `pvm_kernel_args()`,
+   `add_pvm_args(cmdline)` (which merges a `clearcpuid=` of the user's with pykvm's), and
    those that skip boot work only guest userland would notice (which cannot run here):
    `busywork_args()`, `add_busywork_args(cmdline)`;
 3. completes a few gaps in the VMM: `complete_gap(machine, exit)`, registered in
@@ -50,7 +51,8 @@ a Linux kernel booting here.
 import time
 
 from .busywork import add_busywork_args, busywork_args, skipped_description
-from .host import AMD_V, INTEL_VTX, KVM_PVM, UNKNOWN, host_kind, host_notice, pvm_kernel_args
+from .host import (AMD_V, INTEL_VTX, KVM_PVM, UNKNOWN, add_pvm_args, host_kind, host_notice,
+                   merge_clearcpuid, pvm_kernel_args)
 
 _INSTRUCTIONS = ("AC", "AF", "BP", "CF", "CR4_OSXSAVE", "GP", "GPRS", "MAX_INSN", "NM", "OF", "PF",
                  "PF_", "SF", "SUPPORTED", "UD", "ZF", "Completion", "PageFault",

@@ -162,9 +162,50 @@ _KERNEL_ARGS: list[tuple[str, str]] = [
 ]
 
 
+# Linux 6.1 reads one `clearcpuid=`, the last on the line, into a 128-byte buffer
+# (arch/x86/kernel/cpu/common.c, cpu_parse_early_param: `char arg[128]`; arch/x86/lib/cmdline.c,
+# cmdline_find_option: "returns the last instance"). A longer value is cut short without a word.
+CLEARCPUID_MAX = 127
+
+
+def merge_clearcpuid(user_value: str) -> str:
+    """The `clearcpuid=` value for a user who gave one: theirs first, then pykvm's features they did
+    not list. A second `clearcpuid=` would make the kernel ignore the first (only the last counts),
+    so one of the two lists would be lost: the user's would, silently, if pykvm just added its own.
+    Raises ValueError, naming the fix, when the merged list no longer fits the kernel's buffer."""
+    items = [item for item in user_value.split(",") if item]
+    items += [str(n) for n, _, _ in _CLEARED_FEATURES if str(n) not in items]
+    merged = ",".join(items)
+    if len(merged) > CLEARCPUID_MAX:
+        raise ValueError(
+            f"clearcpuid= merged with pykvm's KVM-PVM list is {len(merged)} characters; Linux reads "
+            f"at most {CLEARCPUID_MAX}: clear fewer features, or take over the whole list yourself "
+            f"with --no-pvm-workarounds")
+    return merged
+
+
 def pvm_kernel_args() -> list[str]:
     """Kernel arguments a Linux guest needs on a KVM-PVM host (docs/kvm-pvm.md: this set reached "Run
     /init" with a 6.1 kernel). Harmless on VT-x/AMD-V hosts, but slower there; add them only when
     `host_kind() == "KVM-PVM"`. Each one's reason is in _KERNEL_ARGS / _CLEARED_FEATURES."""
     cleared = ",".join(str(n) for n, _, _ in _CLEARED_FEATURES)
     return [arg for arg, _ in _KERNEL_ARGS] + [f"clearcpuid={cleared}"]
+
+
+def add_pvm_args(cmdline, extra: list[str] = ()) -> list[str]:
+    """Add pvm_kernel_args() and `extra` to a `pykvm.boot.cmdline.Cmdline`; returns what was added.
+
+    A key the user already set keeps the user's value (their `nosmap`, their `rodata=`), except
+    `clearcpuid=`: the kernel reads only the last one, so the user's list and pykvm's become one
+    (merge_clearcpuid; ValueError when it does not fit)."""
+    added = []
+    for arg in pvm_kernel_args() + list(extra):
+        key, _, value = arg.partition("=")
+        if key == "clearcpuid" and cmdline.has(key):
+            merged = merge_clearcpuid(cmdline.get(key))
+            cmdline.replace(key, merged)
+            added.append(f"{key}={merged}")
+        elif not cmdline.has(key):
+            cmdline.add(key, value or None)
+            added.append(arg)
+    return added
