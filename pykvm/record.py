@@ -18,17 +18,24 @@ from __future__ import annotations
 
 
 class Record:
-    """A value whose fields are the `__slots__` of its class (subclasses list only their own)."""
+    """A value whose fields are the `__slots__` of its class and of the classes it derives from
+    (each class lists only its own; `_fields` is all of them, base classes' first)."""
 
     __slots__ = ()
     __hash__ = None     # mutable and compared by value, as an (eq=True, frozen=False) dataclass
+    _fields: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._fields = tuple(name for klass in reversed(cls.__mro__)
+                            for name in klass.__dict__.get("__slots__", ()))
 
     def _values(self) -> tuple:
-        return tuple(getattr(self, k) for k in self.__slots__)
+        return tuple(getattr(self, k) for k in self._fields)
 
     def __repr__(self) -> str:
         return f"{type(self).__qualname__}(" + ", ".join(
-            f"{k}={getattr(self, k)!r}" for k in self.__slots__) + ")"
+            f"{k}={getattr(self, k)!r}" for k in self._fields) + ")"
 
     def __eq__(self, other: object) -> bool:
         if other.__class__ is not self.__class__:

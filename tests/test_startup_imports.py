@@ -71,6 +71,26 @@ def test_record_repr_and_equality_by_field():
     assert p == Point(5, 2)
 
 
+class Point3(Point):
+    __slots__ = ("z",)
+
+    def __init__(self, x, y, z):
+        super().__init__(x, y)
+        self.z = z
+
+
+class Where(Point):
+    __slots__ = ()
+
+
+def test_record_fields_include_the_base_classes():
+    """A subclass lists only its own slots; repr and equality see the base's too (IoOut, IoIn)."""
+    assert repr(Point3(1, 2, 3)) == "Point3(x=1, y=2, z=3)"
+    assert Point3(1, 2, 3) != Point3(9, 2, 3)            # a base class's field counts
+    assert repr(Where(1, 2)) == "Where(x=1, y=2)" and Where(1, 2) == Where(1, 2)
+    assert Where(1, 2) != Point(1, 2)
+
+
 def test_frozen_record_refuses_assignment_and_hashes_by_value():
     p = FrozenPoint(1, 2)
     with pytest.raises(AttributeError):

@@ -29,28 +29,29 @@ class Exit(Record):
     __slots__ = ()
 
 
-class IoOut(Exit):
+class PortIo(Exit):
+    """An `in`/`out` (or the string forms `ins`/`outs`) on an I/O port: `count` items of `size` bytes
+    at `port`, in `data` (KVM's port-I/O page). The two directions below are its only kinds."""
+
+    __slots__ = ("port", "size", "count", "data")
+
+    def __init__(self, port: int, size: int, count: int, data: memoryview) -> None:
+        self.port = port
+        self.size = size
+        self.count = count
+        self.data = data
+
+
+class IoOut(PortIo):
     """`out`/`outs`: the guest wrote `count` items of `size` bytes to `port`; `data` holds them."""
 
-    __slots__ = ("port", "size", "count", "data")
-
-    def __init__(self, port: int, size: int, count: int, data: memoryview) -> None:
-        self.port = port
-        self.size = size
-        self.count = count
-        self.data = data
+    __slots__ = ()
 
 
-class IoIn(Exit):
+class IoIn(PortIo):
     """`in`/`ins`: fill `data` (count * size bytes) with what the guest reads from `port`."""
 
-    __slots__ = ("port", "size", "count", "data")
-
-    def __init__(self, port: int, size: int, count: int, data: memoryview) -> None:
-        self.port = port
-        self.size = size
-        self.count = count
-        self.data = data
+    __slots__ = ()
 
 
 class MmioWrite(Exit):
