@@ -130,20 +130,29 @@ def tiny_rootfs():
     return initramfs(tiny=True)
 
 
-def test_debian_cloud_kernel_boots_through_the_cli(tiny_rootfs, tmp_path):
+def boot_to_init_through_the_cli(kernel, initrd, *args, timeout, tmp_path):
+    """`pykvm boot KERNEL --initrd INITRD ARGS --until 'Run /init'` as a user types it, with the
+    stock-kernel tests' memory, --stats and a console log; prints what a failure report needs.
+    Returns the finished process and the console text."""
     log = tmp_path / "console.log"
-    append = " ".join(STOCK_KERNEL_SPEEDUPS)
-    print("stock kernel extra arguments:", append, "| until:", RUN_INIT)
     started = time.monotonic()
     p = subprocess.run(
-        [sys.executable, "-m", "pykvm.cli", "boot", str(cloud_kernel()), "--initrd", str(tiny_rootfs),
-         "--append", append, "--until", RUN_INIT, "--timeout", str(STOCK_TIMEOUT),
-         "--console", str(log), "--stats", "--memory", STOCK_MEMORY],
-        capture_output=True, text=True, timeout=STOCK_TIMEOUT + 60, stdin=subprocess.DEVNULL)
+        [sys.executable, "-m", "pykvm.cli", "boot", str(kernel), "--initrd", str(initrd), *args,
+         "--until", RUN_INIT, "--timeout", str(timeout), "--console", str(log), "--stats",
+         "--memory", STOCK_MEMORY],
+        capture_output=True, text=True, timeout=timeout + 60, stdin=subprocess.DEVNULL)
     print(p.stderr)
     print(f"boot took {time.monotonic() - started:.0f} s")
     text = log.read_text(errors="replace")
     print("console tail:\n" + "\n".join(text.splitlines()[-15:]))
+    return p, text
+
+
+def test_debian_cloud_kernel_boots_through_the_cli(tiny_rootfs, tmp_path):
+    append = " ".join(STOCK_KERNEL_SPEEDUPS)
+    print("stock kernel extra arguments:", append, "| until:", RUN_INIT)
+    p, text = boot_to_init_through_the_cli(cloud_kernel(), tiny_rootfs, "--append", append,
+                                           timeout=STOCK_TIMEOUT, tmp_path=tmp_path)
     assert p.returncode == 0, p.stderr
     assert re.search(r"Linux version 6\.1\.\S+-cloud-amd64 .*Debian", text), text[:500]
     assert RUN_INIT in text
@@ -183,17 +192,8 @@ STANDARD_TIMEOUT = 1800   # measured on KVM-PVM: 320 s at load 3-4, 777 s at 6-9
 def test_debian_standard_kernel_reaches_init_with_no_user_arguments(tiny_rootfs, tmp_path):
     from pykvm.assets.l1 import l1_kernel
     kernel = l1_kernel()
-    log = tmp_path / "console.log"
-    started = time.monotonic()
-    p = subprocess.run(
-        [sys.executable, "-m", "pykvm.cli", "boot", str(kernel.vmlinuz), "--initrd", str(tiny_rootfs),
-         "--until", RUN_INIT, "--timeout", str(STANDARD_TIMEOUT), "--console", str(log),
-         "--stats", "--memory", STOCK_MEMORY],
-        capture_output=True, text=True, timeout=STANDARD_TIMEOUT + 60, stdin=subprocess.DEVNULL)
-    print(p.stderr)
-    print(f"boot took {time.monotonic() - started:.0f} s")
-    text = log.read_text(errors="replace")
-    print("console tail:\n" + "\n".join(text.splitlines()[-15:]))
+    p, text = boot_to_init_through_the_cli(kernel.vmlinuz, tiny_rootfs, timeout=STANDARD_TIMEOUT,
+                                           tmp_path=tmp_path)
     assert p.returncode == 0, p.stderr + text[-3000:]
     assert re.search(rf"Linux version {re.escape(kernel.release)} .*Debian", text), text[:500]
     assert RUN_INIT in text and "stopped: until" in p.stderr

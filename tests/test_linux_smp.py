@@ -5,7 +5,6 @@ the MP table), starts the second one with INIT/SIPI through KVM's local APIC, an
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -73,21 +72,11 @@ def test_two_cpus_from_the_mp_table_through_the_cli(kernel, rootfs, tmp_path):
 # Like every boot there, it runs as fast as the host lets the vCPU threads run; the budget is
 # twice one CPU's.
 def test_debian_cloud_kernel_brings_up_two_cpus(tmp_path):
-    from test_linux import STOCK_KERNEL_SPEEDUPS, STOCK_MEMORY
+    from test_linux import STOCK_KERNEL_SPEEDUPS, boot_to_init_through_the_cli
     from test_linux import STOCK_TIMEOUT as ONE_CPU_TIMEOUT
-    STOCK_TIMEOUT = 2 * ONE_CPU_TIMEOUT
-    log = tmp_path / "console.log"
-    started = time.monotonic()
-    p = subprocess.run(
-        [sys.executable, "-m", "pykvm.cli", "boot", str(cloud_kernel()),
-         "--initrd", str(initramfs(tiny=True)), "--append", " ".join(STOCK_KERNEL_SPEEDUPS),
-         "--cpus", "2", "--until", RUN_INIT, "--timeout", str(STOCK_TIMEOUT),
-         "--console", str(log), "--memory", STOCK_MEMORY, "--stats"],
-        capture_output=True, text=True, timeout=STOCK_TIMEOUT + 60, stdin=subprocess.DEVNULL)
-    print(p.stderr)
-    print(f"boot took {time.monotonic() - started:.0f} s")
-    text = log.read_text(errors="replace")
-    print("console tail:\n" + "\n".join(text.splitlines()[-15:]))
+    p, text = boot_to_init_through_the_cli(
+        cloud_kernel(), initramfs(tiny=True), "--append", " ".join(STOCK_KERNEL_SPEEDUPS),
+        "--cpus", "2", timeout=2 * ONE_CPU_TIMEOUT, tmp_path=tmp_path)
     assert p.returncode == 0, p.stderr
     assert re.search(r"Linux version 6\.1\.\S+-cloud-amd64 .*Debian", text)
     assert re.search(r"ACPI: RSDP 0x00000000000E0000 000024 \(v02 PYKVM \)", text)
