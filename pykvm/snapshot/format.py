@@ -33,7 +33,9 @@ import zlib
 from collections import namedtuple
 
 MAGIC = b"PYKVMSNP"
-FORMAT_VERSION = 1
+# 1: session 3's format. 2: the ACPI PM device's state carries the GPE0 block, and a VM generation
+# ID device's 16 bytes are saved (issue 13); a version-1 file would not restore into today's devices.
+FORMAT_VERSION = 2
 PAGE = mmap.PAGESIZE
 _ZERO_CHUNK = 1 << 20     # zero pages are found (and skipped) a MiB at a time
 
