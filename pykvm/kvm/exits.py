@@ -54,8 +54,9 @@ class IoIn(PortIo):
     __slots__ = ()
 
 
-class MmioWrite(Exit):
-    """A store to guest-physical `addr` that is not RAM."""
+class Mmio(Exit):
+    """An access to guest-physical `addr` that is not RAM, of len(data) bytes. Like PortIo, the two
+    directions below are its only kinds."""
 
     __slots__ = ("addr", "data")
 
@@ -64,14 +65,16 @@ class MmioWrite(Exit):
         self.data = data
 
 
-class MmioRead(Exit):
+class MmioWrite(Mmio):
+    """A store to guest-physical `addr` that is not RAM; `data` holds the stored bytes."""
+
+    __slots__ = ()
+
+
+class MmioRead(Mmio):
     """A load from guest-physical `addr` that is not RAM: fill `data` (len(data) bytes)."""
 
-    __slots__ = ("addr", "data")
-
-    def __init__(self, addr: int, data: memoryview) -> None:
-        self.addr = addr
-        self.data = data
+    __slots__ = ()
 
 
 class Hlt(Exit):
