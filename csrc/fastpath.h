@@ -132,9 +132,7 @@ static int pykvm_fast_io(struct pykvm_fast *f, struct kvm_run *run)
     return FAST_NO;
 }
 
-/* KVM_RUN until an exit C cannot answer (returns its exit reason, >= 0), output that Python must
- * drain (PYKVM_FAST_FLUSH), or an error (-errno; -EINTR when kicked). */
-static long pykvm_run_fast(struct pykvm_vcpu *v)
+static long pykvm_run_fast_loop(struct pykvm_vcpu *v)
 {
     struct pykvm_fast *f = v->fast;
     struct kvm_run *run = v->run;
@@ -161,4 +159,28 @@ static long pykvm_run_fast(struct pykvm_vcpu *v)
         if (done == FAST_DONE_FLUSH)
             return PYKVM_FAST_FLUSH;
     }
+}
+
+/* KVM_RUN until an exit C cannot answer (returns its exit reason, >= 0), output that Python must
+ * drain (PYKVM_FAST_FLUSH), or an error (-errno; -EINTR when kicked). With a virtio-blk polling
+ * thread (virtio_blk_poll.h): it may poll only while this loop runs, so its window is closed before
+ * Python gets control; if it kicked the vCPU out because Python must serve the queue, that is
+ * PYKVM_FAST_VBLK (vblk->need says what). */
+static long pykvm_run_fast(struct pykvm_vcpu *v)
+{
+    struct pykvm_vblk *b = v->fast && v->fast->enabled ? v->fast->vblk : NULL;
+    if (!b || !b->poller_running)
+        return pykvm_run_fast_loop(v);
+    b->vcpu_run = v->run;
+    b->vcpu_thread = pthread_self();
+    b->vcpu_thread_set = 1;
+    long r = pykvm_run_fast_loop(v);
+    pykvm_vblk_poll_close(b);
+    if (b->need && r != PYKVM_FAST_VBLK) {
+        if (r == -EINTR)
+            return PYKVM_FAST_VBLK;
+        /* Python has another exit to handle first: come back at once after it. */
+        __atomic_store_n(&v->run->immediate_exit, 1, __ATOMIC_SEQ_CST);
+    }
+    return r;
 }

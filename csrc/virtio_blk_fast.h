@@ -36,6 +36,7 @@
 #define PYKVM_VIRTIO_BLK_FAST_H
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 #include <unistd.h>
@@ -79,7 +80,20 @@ struct pykvm_vblk {
     /* Counters. */
     uint64_t requests, reads, writes, flushes, kicks, fallbacks, interrupts;
     uint32_t need;                       /* PYKVM_VBLK_NEED_* after the last kick */
+    /* The polling thread (virtio_blk_poll.h): its window, and what it did. */
+    uint32_t poll_us;                    /* 0: no polling; kicks only */
+    uint8_t poll_yields;                 /* a window ends when the thread loses its core */
+    uint64_t polled, poll_windows, poll_preempted;
     /* cffi: end of what Python sees (csrc/build_ffi.py); the rest is C's own. */
+    /* The polling thread's state; the vCPU it kicks when Python must take over. */
+    uint32_t owner;                      /* whoever serves the queue holds it (0: free) */
+    uint32_t kick_pending;               /* a kick came while the poller held the queue */
+    uint32_t poll_open, poll_stop, poll_quit, poll_seq;
+    pthread_t poller, vcpu_thread;
+    struct kvm_run *vcpu_run;
+    int kick_signal;
+    uint8_t poller_running, vcpu_thread_set;
+    uint64_t backoff_ns, backoff_until;  /* no window before backoff_until (CLOCK_MONOTONIC) */
     /* Scratch for one run of merged reads. */
     uint32_t run_n, run_iov;
     uint16_t run_head[PYKVM_VBLK_MAX_IOV];
@@ -388,11 +402,11 @@ static void vblk_signal(struct pykvm_vblk *b)
     }
 }
 
-/* A QueueNotify for queue 0 of an armed device: VirtioBlk.process_queue. Returns b->need. */
-static uint32_t pykvm_vblk_notify(struct pykvm_vblk *b)
+/* Serve queue 0 of an armed device: VirtioBlk.process_queue. Returns b->need. The caller holds
+ * the queue: the vCPU thread for a kick (pykvm_vblk_notify), or the polling thread. */
+static uint32_t pykvm_vblk_serve(struct pykvm_vblk *b)
 {
     b->need = 0;
-    b->kicks++;
     uint16_t start_used = b->next_used, at = b->last_avail, run_first = at;
     uint64_t run_start = 0, run_end = 0;
     int run_write = 0;
@@ -463,6 +477,8 @@ fallback:
     b->need |= PYKVM_VBLK_NEED_PYTHON;
     return b->need;
 }
+
+#include "virtio_blk_poll.h"    /* pykvm_vblk_notify: a kick, and the polling thread */
 
 /* An MMIO exit: is it this device's, and can C take it? FAST_NO (0) leaves it to Python;
  * 1: done; 2: done, but Python has work (b->need). A guest write to any other register of the

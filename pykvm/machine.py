@@ -90,6 +90,11 @@ def _install_kick_handler() -> bool:
     return _kick_handler_installed
 
 
+def kick_handler_installed() -> bool:
+    """Whether a KICK_SIGNAL sent to a vCPU thread only interrupts its KVM_RUN (see above)."""
+    return _kick_handler_installed
+
+
 class Machine:
     """An x86 machine with `cpus` vCPUs. Use as a context manager; `run()` blocks, `start()` runs
     in a thread.

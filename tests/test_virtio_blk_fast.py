@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import struct
 import tempfile
+import threading
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -132,7 +135,8 @@ class EventfdLine(IrqLine):
 
 class World:
     def __init__(self, tmp: str, name: str, disk: bytes, readonly: bool, fast: bool,
-                 eventfd: bool, indirect: bool = True):
+                 eventfd: bool, indirect: bool = True, poll_us: int = 0,
+                 poll_yields: bool = True):
         from pykvm.host.disk import DiskImage
         self.path = os.path.join(tmp, name)
         with open(self.path, "wb") as f:
@@ -143,7 +147,12 @@ class World:
         self.dev = B.VirtioBlk(self.disk, serial="prop", queue_size=QSIZE)
         self.line = EventfdLine() if eventfd else RecordingIrqLine()
         self.t = VirtioMmio(self.dev, self.mem, self.line)
-        self.fast = BlkFastPath(self.t, VblkStruct(self.mem, 0xD0000000)) if fast else None
+        # poll_us: C's polling thread too (csrc/virtio_blk_poll.h). There is no vCPU here: what
+        # it would kick the vCPU out for stays in the struct's `need` until settle() (the run
+        # loop's part, which the test plays).
+        self.fast = BlkFastPath(self.t, VblkStruct(self.mem, 0xD0000000), poll_us=poll_us,
+                                kick_signal=signal.SIGRTMIN if poll_us else None,
+                                poll_yields=poll_yields) if fast else None
         self.drv = MmioDriver(self.t, self.mem, 0x1000, 0x6000)
         from pykvm.virtio.device import VIRTIO_F_INDIRECT_DESC
         self.drv.init(want=None if indirect else self.dev.device_features & ~VIRTIO_F_INDIRECT_DESC)
@@ -153,10 +162,13 @@ class World:
     def kick(self) -> None:
         if self.fast is not None:
             self.fast.kick()
+            self.fast.settle()      # the run loop's part before Python has control
         else:
             self.drv.kick(0)
 
     def close(self) -> None:
+        if self.fast is not None:
+            self.fast.close()
         self.disk.close()
         if isinstance(self.line, EventfdLine):
             os.close(self.line.fd)
@@ -312,12 +324,17 @@ class Driver:
 @settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(kicks=st.lists(kick, min_size=1, max_size=6), readonly=st.booleans(),
-       eventfd=st.booleans(), seed=st.integers(0, 1 << 32), indirect=st.booleans())
-def test_c_path_matches_the_python_model(kicks, readonly, eventfd, seed, indirect):
+       eventfd=st.booleans(), seed=st.integers(0, 1 << 32), indirect=st.booleans(),
+       poll=st.booleans())
+def test_c_path_matches_the_python_model(kicks, readonly, eventfd, seed, indirect, poll):
+    """poll: world B also has the polling thread, which takes the queue for a window after each
+    kick C serves; the run loop's settle (end the window, serve what came meanwhile) runs before
+    anything is compared."""
     disk = random.Random(seed).randbytes(DISK_SECTORS * SECTOR)     # no period: offsets show
     with tempfile.TemporaryDirectory(prefix="pykvm-vblk-fast-") as tmp:
         a = World(tmp, "a.img", disk, readonly, fast=False, eventfd=eventfd, indirect=indirect)
-        b = World(tmp, "b.img", disk, readonly, fast=True, eventfd=eventfd, indirect=indirect)
+        b = World(tmp, "b.img", disk, readonly, fast=True, eventfd=eventfd, indirect=indirect,
+                  poll_us=1000 if poll else 0)
         try:
             assert b.fast.armed, "DRIVER_OK served the (empty) queue and armed the C path"
             da, db = Driver(), Driver()
@@ -399,3 +416,84 @@ def test_c_path_is_bound_only_with_one_vcpu(tmp_path, cpus):
         attach_mmio(m, dev, 0, ioeventfd=False)
         assert (m.fast.virtio_blk is not None) == (cpus == 1)
         assert (dev._fast is not None) == (cpus == 1)
+
+
+# ---------------------------------------------------------------- the polling thread
+
+def _wait_for(cond, limit: float = 60.0) -> bool:
+    """Wait for another thread's work (a bound for a hung test, not a measurement)."""
+    end = time.monotonic() + limit
+    while not cond():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+_FENCE = threading.Lock()
+
+
+def test_polling_thread_serves_what_the_driver_makes_available_without_a_kick(tmp_path):
+    """After a kick C serves, the polling thread holds the queue with VRING_USED_F_NO_NOTIFY set;
+    what the driver makes available then is served with no kick, exactly as the Python model
+    serves it on one. A request only the Python model serves (GET_ID) makes the thread hand the
+    queue over (it would kick the vCPU; here `need` waits for the run loop's part, settle) with
+    notifications back on. The test is the driver and keeps the driver's rule (publish, fence,
+    read the flag, kick if it is clear). The thread keeps its windows open when it loses its core
+    here: this driver is a Python thread on a shared host, nothing like a guest's timing."""
+    disk = bytes(range(256)) * (DISK_SECTORS * SECTOR // 256)
+    a = World(str(tmp_path), "a.img", disk, readonly=False, fast=False, eventfd=True)
+    b = World(str(tmp_path), "b.img", disk, readonly=False, fast=True, eventfd=True,
+              poll_us=600_000_000, poll_yields=False)   # only a stop ends a window
+    try:
+        plain = {"type": B.VIRTIO_BLK_T_IN, "sector": "next", "segs": [SECTOR, SECTOR],
+                 "high": True, "mutation": None, "wild": 0, "fill": 0, "indirect": False}
+        write = dict(plain, type=B.VIRTIO_BLK_T_OUT, sector=8, fill=9)
+        flush = dict(plain, type=B.VIRTIO_BLK_T_FLUSH)
+        get_id = dict(plain, type=B.VIRTIO_BLK_T_GET_ID, segs=[SECTOR])
+        da, db = Driver(), Driver()
+
+        def polling() -> bool:
+            return bool(b.mem.read_int(b.q.used_addr, 2) & Q.VRING_USED_F_NO_NOTIFY)
+
+        def submit(*requests) -> bool:
+            """Both worlds; True if world B's driver was told not to kick."""
+            k = {"requests": list(requests), "jump": False, "no_interrupt": False}
+            da.lay_out(a, k)
+            a.drv.kick(0)
+            db.lay_out(b, k)
+            with _FENCE:                # a locked instruction: our stores before the flag's load
+                pass
+            if polling():
+                return True
+            b.fast.kick()               # served by C on this thread; then a window opens
+            return False
+
+        assert not submit(plain)        # no window before the first kick
+        for _ in range(50):
+            if _wait_for(polling, 1.0) and submit(plain, write, flush):
+                break
+            submit(plain)               # no window (or it ended): a kick, and a window follows
+        else:
+            pytest.fail("50 windows in a row ended before the driver's next batch")
+        assert _wait_for(lambda: b.q.used_idx() == a.q.used_idx()), "the thread served nothing"
+        assert b.fast.polled >= 1 and b.dev.requests == 0
+        assert b.fast.block.writes >= 1 and b.fast.block.flushes >= 1
+        for _ in range(50):
+            if not _wait_for(polling, 1.0):
+                submit(plain)           # a batch C serves: a window follows
+                continue
+            if submit(get_id):
+                assert _wait_for(lambda: b.fast.block.need), "the thread kept the GET_ID"
+                assert not polling()    # the driver kicks again while Python has the queue
+                b.fast.settle()         # the run loop's part: Python serves it
+                break
+            b.fast.settle()             # kicked, and served by Python on this thread
+        else:
+            pytest.fail("50 windows in a row ended before the driver's next batch")
+        b.fast.settle()
+        assert b.dev.requests >= 1      # GET_ID, by the Python model
+        assert a.seen() == b.seen()
+    finally:
+        a.close()
+        b.close()

@@ -18,6 +18,8 @@ run loop is given it through `FastPath.bind_virtio_blk` (pykvm/kvm/fastpath.py).
 
 from __future__ import annotations
 
+import os
+
 from ._lib import ffi, lib
 
 MEM_REGIONS = lib.PYKVM_MEM_REGIONS
@@ -31,6 +33,7 @@ class VblkStruct:
         c.mmio_base, c.mmio_size = base, size
         c.irqfd = -1
         c.fd = -1
+        self._quit = None
         # Guest RAM: the same regions GuestMemory has, as host pointers (csrc/guest_mem.h). Each is
         # exported from its own slice of the region's view: the export keeps the mapping alive for
         # as long as C can use the pointer (GuestMemory.close then leaves an mmap to go with this
@@ -76,6 +79,36 @@ class VblkStruct:
     @property
     def armed(self) -> bool:
         return bool(self.c.armed)
+
+    def start_polling(self, poll_us: int, kick_signal: int, *, yields: bool = True) -> None:
+        """Start the polling thread (csrc/virtio_blk_poll.h): after each kick served in C it polls
+        the available ring for `poll_us` microseconds past the last batch it served, with the
+        driver told not to kick (VRING_USED_F_NO_NOTIFY). `kick_signal`: the signal that knocks the
+        vCPU thread out of KVM_RUN (pykvm.kvm.vcpu.KICK_SIGNAL) when Python must take over.
+        yields=False keeps a window open when the thread loses its core (for tests that play the
+        driver from Python; a running VM always yields)."""
+        if poll_us <= 0:
+            return
+        err = lib.pykvm_vblk_poll_start(self.c, poll_us, kick_signal, int(yields))
+        if err < 0:
+            raise OSError(-err, f"virtio-blk polling thread: {os.strerror(-err)}")
+        if self._quit is None:
+            # The thread holds a pointer to the struct: it ends before cffi frees the memory.
+            self._quit = ffi.gc(self.c, lib.pykvm_vblk_poll_quit)
+
+    def close_window(self) -> None:
+        """End the polling thread's window, if one is open, and wait for it (the run loop does this
+        before it returns to Python)."""
+        lib.pykvm_vblk_poll_close(self.c)
+
+    def close(self) -> None:
+        """Stop the polling thread, if there is one."""
+        lib.pykvm_vblk_poll_quit(self.c)
+
+    @property
+    def polled(self) -> int:
+        """Batches the polling thread served (the guest made them available without a kick)."""
+        return self.c.polled
 
     def notify(self) -> bool:
         """Serve a QueueNotify of queue 0 in C, as the run loop does; True if C left something for

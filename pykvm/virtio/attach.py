@@ -68,6 +68,11 @@ _LEGACY_IRQS = frozenset({layout.IRQ_PIT, layout.IRQ_KEYBOARD, layout.IRQ_CASCAD
 VIRTIO_IRQS = tuple(i for i in range(layout.IRQ_VIRTIO_FIRST, 16) if i not in _LEGACY_IRQS)
 
 
+# The C path's polling window (csrc/virtio_blk_poll.h), microseconds after the last batch: vhost's
+# busy-poll suggestion; a guest streaming I/O makes its next batch available well within it.
+BLK_POLL_US = 50
+
+
 def virtio_mmio_irq(index: int) -> int:
     if not 0 <= index < len(VIRTIO_IRQS):
         raise ValueError(f"virtio-mmio device index {index}: only {len(VIRTIO_IRQS)} free ISA "
@@ -97,8 +102,10 @@ class VirtioAttachment:
 
 
 def attach_mmio(machine, device: VirtioDevice, index: int, *,
-                ioeventfd: bool = False) -> VirtioAttachment:
-    """Put `device` on `machine` as virtio-mmio device number `index`."""
+                ioeventfd: bool = False, blk_poll_us: int | None = None) -> VirtioAttachment:
+    """Put `device` on `machine` as virtio-mmio device number `index`. blk_poll_us: how long the
+    C path's polling thread looks for more requests after a batch (a virtio-blk disk served in C;
+    default BLK_POLL_US, 0 for none)."""
     base = layout.VIRTIO_MMIO_BASE + index * layout.VIRTIO_MMIO_SIZE
     irq = virtio_mmio_irq(index)
     # Edge-triggered at the PIC/IOAPIC (see above): KVM_IRQFD where the machine offers it.
@@ -117,8 +124,15 @@ def attach_mmio(machine, device: VirtioDevice, index: int, *,
         # vCPU served by the Python model at the same moment would race it on the queue.
         from pykvm.kvm.vblk import VblkStruct
         from .blk_fast import BlkFastPath
+        from pykvm.kvm import KICK_SIGNAL
+        from pykvm.machine import kick_handler_installed
         vblk = VblkStruct(machine.mem, base, layout.VIRTIO_MMIO_SIZE)
-        machine.fast.bind_virtio_blk(BlkFastPath(transport, vblk))
+        poll = BLK_POLL_US if blk_poll_us is None else blk_poll_us
+        # The poller kicks the vCPU when Python must take over: only where that signal is safe.
+        if not kick_handler_installed():
+            poll = 0
+        machine.fast.bind_virtio_blk(BlkFastPath(transport, vblk, poll_us=poll,
+                                                 kick_signal=KICK_SIGNAL))
     elif ioeventfd:
         notifier = IoEventNotifier(machine.vm, transport, base, on_error=device.on_worker_error)
     return VirtioAttachment(device, transport, irq, f"virtio_mmio.device=4K@{base:#x}:{irq}",

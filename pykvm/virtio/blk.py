@@ -201,6 +201,11 @@ class VirtioBlk(VirtioDevice):
         if self._fast is not None:
             self._fast.disarm()
 
+    def close(self) -> None:
+        if self._fast is not None:
+            self._fast.close()      # its polling thread, if it has one
+        super().close()
+
     def after_restore(self) -> None:
         # A snapshot restore changed the queues behind C's copy of their addresses: C waits
         # until Python has served a kick again (blk_fast.py).

@@ -45,7 +45,13 @@ class BlkFastPath:
     """Serving one VirtioBlk behind one VirtioMmio transport in C, through `vblk` (a
     pykvm.kvm.vblk.VblkStruct for the transport's register page)."""
 
-    def __init__(self, transport, vblk):
+    def __init__(self, transport, vblk, *, poll_us: int = 0, kick_signal: int | None = None,
+                 poll_yields: bool = True):
+        """poll_us > 0: after each kick C serves, a thread of C's polls the queue for that long
+        past the last batch it served (csrc/virtio_blk_poll.h), with the driver told not to kick;
+        kick_signal (pykvm.kvm.KICK_SIGNAL, with the Machine's no-op handler installed) is how it
+        gets the vCPU out of KVM_RUN when Python must take over; poll_yields=False: a window
+        does not end when the thread loses its core (tests; see VblkStruct.start_polling)."""
         device = transport.device
         if not isinstance(device, _blk.VirtioBlk):
             raise TypeError(f"{device.name}: only virtio-blk is served in C")
@@ -65,6 +71,10 @@ class BlkFastPath:
             share_attributes(line, self.block, (("level", "irq_level"),))
             vblk.use_irqfd(line.fd)
         device._fast = self
+        if poll_us > 0:
+            if kick_signal is None:
+                raise ValueError("polling needs the signal that kicks the vCPU")
+            vblk.start_polling(poll_us, kick_signal, yields=poll_yields)
 
     # ---- arming ----
     def arm(self) -> None:
@@ -110,7 +120,23 @@ class BlkFastPath:
         else:
             self.transport.write(QUEUE_NOTIFY, 4, 0)
 
+    def settle(self) -> None:
+        """What the run loop does before Python gets control (csrc/fastpath.h): end the polling
+        window, serve what was made available meanwhile, then hand Python what C left. For tests,
+        which play the vCPU."""
+        self.vblk.close_window()
+        self.finish()
+
+    def close(self) -> None:
+        """Stop the polling thread (the device is going away)."""
+        self.vblk.close()
+
     @property
     def requests(self) -> int:
         """Requests C served."""
         return self.vblk.requests
+
+    @property
+    def polled(self) -> int:
+        """Batches the polling thread served."""
+        return self.vblk.polled
