@@ -42,8 +42,10 @@
 #ifndef PYKVM_VIRTIO_BLK_POLL_H
 #define PYKVM_VIRTIO_BLK_POLL_H
 
+#include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdlib.h>
 #include <time.h>
 #include <linux/futex.h>
 #include <sys/resource.h>
@@ -52,8 +54,8 @@
 /* A gap this long between two looks at the ring means this thread was not running: a look takes
  * well under a microsecond. */
 #define PYKVM_VBLK_PREEMPTED_NS 20000
-/* After a window in which this thread lost its core, no window for this long, doubled after each
- * such window in a row (up to the maximum), back to none after a window that kept its core. */
+/* After a window in which this thread lost its core (or found none free), no window for this
+ * long, doubled each time in a row (up to the maximum), reset by a window that kept its core. */
 #define PYKVM_VBLK_BACKOFF_NS 10000000u
 #define PYKVM_VBLK_BACKOFF_MAX_NS 1000000000u
 
@@ -136,23 +138,69 @@ static int vblk_poll_serve(struct pykvm_vblk *b)
     return 1;
 }
 
-/* One window, the queue held. 1 if it ended by handing the queue to Python. */
+/* Is a core free for this thread? /proc/loadavg's fourth field counts the tasks running or
+ * waiting to run right now (this thread and the vCPU's among them, proc(5)); more than there are
+ * cores means polling would take a core from someone, or wait for one. */
+static int vblk_core_free(void)
+{
+    static long cores;
+    if (!cores)
+        cores = sysconf(_SC_NPROCESSORS_ONLN);
+    int fd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 1;
+    char text[128];
+    ssize_t n = read(fd, text, sizeof(text) - 1);
+    close(fd);
+    if (n <= 0)
+        return 1;
+    text[n] = 0;
+    const char *p = text;
+    for (int field = 0; field < 3 && p; field++) {
+        p = strchr(p, ' ');
+        if (p)
+            p++;
+    }
+    return !p || strtol(p, NULL, 10) <= cores;
+}
+
+/* No window for a while: 10 ms, doubling while it keeps happening, up to 1 s. */
+static void vblk_back_off(struct pykvm_vblk *b)
+{
+    b->poll_preempted++;
+    b->backoff_ns = b->backoff_ns ? b->backoff_ns * 2 : PYKVM_VBLK_BACKOFF_NS;
+    if (b->backoff_ns > PYKVM_VBLK_BACKOFF_MAX_NS)
+        b->backoff_ns = PYKVM_VBLK_BACKOFF_MAX_NS;
+    __atomic_store_n(&b->backoff_until, vblk_now_ns() + b->backoff_ns, __ATOMIC_RELEASE);
+}
+
+/* One window, the queue held. 1 if it ended by handing the queue to Python.
+ * A window is only worth it with a core to itself: the guest stops kicking, so if another task
+ * takes this thread's core the guest waits a whole time slice for it. So none opens when the host
+ * has more runnable tasks than cores, a window ends when the kernel says it took our core
+ * (involuntary context switches, getrusage(2)) and then none opens for a while; the kicks, served
+ * on the vCPU's own thread, carry the load meanwhile. A gap in our clock with no such switch is
+ * the hypervisor's (steal time): that ends the window, without the back-off. */
 static int vblk_poll_window(struct pykvm_vblk *b)
 {
     uint8_t *used = pykvm_mem_locate(&b->mem, b->used_addr, 6 + 8 * (uint64_t)b->qsize);
     if (!used)
         return 0;
+    if (b->poll_yields && !vblk_core_free()) {
+        vblk_back_off(b);
+        return 0;
+    }
     b->poll_windows++;
     vblk_used_flags(used, VRING_USED_F_NO_NOTIFY);
     uint64_t span = (uint64_t)b->poll_us * 1000u, last = vblk_now_ns(), deadline = last + span;
     long switches = vblk_preemptions();
-    int preempted = 0;
+    int lost_core = 0;
     for (;;) {
         if (__atomic_load_n(&b->poll_stop, __ATOMIC_ACQUIRE) || !b->armed)
             break;
         uint64_t now = vblk_now_ns();
         if (now - last > PYKVM_VBLK_PREEMPTED_NS && b->poll_yields) {
-            preempted = 1;
+            lost_core = vblk_preemptions() != switches;
             break;
         }
         last = now;
@@ -165,7 +213,7 @@ static int vblk_poll_window(struct pykvm_vblk *b)
             }
             /* Serving takes long enough (a preadv) to be preempted in: ask the kernel. */
             if (b->poll_yields && vblk_preemptions() != switches) {
-                preempted = 1;
+                lost_core = 1;
                 break;
             }
             last = vblk_now_ns();
@@ -174,17 +222,10 @@ static int vblk_poll_window(struct pykvm_vblk *b)
             __builtin_ia32_pause();
         }
     }
-    /* A window in which another task took our core is one in which the guest may have waited
-     * for us for a whole time slice: open none for a while (the kicks carry the load). */
-    if (preempted) {
-        b->poll_preempted++;
-        b->backoff_ns = b->backoff_ns ? b->backoff_ns * 2 : PYKVM_VBLK_BACKOFF_NS;
-        if (b->backoff_ns > PYKVM_VBLK_BACKOFF_MAX_NS)
-            b->backoff_ns = PYKVM_VBLK_BACKOFF_MAX_NS;
-        b->backoff_until = vblk_now_ns() + b->backoff_ns;
-    } else {
+    if (lost_core)
+        vblk_back_off(b);
+    else
         b->backoff_ns = 0;
-    }
     vblk_used_flags(used, 0);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     if (b->armed && vblk_avail_pending(b))
@@ -293,8 +334,8 @@ static uint32_t pykvm_vblk_notify(struct pykvm_vblk *b)
     uint32_t need = b->need;       /* what the poller left: Python goes first */
     if (!need) {
         need = pykvm_vblk_serve(b);
-        if (!need && b->poll_us && b->irqfd >= 0
-            && (!b->backoff_until || vblk_now_ns() >= b->backoff_until)) {
+        uint64_t until = __atomic_load_n(&b->backoff_until, __ATOMIC_ACQUIRE);
+        if (!need && b->poll_us && b->irqfd >= 0 && (!until || vblk_now_ns() >= until)) {
             b->poll_open = 1;
             __atomic_add_fetch(&b->poll_seq, 1, __ATOMIC_SEQ_CST);
             vblk_release(b);
