@@ -53,10 +53,15 @@ One byte written to the UART's THR (`out 0x3f8`), with the fast path off:
 One virtio-blk read, LinuxVM's default (virtio-mmio, one vCPU, the fast path on):
     (guest)                  writes the queue index to QueueNotify: an MMIO exit
     csrc/fastpath.h          pykvm_run_fast: the exit is at the disk's QueueNotify and C is armed
-    csrc/virtio_blk_fast.h   pykvm_vblk_notify: for each request, pop its head, find the header and
+    csrc/virtio_blk_poll.h   pykvm_vblk_notify: take the queue (unless the polling thread holds it)
+    csrc/virtio_blk_fast.h   pykvm_vblk_serve: for each request, pop its head, find the header and
                              buffers in guest RAM (csrc/guest_mem.h, bounds-checked), preadv from
                              the image straight into them, write the status and the used entry;
                              then InterruptStatus, and a write to the line's KVM irqfd
+    csrc/virtio_blk_poll.h   vblk_poll_window: then C's own thread takes the queue and sets
+                             NO_NOTIFY in the used ring; requests the guest makes available
+                             meanwhile it serves with pykvm_vblk_serve, with no kick and no exit
+                             (only while the host has a core free for it)
     (guest)                  back in KVM_RUN without the interpreter; KVM pulses the GSI
   The same read through the Python model: the first kick after the driver starts (serving it arms
   C: pykvm/virtio/blk_fast.py), whatever C hands back (a request with a mistake, GET_ID, an I/O

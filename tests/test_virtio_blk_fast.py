@@ -63,6 +63,7 @@ def test_header_constants_agree_with_the_python_model():
             lib.VRING_AVAIL_F_NO_INTERRUPT) == (Q.VIRTQ_DESC_F_NEXT, Q.VIRTQ_DESC_F_WRITE,
                                                 Q.VIRTQ_DESC_F_INDIRECT,
                                                 Q.VRING_AVAIL_F_NO_INTERRUPT)
+    assert lib.VRING_USED_F_NO_NOTIFY == Q.VRING_USED_F_NO_NOTIFY
     from pykvm.virtio import mmio as M
     from pykvm.virtio.device import VIRTIO_INT_VRING
     assert (lib.VIRTIO_MMIO_QUEUE_NOTIFY, lib.VIRTIO_MMIO_INTERRUPT_ACK,

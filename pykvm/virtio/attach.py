@@ -24,7 +24,9 @@ at the used rings only after acknowledging, so every new batch of used buffers i
 
 A virtio-blk device on a machine with the C run loop (`Machine(fast_path=True)`, as LinuxVM has)
 gets its common requests served in C on the vCPU's thread (blk_fast.py), whatever `ioeventfd` says
-(one disk per machine, a plain image file, a machine with one vCPU).
+(one disk per machine, a plain image file, a machine with one vCPU), and after such a kick C's
+polling thread looks for more requests for `blk_poll_us` (BLK_POLL_US) with the driver told not to
+kick (blk_fast.py, csrc/virtio_blk_poll.h).
 
 With `ioeventfd=True` and a machine that has a KVM `vm`, guest writes to QueueNotify are caught by
 KVM itself (KVM_IOEVENTFD with the queue index as datamatch): the vCPU does not exit, an eventfd is

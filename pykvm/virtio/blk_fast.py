@@ -29,6 +29,15 @@ else's work hold, while the run loop serves it on the vCPU's own thread the mome
 arrives, and a guest waiting for its I/O has nothing better to do with the core. Measured with this
 same C code called from an ioeventfd worker thread instead: 0.21-0.22x of host pread, against
 0.49-0.78x from the run loop (bench/virtio_blk.py's docstring has the run).
+
+But the kick's exit itself is the cost a streaming guest pays per batch (~50 us from guest CPL3
+on KVM-PVM). So, with `poll_us` (attach_mmio gives BLK_POLL_US), a thread of C's takes over after
+a kick the run loop served: for `poll_us` past the last batch it served, it polls the available
+ring with VRING_USED_F_NO_NOTIFY set, and the driver does not kick (csrc/virtio_blk_poll.h, the
+vhost busy-poll idea). It needs a core of its own, so it polls only while the host has one free
+and stops when the kernel takes its core; the kicks carry the load otherwise. It never runs beside
+Python: the run loop ends its window before it returns, and what only Python serves makes the
+thread kick the vCPU out of KVM_RUN.
 """
 
 from __future__ import annotations

@@ -23,8 +23,9 @@ chain is *dropped* - its head is returned in the used ring with length 0 so the 
 leak the descriptors. A device that can still report an error status in a chain whose data buffer
 is bad (virtio-blk) catches `ChainError` from the chain's accessors and writes the status instead.
 
-Shortcuts, admitted: VIRTIO_F_EVENT_IDX is not offered (we never suppress notifications and honour
-only VRING_AVAIL_F_NO_INTERRUPT), and packed virtqueues (VIRTIO_F_RING_PACKED) are not implemented.
+Shortcuts, admitted: VIRTIO_F_EVENT_IDX is not offered (the Python model never suppresses
+notifications - the C path's polling thread sets VRING_USED_F_NO_NOTIFY while it polls,
+csrc/virtio_blk_poll.h - and honours only VRING_AVAIL_F_NO_INTERRUPT), and packed virtqueues (VIRTIO_F_RING_PACKED) are not implemented.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ VIRTQ_DESC_F_WRITE = 2
 VIRTQ_DESC_F_INDIRECT = 4
 # struct virtq_avail flags: the driver does not want an interrupt for used buffers.
 VRING_AVAIL_F_NO_INTERRUPT = 1
-# struct virtq_used flags: the device does not want notifications (we never set it).
+# struct virtq_used flags: the device does not want notifications (the Python model never sets it;
+# the C path's polling thread does, while it polls: csrc/virtio_blk_poll.h).
 VRING_USED_F_NO_NOTIFY = 1
 
 DESC_SIZE = 16
