@@ -223,7 +223,7 @@ def _sizes(quick: bool, request: int) -> int:
 
 
 def measure(write: bool, request: int, segment: int, depth: int, quick: bool = False,
-            fast_path: bool = True, ceiling: bool = False) -> dict:
+            fast_path: bool = True, ceiling: bool = False, poll_us: int | None = None) -> dict:
     """One case: guest and host runs alternated `reps` times, the best of each kept."""
     size = _sizes(quick, request)
     if write:
@@ -237,12 +237,12 @@ def measure(write: bool, request: int, segment: int, depth: int, quick: bool = F
         for _ in range(reps):
             host_t.append(host(img, size, request))
             guest_runs.append(guest_io(img, size, request, segment, depth, write=write,
-                                       fast_path=fast_path))
+                                       fast_path=fast_path, poll_us=poll_us))
             if ceiling:
                 ceiling_t.append(host_preadv_into_guest_ram(img, size, request))
     best = min(guest_runs, key=lambda g: g["seconds"])
     r = {"write": write, "size_bytes": size, "request_bytes": request, "segment_bytes": segment,
-         "depth": depth, "reps": reps, "fast_path": fast_path,
+         "depth": depth, "reps": reps, "fast_path": fast_path, "poll_us": poll_us,
          "guest_mbps": size / best["seconds"] / 1e6, "host_mbps": size / min(host_t) / 1e6,
          "guest_seconds": best["seconds"], "guest_requests": best["requests"],
          "guest_notifies": best["notifies"], "guest_suppressed": best["suppressed"],
@@ -264,6 +264,9 @@ def run(quick: bool = False) -> list[dict]:
         for request, segment, depth in CASES:
             out.append(measure(write, request, segment, depth, quick,
                                ceiling=not write and request == REQUEST))
+    # The same 1 MiB read with C serving only kicks (no polling thread: every batch an exit),
+    # then through the Python model alone: where the time goes, in this run.
+    out.append(measure(False, REQUEST, SEGMENT, DEPTH, quick, poll_us=0))
     out.append(measure(False, REQUEST, SEGMENT, DEPTH, quick, fast_path=False))
     return out
 
@@ -272,7 +275,8 @@ def _label(r: dict) -> str:
     size = f"{r['request_bytes'] >> 20} MiB" if r["request_bytes"] >= 1 << 20 \
         else f"{r['request_bytes'] >> 10} KiB"
     what = "write" if r["write"] else "read"
-    path = "" if r["fast_path"] else ", Python device"
+    path = ", Python device" if not r["fast_path"] else ", kicks" if r["poll_us"] == 0 \
+        else ""
     return f"guest virtio-blk {what}, {size} x{r['depth']}{path}"
 
 
@@ -293,9 +297,13 @@ def virtio_blk_rows(quick: bool = False) -> Section:
             details.append("the reference path, not a goal: the Python model every C request is "
                            "held to (tests/test_virtio_blk_fast.py); issue 16 asks the C path for "
                            "the speed")
+        elif r["poll_us"] == 0:
+            details.append("not a goal: the C path without its polling thread, each batch a kick "
+                           "(an exit from guest CPL3), for comparison with the row above")
+        default = r["fast_path"] and r["poll_us"] is None
         sec.rows.append(Row(_label(r), r["guest_mbps"], "MB/s", r["host_mbps"],
                             "pwrite+fsync" if r["write"] else "pread",
-                            GOAL if r["fast_path"] else None, details=details))
+                            GOAL if default else None, details=details))
     return sec
 
 
