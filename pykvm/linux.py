@@ -161,7 +161,9 @@ class LinuxVM(RunnableVM):
                 from .boot.loader import load_linux
                 self.plan = load_linux(self.machine.mem, kernel_bytes, str(self.cmdline),
                                        initrd=initrd_bytes, decompress=boot.decompress,
-                                       acpi_rsdp=self.acpi.tables.rsdp if self.acpi else 0)
+                                       acpi_rsdp=self.acpi.tables.rsdp if self.acpi else 0,
+                                       droppable=self._own_pvm_keys())
+                self._forget(self.plan.dropped)
                 self._setup_vcpu()
         except BaseException:
             self.close()
@@ -186,6 +188,21 @@ class LinuxVM(RunnableVM):
             self.console.on_line(until, lambda m: self.machine.request_stop(
                 Stop(StopReason.UNTIL, message=f"console matched {until!r}")))
         self.machine.on_stop.append(lambda stop: self.console.close())
+
+    def _own_pvm_keys(self) -> list[str]:
+        """Keys of the KVM-PVM arguments pykvm added (never the user's, never a merged clearcpuid)."""
+        users = Cmdline(self.config.boot.append)
+        return [key for key in (a.partition("=")[0] for a in self.added_pvm_args + self.skipped_busywork)
+                if key != "clearcpuid" and not users.has(key)]
+
+    def _forget(self, keys) -> None:
+        """Keys the loader left off the line because this kernel does not know them."""
+        for key in keys:
+            self.cmdline.remove(key)
+        gone = set(keys)
+        self.added_pvm_args = [a for a in self.added_pvm_args if a.partition("=")[0] not in gone]
+        self.skipped_busywork = [a for a in self.skipped_busywork
+                                 if a.partition("=")[0] not in gone]
 
     def _open_disk(self, disk, readonly: bool, snapshot: bool):
         from .host.disk import DiskImage

@@ -94,6 +94,11 @@ class Cmdline:
         self._args.insert(at, self._args.pop())
         return self
 
+    def remove(self, key: str) -> "Cmdline":
+        """Drop every `key` argument (before any `--`)."""
+        self._args = [a for a in self._args if _key(a) != key]
+        return self
+
     def has(self, key: str) -> bool:
         return any(_key(a) == key for a in self._args)
 

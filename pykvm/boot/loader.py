@@ -38,6 +38,7 @@ from pykvm.boot.bzimage import BzImage, parse_bzimage
 from pykvm.boot.cmdline import Cmdline
 from pykvm.boot.decompress import decompress_payload
 from pykvm.boot.errors import BootError
+from pykvm.boot.params import unknown_keys
 from pykvm.boot.setup_data import RNG_SEED_BYTES, rng_seed_node
 from pykvm.boot.zeropage import build_pvh_start_info, build_zero_page, e820_table
 from pykvm.memory import GuestMemory
@@ -64,12 +65,17 @@ class BootPlan:
     pvh_entry: int | None         # EIP for the alternative PVH entry (32-bit, paging off), if any
     start_info_gpa: int | None    # EBX for the PVH entry
     description: Mapping[str, object]   # for logs: format, kernel version, compression, addresses
+    dropped: tuple[str, ...] = ()       # keys of `droppable` left out: this kernel does not know them
 
 
 def load_linux(mem: GuestMemory, kernel: bytes, cmdline: str | Cmdline,
                initrd: bytes | None = None, decompress: bool = True,
-               rng_seed: bool = True, acpi_rsdp: int = 0) -> BootPlan:
+               rng_seed: bool = True, acpi_rsdp: int = 0, droppable=()) -> BootPlan:
     """Load a bzImage or ELF vmlinux, its initrd and command line; return how to enter it.
+
+    `droppable`: keys of arguments the VMM added on its own (pykvm.pvm's); those this kernel does
+    not know are left off the command line (pykvm.boot.params) and listed in `BootPlan.dropped`.
+    A kernel the guest decompresses itself (decompress=False) cannot be asked: all stay.
 
     `acpi_rsdp`: where the VMM put the ACPI RSDP (pykvm.acpi), passed to the kernel in the zero
     page and the PVH start info; 0 = no ACPI tables.
@@ -85,8 +91,12 @@ def load_linux(mem: GuestMemory, kernel: bytes, cmdline: str | Cmdline,
         bz = parse_bzimage(kernel)
         stage = _stage_bzimage(bz, decompress)
 
-    text = str(cmdline)
-    data = Cmdline(text).encode(stage.cmdline_max)
+    line = Cmdline(str(cmdline))
+    dropped = tuple(unknown_keys(stage.image, droppable)) if stage.image is not None else ()
+    for key in dropped:
+        line.remove(key)
+    text = str(line)
+    data = line.encode(stage.cmdline_max)
     initrd_at = None
     if initrd:
         initrd_at = place_initrd(len(initrd), kernel_end=stage.kernel_end,
@@ -128,7 +138,7 @@ def load_linux(mem: GuestMemory, kernel: bytes, cmdline: str | Cmdline,
     return BootPlan(entry_rip=stage.entry, zero_page_gpa=layout.ZERO_PAGE, stack=layout.BOOT_STACK,
                     cr3=cr3, cmdline_gpa=layout.CMDLINE, kernel_start=stage.kernel_start,
                     kernel_end=stage.kernel_end, initrd=initrd_range, pvh_entry=stage.pvh_entry,
-                    start_info_gpa=start_info, description=MappingProxyType(desc))
+                    start_info_gpa=start_info, description=MappingProxyType(desc), dropped=dropped)
 
 
 def place_initrd(size: int, *, kernel_end: int, limit: int) -> int:
@@ -159,6 +169,7 @@ class _Stage:
     pvh_entry: int | None
     load: Callable[[GuestMemory], object]   # writes the kernel into guest memory
     description: dict
+    image: bytes | None = None      # the decompressed kernel, when the VMM has it (boot/params.py)
 
 
 def _stage_elf(vmlinux: elf_mod.ElfKernel, init_size: int | None) -> _Stage:
@@ -171,7 +182,8 @@ def _stage_elf(vmlinux: elf_mod.ElfKernel, init_size: int | None) -> _Stage:
     return _Stage(entry=vmlinux.entry, kernel_start=vmlinux.start, kernel_end=end, header=None,
                   cmdline_max=layout.CMDLINE_MAX - 1, initrd_addr_max=layout.MMIO_HOLE_START - 1,
                   pvh_entry=vmlinux.pvh_entry, load=lambda mem: elf_mod.load_elf(mem, vmlinux),
-                  description={"kernel_version": version, "boot": "64-bit, vmlinux startup_64"})
+                  description={"kernel_version": version, "boot": "64-bit, vmlinux startup_64"},
+                  image=vmlinux.image)
 
 
 def _stage_bzimage(bz: BzImage, decompress: bool) -> _Stage:
