@@ -24,6 +24,13 @@ def test_names_followed_by_nul_or_equals_nul_are_known():
     assert unknown_keys(NAMES, ["psi", "audit", "noxsave"]) == ["psi", "noxsave"]
 
 
+def test_a_name_the_kernel_says_it_ignores_counts_as_unknown():
+    blacklist = b"\0initcall_blacklist=\0"
+    assert kernel_knows(blacklist, "initcall_blacklist")
+    assert not kernel_knows(blacklist + b"initcall_blacklist requires CONFIG_KALLSYMS\n\0",
+                            "initcall_blacklist")
+
+
 def test_load_linux_leaves_out_droppable_arguments_the_image_lacks():
     elf = make_elf([(0x1000000, b"\xf4" * 64 + NAMES, 0x1000)], 0x1000000,
                    banner=b"Linux version 6.6.6-params-test (me@here) #1 SMP")
@@ -50,6 +57,7 @@ def test_test_kernel_gets_only_the_kvm_pvm_arguments_it_knows(kvm, kernel):
         assert vm.plan.description["cmdline"] == str(vm.cmdline)
     assert line.count("noxsave") == 1               # the user's
     assert "nosmap" not in line and "audit=0" not in line and "psi=0" not in line
+    assert not any(a.startswith("initcall_blacklist=") for a in line)     # no KALLSYMS
     assert "percpu_alloc=page" in line and "noreplace-smp" in line
     assert any(a.startswith("clearcpuid=") for a in line)
     assert "nosmap" not in vm.added_pvm_args and "audit=0" not in vm.skipped_busywork
