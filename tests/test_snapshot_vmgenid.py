@@ -9,11 +9,10 @@ guest's RAM and console, not from pykvm's own state:
 - the notification: the driver's notify handler copies the new ID and calls
   add_vmfork_randomness(), which prints "crng reseeded due to virtual machine fork"
   (drivers/char/random.c) - only if the ID changed, so a plain restore must not print it, and
-  only once the CRNG is initialized ("crng init done"). Nothing credits the test kernel's input
-  pool early on KVM-PVM: it is built without RANDOM_TRUST_BOOTLOADER, so pykvm's setup_data seed
-  is mixed in but not credited (and `random.trust_bootloader=on` comes too late on x86: 6.1's
-  setup_arch parses setup_data before the command line's early parameters), and RDRAND is hidden
-  from it there. So the VM has a virtio-rng: the kernel's hwrng thread credits what it reads.
+  only once the CRNG is initialized ("crng init done"). The test kernel credits the RNG seed pykvm
+  passes in setup_data (RANDOM_TRUST_BOOTLOADER), so its CRNG is ready from the first line, with
+  no RNG device and RDRAND hidden on KVM-PVM. (`random.trust_bootloader=on` could not do that on
+  x86: 6.1's setup_arch parses setup_data before the command line's early parameters.)
 """
 
 from __future__ import annotations
@@ -50,7 +49,7 @@ def copies_in_ram(vm, data: bytes) -> list[int]:
 def saved(tmp_path_factory, kernel, rootfs):
     from pykvm.linux import LinuxVM
     path = tmp_path_factory.mktemp("vmgenid") / "vm.snap"
-    with LinuxVM(kernel.bzimage, initrd=rootfs, memory="64M", until=SAVE_AT, rng=True) as vm:
+    with LinuxVM(kernel.bzimage, initrd=rootfs, memory="64M", until=SAVE_AT) as vm:
         stop = vm.run(TIMEOUT)
         assert stop.reason == "until", (stop, vm.console.tail())
         guid = vm.acpi.vmgenid.guid
