@@ -65,6 +65,28 @@ it waits for a time slice, where the run loop serves the kick on the core the ex
 it. On a host with idle cores, and for guests that have other work while their I/O runs, a worker
 could win; the C code does not care which thread calls pykvm_vblk_notify().
 
+Round 3 (issue 16, 1 MiB reads at 0.74-0.81x): where a batch's time went, measured on KVM-PVM
+directly with clock_gettime around the pieces (4 x 1 MiB per batch, load ~1.2): the preadv of the
+batch's 4 MiB straight into guest RAM 167-246 us, as fast as the host's pread of the same bytes
+(its 1 MiB buffer stays in the 2 MiB L2; our 4 MiB does not, and still the copy-free ceiling is
+0.96-1.0x of pread); the descriptor walk, status bytes, used ring under half a microsecond; no
+page faults (10-12 minor faults in the whole run, none per batch: guest RAM is THP-backed and
+touched before the marks); no interrupt (the driver sets NO_INTERRUPT). The rest, 45-50 us per
+batch, is KVM_RUN: the QueueNotify's MMIO exit from guest CPL3 and back (the port-I/O floor from
+CPL3 is ~29 us; an MMIO exit also has KVM decode the instruction) plus the guest's own 4-5 us
+(its checksum of the batch, the next four chains). That exit is the host's; making the guest not
+take it is ours: after a kick the run loop served, a C thread polls the available ring with
+VRING_USED_F_NO_NOTIFY set for 50 us past the last batch it served (csrc/virtio_blk_poll.h; the
+driver honours the flag as Linux's does), so a streaming guest makes its batches available and
+never exits. Measured in alternated rounds (best of 5, load 1.6-1.8): 1.05x of host pread with
+the thread, 0.82x kicks only; 4 KiB x64 2.82x against 0.90x; per polled batch the thread waited
+3.6-5.3 us for the guest's next one. It needs a core of its own: with one other CPU-bound task on
+the 2 cores it lost (0.52x against 0.78x) until it learnt to stay out - now it opens no window
+while /proc/loadavg counts more runnable tasks than cores and backs off when the kernel preempts
+it, and the row falls back to the kicks' figure. The write rows see little of it (an fsync's
+worth of disk per pass dominates; writes measured 0.94x with it and 0.98x without, within their
+noise).
+
 `run(quick) -> list[dict]` gives the numbers, one dict per case; `virtio_blk_rows(quick) ->
 Section` is the same as a section of the benchmark table (bench/__main__.py's interface, through
 bench.blk.blk_rows).
