@@ -44,6 +44,7 @@
 
 #include <fcntl.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <time.h>
@@ -306,8 +307,13 @@ static void pykvm_vblk_poll_close(struct pykvm_vblk *b)
     if (!b->poller_running)
         return;
     __atomic_store_n(&b->poll_stop, 1, __ATOMIC_SEQ_CST);
-    while (!vblk_take(b))
-        __builtin_ia32_pause();
+    /* The thread lets go within a batch; if it lost its core meanwhile, give it ours. */
+    for (uint32_t spins = 1; !vblk_take(b); spins++) {
+        if (spins % 1024 == 0)
+            sched_yield();
+        else
+            __builtin_ia32_pause();
+    }
     __atomic_store_n(&b->poll_stop, 0, __ATOMIC_SEQ_CST);
     b->poll_open = 0;
     /* A kick that found the poller holding the queue, or a request made available while the
