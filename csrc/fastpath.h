@@ -176,6 +176,9 @@ static long pykvm_run_fast(struct pykvm_vcpu *v)
     b->vcpu_thread_set = 1;
     long r = pykvm_run_fast_loop(v);
     pykvm_vblk_poll_close(b);
+    /* No window is open now, so nothing will kick this thread: forget it (it may end). */
+    b->vcpu_thread_set = 0;
+    b->vcpu_run = NULL;
     if (b->need && r != PYKVM_FAST_VBLK) {
         if (r == -EINTR)
             return PYKVM_FAST_VBLK;
