@@ -83,7 +83,8 @@ the thread, 0.82x kicks only; 4 KiB x64 2.82x against 0.90x; per polled batch th
 3.6-5.3 us for the guest's next one. It needs a core of its own: with one other CPU-bound task on
 the 2 cores it lost (0.52x against 0.78x) until it learnt to stay out - now it opens no window
 while /proc/loadavg counts more runnable tasks than cores and backs off when the kernel preempts
-it, and the row falls back to the kicks' figure. The write rows see little of it (an fsync's
+it, and the row falls back to the kicks' figure (a CPU-bound process beside it: 0.85x with the
+thread, none of 64 batches polled, against 0.82x kicks only). The write rows see little of it (an fsync's
 worth of disk per pass dominates; writes measured 0.94x with it and 0.98x without, within their
 noise).
 
