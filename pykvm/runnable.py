@@ -41,6 +41,7 @@ class RunnableVM:
         """The machine's counters: exits by reason (all vCPUs together), time in KVM_RUN, in
         the run loop and halted waiting for an interrupt in the VMM (irqchip="user"), PVM gaps completed, guest mistakes, interrupts injected, unclaimed ports,
         exits answered in C, worker-thread failures, and what the console dropped."""
+        from .kvm.stats import summed as kvm_summed
         m = self.machine
         exits: dict[str, int] = {}
         for vcpu in m.vcpus:
@@ -60,6 +61,8 @@ class RunnableVM:
             "exits_handled_in_c": m.fast.handled if m.fast else 0,
             "console_bytes_dropped": self.console.dropped,   # beyond the kept tail (console.py)
             "worker_errors": dict(m.stats.worker_errors),
+            # KVM's own counters (pykvm/kvm/stats.py): every exit, emulated instructions, ...
+            "kvm": kvm_summed([vcpu.kvm_stats() for vcpu in m.vcpus]),
         }
 
     def close(self) -> None:  # pragma: no cover - every subclass has its own

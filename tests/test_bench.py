@@ -243,3 +243,13 @@ def test_boot_rows_from_made_up_boots(monkeypatch, tmp_path):
     assert (True, "kernel", "64M") in calls
     quick = boot.boot_rows(quick=True, irqchips=("kernel",), kernel=k, initrd=i)
     assert not any("64MiB" in r.name for r in quick.rows)
+
+
+def test_boot_details_carry_kvms_emulated_instruction_count():
+    from bench.boot import _exit_summary
+    line = _exit_summary({"exits": {"IO": 3, "HLT": 1}, "exits_handled_in_c": 2,
+                          "kvm": {"exits": 10, "insn_emulation": 2_500_000}})
+    assert line.startswith("exits: 4 (IO 3, HLT 1); handled in C: 2")
+    assert "KVM: 10 exits in all, 2.5 M instructions emulated" in line
+    # A host where KVM emulates nothing (VT-x/AMD-V running the guest natively) adds nothing.
+    assert "KVM" not in _exit_summary({"exits": {"IO": 3}, "kvm": {"exits": 5, "insn_emulation": 0}})

@@ -99,6 +99,7 @@ class Vcpu:
         self._c.fd = fd
         self._c.run = self.kvm_run
         self._fast = None
+        self._stats = None          # pykvm.kvm.stats.KvmStats once asked for, False if unsupported
         self._tsc_hz = _tsc_hz(self)
 
     @property
@@ -112,10 +113,25 @@ class Vcpu:
         return {names.get(i, str(i)): int(c)
                 for i, c in enumerate(self._c.exits) if c}
 
+    def kvm_stats(self) -> dict[str, int]:
+        """KVM's own counters for this vCPU (pykvm.kvm.stats), {} where the kernel has no
+        KVM_GET_STATS_FD (before 5.14). The file is opened once and kept until close()."""
+        if self.fd < 0:
+            return {}
+        if self._stats is None:
+            from .stats import open_stats
+            try:
+                self._stats = open_stats(self.fd)
+            except KvmError:
+                self._stats = False
+        return self._stats.read() if self._stats else {}
+
     def close(self) -> None:
         with self._kick_lock:
             if self.fd < 0:
                 return
+            if self._stats:
+                self._stats.close()
             for view in self._pio_views:
                 view.release()
             self._mv.release()
