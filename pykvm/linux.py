@@ -158,12 +158,13 @@ class LinuxVM(RunnableVM):
             else:
                 if irqchip == "kernel":
                     self._write_mptable()
-                from .boot.loader import load_linux
-                self.plan = load_linux(self.machine.mem, kernel_bytes, str(self.cmdline),
-                                       initrd=initrd_bytes, decompress=boot.decompress,
-                                       acpi_rsdp=self.acpi.tables.rsdp if self.acpi else 0,
-                                       droppable=self._own_pvm_keys())
-                self._forget(self.plan.dropped)
+                from .boot.loader import load_linux, stage_kernel
+                staged = stage_kernel(kernel_bytes, decompress=boot.decompress)
+                # The command line is settled here, once, and written to the guest as it stands.
+                self._forget(staged.unknown_params(self._own_pvm_keys()))
+                self.plan = load_linux(self.machine.mem, staged, str(self.cmdline),
+                                       initrd=initrd_bytes,
+                                       acpi_rsdp=self.acpi.tables.rsdp if self.acpi else 0)
                 self._setup_vcpu()
         except BaseException:
             self.close()
@@ -196,7 +197,8 @@ class LinuxVM(RunnableVM):
                 if key != "clearcpuid" and not users.has(key)]
 
     def _forget(self, keys) -> None:
-        """Keys the loader left off the line because this kernel does not know them."""
+        """Take pykvm's own arguments with these keys off the command line (and off the lists that
+        report them): the kernel does not know them (pykvm.boot.params says why that matters)."""
         for key in keys:
             self.cmdline.remove(key)
         gone = set(keys)

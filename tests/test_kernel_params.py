@@ -2,10 +2,10 @@
 
 import pytest
 
-from pykvm.boot import load_linux
+from pykvm.boot import load_linux, stage_kernel
 from pykvm.boot.params import kernel_knows, unknown_keys
 from pykvm.memory import GuestMemory
-from pykvm.testing.synthetic import make_elf
+from pykvm.testing.synthetic import compress, make_bzimage, make_elf
 from pykvm.x86 import layout
 
 # Parameter names as Linux stores them: __setup's with "=", early_param's and module_param's
@@ -31,20 +31,46 @@ def test_a_name_the_kernel_says_it_ignores_counts_as_unknown():
                             "initcall_blacklist")
 
 
-def test_load_linux_leaves_out_droppable_arguments_the_image_lacks():
-    elf = make_elf([(0x1000000, b"\xf4" * 64 + NAMES, 0x1000)], 0x1000000,
-                   banner=b"Linux version 6.6.6-params-test (me@here) #1 SMP")
+def elf_with_names():
+    return make_elf([(0x1000000, b"\xf4" * 64 + NAMES, 0x1000)], 0x1000000,
+                    banner=b"Linux version 6.6.6-params-test (me@here) #1 SMP")
+
+
+def test_a_staged_kernel_names_what_it_lacks_and_load_linux_writes_the_line_as_given():
+    staged = stage_kernel(elf_with_names())
+    assert staged.unknown_params(["audit", "psi", "percpu_alloc"]) == ["psi"]
     mem = GuestMemory.for_test(64 * layout.MiB)
     try:
-        plan = load_linux(mem, elf, "console=ttyS0 audit=0 psi=0 noxsave percpu_alloc=page",
-                          droppable=["audit", "psi", "percpu_alloc"])
+        # The loader edits nothing: LinuxVM settles the line (pykvm/linux.py, _forget).
+        plan = load_linux(mem, staged, "console=ttyS0 audit=0 psi=0 noxsave")
         line = mem.read(layout.CMDLINE, 256).split(b"\0")[0].decode()
     finally:
         mem.close()
-    assert plan.dropped == ("psi",)
-    # noxsave is unknown too, but not droppable: only what the VMM added on its own may go.
-    assert line == "console=ttyS0 audit=0 noxsave percpu_alloc=page"
-    assert plan.description["cmdline"] == line
+    assert line == "console=ttyS0 audit=0 psi=0 noxsave" == plan.description["cmdline"]
+
+
+def test_a_kernel_the_guest_decompresses_is_taken_to_know_everything():
+    vmlinux = elf_with_names()
+    bzimage = make_bzimage(compress(vmlinux, "gzip"))
+    assert stage_kernel(bzimage).unknown_params(["psi", "audit"]) == ["psi"]
+    assert stage_kernel(bzimage, decompress=False).unknown_params(["psi", "audit"]) == []
+
+
+def test_one_staged_kernel_loaded_twice_keeps_each_plans_description():
+    staged = stage_kernel(elf_with_names())
+    plans = []
+    for text in ("first", "second"):
+        mem = GuestMemory.for_test(64 * layout.MiB)
+        try:
+            plans.append(load_linux(mem, staged, text))
+        finally:
+            mem.close()
+    assert [p.description["cmdline"] for p in plans] == ["first", "second"]
+
+
+def written_line(vm) -> str:
+    """The command line as the guest will read it (pykvm.x86.layout.CMDLINE)."""
+    return vm.machine.mem.read(layout.CMDLINE, layout.CMDLINE_MAX).split(b"\0")[0].decode()
 
 
 @pytest.mark.kvm
@@ -54,10 +80,22 @@ def test_test_kernel_gets_only_the_kvm_pvm_arguments_it_knows(kvm, kernel):
     from pykvm import LinuxVM
     with LinuxVM(kernel.bzimage, memory="64M", pvm_workarounds=True, append="noxsave") as vm:
         line = str(vm.cmdline).split()
-        assert vm.plan.description["cmdline"] == str(vm.cmdline)
+        assert written_line(vm) == str(vm.cmdline) == vm.plan.description["cmdline"]
     assert line.count("noxsave") == 1               # the user's
     assert "nosmap" not in line and "audit=0" not in line and "psi=0" not in line
     assert not any(a.startswith("initcall_blacklist=") for a in line)     # no KALLSYMS
     assert "percpu_alloc=page" in line and "noreplace-smp" in line
     assert any(a.startswith("clearcpuid=") for a in line)
     assert "nosmap" not in vm.added_pvm_args and "audit=0" not in vm.skipped_busywork
+
+
+@pytest.mark.kvm
+def test_a_test_kernel_left_compressed_keeps_every_kvm_pvm_argument(kvm, kernel):
+    """decompress=False: the guest unpacks its kernel, the host cannot read it, so pykvm's own
+    arguments all stay, and what is written to the guest is still `vm.cmdline`. Nothing boots."""
+    from pykvm import LinuxVM
+    with LinuxVM(kernel.bzimage, memory="64M", pvm_workarounds=True, decompress=False) as vm:
+        line = str(vm.cmdline).split()
+        assert written_line(vm) == str(vm.cmdline) == vm.plan.description["cmdline"]
+    assert "nosmap" in line and "nosmap" in vm.added_pvm_args
+    assert "audit=0" in line and "audit=0" in vm.skipped_busywork

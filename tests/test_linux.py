@@ -78,6 +78,9 @@ def test_cli_boot_until_init_exits_zero(kernel, rootfs, tmp_path):
     assert "stopped: until" in p.stderr
     if ON_PVM:
         assert "added kernel arguments for this host" in p.stderr
+    # The command line pykvm says it used is the one the kernel read (init/main.c prints it).
+    said = re.search(r"; command line: (.*)", p.stderr).group(1)
+    assert f"Kernel command line: {said}\n" in text.replace("\r\n", "\n")
 
 
 def test_kernel_panic_gives_exit_status_3(kernel, tmp_path):

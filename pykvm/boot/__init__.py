@@ -8,7 +8,8 @@
 4. `cmdline.Cmdline` builds the command line; `zeropage.build_zero_page` the struct boot_params with
    the e820 map (and `build_pvh_start_info` the PVH equivalent); `pykvm.x86.paging` the identity map.
 5. `loader.load_linux` does all of the above and returns a `BootPlan`: RIP, RSI, RSP and CR3 for the
-   vCPU set-up in `pykvm.x86.cpu`.
+   vCPU set-up in `pykvm.x86.cpu`. `loader.stage_kernel` does steps 1-2 alone, for a caller that
+   asks the kernel which parameters it knows (`params.py`) before it settles its command line.
 
 Every failure is a `BootError` with a one-line message naming the problem and the fix.
 """
@@ -21,6 +22,7 @@ _WHERE = {
     "decompress_payload": "decompress", "detect_compression": "decompress",
     "ElfKernel": "elf", "load_elf": "elf", "parse_elf": "elf", "BootError": "errors",
     "BootPlan": "loader", "load_linux": "loader", "place_initrd": "loader",
+    "StagedKernel": "loader", "stage_kernel": "loader",
     "E820Entry": "zeropage", "build_pvh_start_info": "zeropage", "build_zero_page": "zeropage",
     "e820_table": "zeropage",
 }

@@ -65,38 +65,41 @@ class BootPlan:
     pvh_entry: int | None         # EIP for the alternative PVH entry (32-bit, paging off), if any
     start_info_gpa: int | None    # EBX for the PVH entry
     description: Mapping[str, object]   # for logs: format, kernel version, compression, addresses
-    dropped: tuple[str, ...] = ()       # keys of `droppable` left out: this kernel does not know them
 
 
-def load_linux(mem: GuestMemory, kernel: bytes, cmdline: str | Cmdline,
+def stage_kernel(kernel: bytes, decompress: bool = True) -> StagedKernel:
+    """Stages 1-2 (the module docstring): parse a bzImage or ELF vmlinux and, for a bzImage with
+    `decompress`, decompress its payload on the host. Nothing is written to guest memory yet.
+
+    A caller that builds its command line from what the kernel knows (`StagedKernel.unknown_params`)
+    stages first, edits its line, then passes the staged kernel to `load_linux`: the kernel is
+    parsed and decompressed once, and the text written to the guest is exactly the caller's."""
+    kernel = bytes(kernel)
+    if elf_mod.is_elf(kernel):
+        stage = _stage_elf(elf_mod.parse_elf(kernel), None)
+        stage.description.update(format="ELF vmlinux", compression="none")
+        return stage
+    return _stage_bzimage(parse_bzimage(kernel), decompress)
+
+
+def load_linux(mem: GuestMemory, kernel: bytes | StagedKernel, cmdline: str | Cmdline,
                initrd: bytes | None = None, decompress: bool = True,
-               rng_seed: bool = True, acpi_rsdp: int = 0, droppable=()) -> BootPlan:
+               rng_seed: bool = True, acpi_rsdp: int = 0) -> BootPlan:
     """Load a bzImage or ELF vmlinux, its initrd and command line; return how to enter it.
 
-    `droppable`: keys of arguments the VMM added on its own (pykvm.pvm's); those this kernel does
-    not know are left off the command line (pykvm.boot.params) and listed in `BootPlan.dropped`.
-    A kernel the guest decompresses itself (decompress=False) cannot be asked: all stay.
+    `kernel`: the image's bytes, or what `stage_kernel` made of them (then `decompress` was
+    stage_kernel's to decide and is not used here). `cmdline` is written as given.
 
     `acpi_rsdp`: where the VMM put the ACPI RSDP (pykvm.acpi), passed to the kernel in the zero
     page and the PVH start info; 0 = no ACPI tables.
 
     Raises BootError (one line: the problem and the fix) for an unusable image or too little RAM.
     """
-    kernel = bytes(kernel)
     low_top = _low_ram_top(mem)
-    if elf_mod.is_elf(kernel):
-        stage = _stage_elf(elf_mod.parse_elf(kernel), None)
-        stage.description.update(format="ELF vmlinux", compression="none")
-    else:
-        bz = parse_bzimage(kernel)
-        stage = _stage_bzimage(bz, decompress)
+    stage = kernel if isinstance(kernel, StagedKernel) else stage_kernel(kernel, decompress)
 
-    line = Cmdline(str(cmdline))
-    dropped = tuple(unknown_keys(stage.image, droppable)) if stage.image is not None else ()
-    for key in dropped:
-        line.remove(key)
-    text = str(line)
-    data = line.encode(stage.cmdline_max)
+    text = str(cmdline)
+    data = Cmdline(text).encode(stage.cmdline_max)
     initrd_at = None
     if initrd:
         initrd_at = place_initrd(len(initrd), kernel_end=stage.kernel_end,
@@ -128,7 +131,7 @@ def load_linux(mem: GuestMemory, kernel: bytes, cmdline: str | Cmdline,
         start_info = layout.PVH_START_INFO
     cr3 = paging.write_identity_map(mem)
 
-    desc = stage.description
+    desc = dict(stage.description)      # a staged kernel loaded twice keeps its own
     desc.update(entry=f"{stage.entry:#x}", kernel=f"{stage.kernel_start:#x}-{stage.kernel_end:#x}",
                 cmdline=text, memory_mib=mem.size >> 20)
     if initrd_range:
@@ -138,7 +141,7 @@ def load_linux(mem: GuestMemory, kernel: bytes, cmdline: str | Cmdline,
     return BootPlan(entry_rip=stage.entry, zero_page_gpa=layout.ZERO_PAGE, stack=layout.BOOT_STACK,
                     cr3=cr3, cmdline_gpa=layout.CMDLINE, kernel_start=stage.kernel_start,
                     kernel_end=stage.kernel_end, initrd=initrd_range, pvh_entry=stage.pvh_entry,
-                    start_info_gpa=start_info, description=MappingProxyType(desc), dropped=dropped)
+                    start_info_gpa=start_info, description=MappingProxyType(desc))
 
 
 def place_initrd(size: int, *, kernel_end: int, limit: int) -> int:
@@ -157,8 +160,9 @@ def place_initrd(size: int, *, kernel_end: int, limit: int) -> int:
 
 
 @dataclass(frozen=True)
-class _Stage:
-    """What parsing produced: where the kernel goes and how to write it."""
+class StagedKernel:
+    """What parsing (and decompressing) produced: where the kernel goes and how to write it
+    (`stage_kernel`)."""
 
     entry: int
     kernel_start: int
@@ -171,22 +175,29 @@ class _Stage:
     description: dict
     image: bytes | None = None      # the decompressed kernel, when the VMM has it (boot/params.py)
 
+    def unknown_params(self, keys) -> list[str]:
+        """The keys, in order, of parameters this kernel does not know (pykvm.boot.params); none
+        for a kernel the guest decompresses itself (decompress=False): the host cannot read that
+        one, so it is taken to know them all."""
+        return unknown_keys(self.image, keys) if self.image is not None else []
 
-def _stage_elf(vmlinux: elf_mod.ElfKernel, init_size: int | None) -> _Stage:
+
+def _stage_elf(vmlinux: elf_mod.ElfKernel, init_size: int | None) -> StagedKernel:
     end = vmlinux.end if init_size is None else max(vmlinux.end, vmlinux.start + init_size)
     at = vmlinux.image.find(LINUX_BANNER)
     version = None
     if at >= 0:
         version = vmlinux.image[at + len(LINUX_BANNER):at + 256].split(b"\0", 1)[0].split(b"\n")[0]
         version = version.decode("ascii", "replace")
-    return _Stage(entry=vmlinux.entry, kernel_start=vmlinux.start, kernel_end=end, header=None,
-                  cmdline_max=layout.CMDLINE_MAX - 1, initrd_addr_max=layout.MMIO_HOLE_START - 1,
-                  pvh_entry=vmlinux.pvh_entry, load=lambda mem: elf_mod.load_elf(mem, vmlinux),
-                  description={"kernel_version": version, "boot": "64-bit, vmlinux startup_64"},
-                  image=vmlinux.image)
+    return StagedKernel(entry=vmlinux.entry, kernel_start=vmlinux.start, kernel_end=end,
+                        header=None, cmdline_max=layout.CMDLINE_MAX - 1,
+                        initrd_addr_max=layout.MMIO_HOLE_START - 1, pvh_entry=vmlinux.pvh_entry,
+                        load=lambda mem: elf_mod.load_elf(mem, vmlinux),
+                        description={"kernel_version": version, "boot": "64-bit, vmlinux startup_64"},
+                        image=vmlinux.image)
 
 
-def _stage_bzimage(bz: BzImage, decompress: bool) -> _Stage:
+def _stage_bzimage(bz: BzImage, decompress: bool) -> StagedKernel:
     hdr = bz.header
     from_header = dict(header=bz.header_bytes,
                        cmdline_max=min(hdr.cmdline_size, layout.CMDLINE_MAX - 1),
@@ -206,11 +217,11 @@ def _stage_bzimage(bz: BzImage, decompress: bool) -> _Stage:
         # needs init_size bytes from there (boot.rst "init_size"); load_linux has checked that this
         # range is RAM before anything is written.
         end = max(load + len(bz.kernel), max(load, hdr.pref_address) + hdr.init_size)
-        stage = _Stage(entry=load + ENTRY_64_OFFSET, kernel_start=load, kernel_end=end,
-                       pvh_entry=None, load=lambda mem: mem.write(load, bz.kernel),
-                       description={"boot": "64-bit, bzImage decompressor (load+0x200)",
-                                    "compression": "in guest"},
-                       **from_header)
+        stage = StagedKernel(entry=load + ENTRY_64_OFFSET, kernel_start=load, kernel_end=end,
+                             pvh_entry=None, load=lambda mem: mem.write(load, bz.kernel),
+                             description={"boot": "64-bit, bzImage decompressor (load+0x200)",
+                                          "compression": "in guest"},
+                             **from_header)
     stage.description.update(format="bzImage", protocol=bz.protocol,
                              kernel_version=bz.version_string
                              or stage.description.get("kernel_version"))
