@@ -4,7 +4,7 @@ import os
 import struct
 
 from pykvm.kvm._lib import lib
-from pykvm.kvm.stats import KvmStats, summed
+from pykvm.kvm.stats import SHOWN, KvmStats, summed
 from pykvm.machine import Machine
 
 from conftest import Recorder, load_real_mode, needs_kvm
@@ -29,17 +29,21 @@ def stats_file(tmp_path, counters):
     return path
 
 
-def test_counters_are_read_at_their_offsets_and_histograms_left_out(tmp_path):
-    hist = lib.KVM_STATS_TYPE_LOG_HIST
+def test_single_values_are_read_at_their_offsets_and_histograms_left_out(tmp_path):
     path = stats_file(tmp_path, [
         ("exits", lib.KVM_STATS_TYPE_CUMULATIVE, [1234]),
-        ("halt_wait_hist", hist, [1, 2, 3, 4]),
+        ("halt_wait_hist", lib.KVM_STATS_TYPE_LOG_HIST, [1, 2, 3, 4]),
         ("insn_emulation", lib.KVM_STATS_TYPE_CUMULATIVE, [5 << 40]),
         ("guest_mode", lib.KVM_STATS_TYPE_INSTANT, [1]),
+        ("max_mmu_rmap_size", lib.KVM_STATS_TYPE_PEAK, [17]),
+        ("one_bucket_hist", lib.KVM_STATS_TYPE_LOG_HIST, [9]),     # size 1, still a histogram
     ])
     stats = KvmStats(os.open(path, os.O_RDONLY))
     try:
-        assert stats.read() == {"exits": 1234, "insn_emulation": 5 << 40, "guest_mode": 1}
+        assert stats.read() == {"exits": 1234, "insn_emulation": 5 << 40, "guest_mode": 1,
+                                "max_mmu_rmap_size": 17}
+        assert stats.types == {"exits": "cumulative", "insn_emulation": "cumulative",
+                               "guest_mode": "instant", "max_mmu_rmap_size": "peak"}
     finally:
         stats.close()
     assert summed([{"exits": 2, "guest_mode": 1}, {"exits": 3}]) == {"exits": 5}
@@ -59,6 +63,10 @@ def test_kvm_counts_at_least_the_exits_pykvm_saw():
         stop = m.run(timeout=30)
         assert stop.reason == "halt" and rec.data == b"A" * 10
         after = m.vcpu.kvm_stats()
+        # summed() adds these up over vCPUs: right only for counters that only grow.
+        types = m.vcpu._stats.types
+        assert {name: types[name] for name in SHOWN if name in types} == \
+            {name: "cumulative" for name in SHOWN if name in types}
     seen = sum(m.vcpu.exit_counts().values())        # 10 port writes and the hlt
     assert seen == 11
     assert after["exits"] - before["exits"] >= seen

@@ -39,10 +39,26 @@ SHOWN = {
 }
 
 
-def _cumulative_or_instant(flags: int) -> bool:
+# What a statistic is, from the type bits of its descriptor's flags (api.rst, KVM_GET_STATS_FD):
+#   CUMULATIVE    a count that only grows: exits, insn_emulation, most of KVM's (one u64)
+#   INSTANT       a value now, up or down: pages mapped, whether the vCPU is blocking (one u64)
+#   PEAK          the highest a measurement has reached, only grows: max_mmu_rmap_size (one u64)
+#   LINEAR_HIST   a histogram: `size` u64 buckets, each bucket_size wide
+#   LOG_HIST      a histogram: `size` u64 buckets, each twice as wide as the one before
+#                 ([0, 1), [1, 2), [2, 4), ...; the last open-ended)
+# pykvm reads the single values (the first three) and leaves the histograms out.
+_SINGLE_VALUE_TYPES = {"cumulative": lib.KVM_STATS_TYPE_CUMULATIVE,
+                       "instant": lib.KVM_STATS_TYPE_INSTANT, "peak": lib.KVM_STATS_TYPE_PEAK}
+
+
+def _single_value_type(flags: int, size: int) -> str | None:
+    """"cumulative", "instant" or "peak" for a one-u64 statistic; None for a histogram (or a type
+    newer than this code, which may not be a single value)."""
     kind = flags & lib.KVM_STATS_TYPE_MASK
-    return kind in (lib.KVM_STATS_TYPE_CUMULATIVE, lib.KVM_STATS_TYPE_INSTANT,
-                    lib.KVM_STATS_TYPE_PEAK)
+    for name, value in _SINGLE_VALUE_TYPES.items():
+        if kind == value and size == 1:
+            return name
+    return None
 
 
 def open_stats(fd: int) -> "KvmStats":
@@ -57,7 +73,7 @@ def open_stats(fd: int) -> "KvmStats":
 
 class KvmStats:
     """A statistics file (which it owns and closes): `read()` returns {name: value} for the
-    single-valued counters (histograms are left out)."""
+    single-valued statistics (histograms are left out); `types` says which kind each one is."""
 
     def __init__(self, stats_fd: int):
         self.fd = stats_fd
@@ -71,15 +87,18 @@ class KvmStats:
         block = os.pread(self.fd, step * header.num_desc, header.desc_offset)
         desc = ffi.new("struct kvm_stats_desc *")
         self._fields: list[tuple[str, int]] = []      # (name, byte offset in the data block)
+        self.types: dict[str, str] = {}                # name: "cumulative", "instant" or "peak"
         end = 0
         for i in range(header.num_desc):
             at = i * step
             ffi.memmove(desc, block[at:at + ffi.sizeof(desc[0])], ffi.sizeof(desc[0]))
             end = max(end, desc.offset + 8 * desc.size)
-            if desc.size != 1 or not _cumulative_or_instant(desc.flags):
+            kind = _single_value_type(desc.flags, desc.size)
+            if kind is None:
                 continue
             name = block[at + ffi.sizeof(desc[0]):at + step].split(b"\0", 1)[0].decode()
             self._fields.append((name, desc.offset))
+            self.types[name] = kind
         self._data_offset, self._data_size = header.data_offset, end
 
     def read(self) -> dict[str, int]:
@@ -93,7 +112,9 @@ class KvmStats:
 
 
 def summed(readings: list[dict[str, int]], names=SHOWN) -> dict[str, int]:
-    """The counters in `names` summed over several vCPUs' readings (absent ones left out)."""
+    """The counters in `names` summed over several vCPUs' readings (absent ones left out).
+    A sum means something for cumulative counters, which every name in SHOWN is (x86.c declares
+    them with STATS_DESC_COUNTER); a peak would want the largest reading instead."""
     total: dict[str, int] = {}
     for reading in readings:
         for name in names:
