@@ -109,6 +109,15 @@ def test_load_elf_rejects_a_truncated_file(tmp_path):
     _one_line_error(GuestMemory.for_test(4 << 20), p)
 
 
+def test_report_reads_the_numbers_after_the_tag_on_its_first_line():
+    r = F.FirmwareResult(0, b"virtio_blk: ok setup n=9\n"
+                            b"virtio_blk: bench bytes=4096 cycles=77 end=0x1f checksum=0\n"
+                            b"virtio_blk: bench bytes=1\n", None)
+    assert r.report("virtio_blk: bench") == {"bytes": 4096, "cycles": 77, "checksum": 0}
+    assert r.report("virtio_blk: ok") == {"n": 9}
+    assert r.report("ata_pio: bench") is None
+
+
 def test_args_block_layout():
     mem = GuestMemory.for_test(1 << 20)
     F.write_args(mem, cpl=0, args=[7, 2**64 - 1])

@@ -32,6 +32,17 @@ def pattern_host(sector: int, n: int = SECTOR) -> bytes:
     return bytes(((sector * 31 + i) ^ 0xA5) & 0xFF for i in range(n))
 
 
+# firmware/virtio_blk.c's mode-1 report: "virtio_blk: bench bytes=N cycles=C requests=R ..."
+BENCH_FIELDS = {"bytes", "cycles", "requests", "notifies", "errors", "checksum", "suppressed"}
+
+
+def bench_report(r) -> dict[str, int]:
+    """The numbers of a virtio_blk run's bench line, every field there (the output if not)."""
+    b = r.report("virtio_blk: bench")
+    assert b is not None and set(b) == BENCH_FIELDS, r.text
+    return b
+
+
 def make_disk(path, size: int, host_first: int, host_count: int, corrupt: int | None = None):
     """A disk image of random bytes with the host pattern in sectors host_first..+host_count;
     `corrupt` flips one byte of that range. Returns the image's bytes."""
@@ -195,14 +206,12 @@ def test_virtio_blk_benchmark_mode_reads_the_whole_range(tmp_path):
                          setup=lambda m: attach_mmio(m, VirtioBlk(disk), 0), irqchip="kernel",
                          timeout=60)
     assert r.status == 0, r.text
-    m = re.search(r"bench bytes=(\d+) cycles=(\d+) requests=(\d+) notifies=(\d+) errors=(\d+) "
-                  r"checksum=(\d+) suppressed=(\d+)", r.text)
-    assert m, r.text
-    nbytes, cycles, requests, notifies, errors, checksum, suppressed = map(int, m.groups())
+    b = bench_report(r)
     # Every batch is either kicked or left to a device that said it polls (NO_NOTIFY).
-    assert (nbytes, requests, notifies + suppressed, errors) == (size, 16, 4, 0)
-    assert cycles > 0
-    assert checksum == sum(data[off] for off in range(0, size, 4096))
+    assert (b["bytes"], b["requests"], b["notifies"] + b["suppressed"], b["errors"]) == \
+        (size, 16, 4, 0)
+    assert b["cycles"] > 0
+    assert b["checksum"] == sum(data[off] for off in range(0, size, 4096))
 
 
 @needs_kvm
@@ -227,22 +236,20 @@ def test_virtio_blk_benchmark_write_mode_lands_and_flushes(tmp_path, fast_path):
                          args=[1, layout.VIRTIO_MMIO_BASE, size, req, req, depth, 0, 1],
                          setup=setup, irqchip="kernel", timeout=60, fast_path=fast_path)
     assert r.status == 0, r.text
-    m = re.search(r"bench bytes=(\d+) cycles=(\d+) requests=(\d+) notifies=(\d+) errors=(\d+) "
-                  r"checksum=\d+ suppressed=(\d+)", r.text)
-    assert m, r.text
-    nbytes, _, requests, notifies, errors, suppressed = map(int, m.groups())
+    b = bench_report(r)
     # 8 batches and the FLUSH, each kicked or (with the C path's polling thread in a window)
     # only made available.
-    assert (nbytes, requests, notifies + suppressed, errors) == (size, 256, 8 + 1, 0)
+    assert (b["bytes"], b["requests"], b["notifies"] + b["suppressed"], b["errors"]) == \
+        (size, 256, 8 + 1, 0)
     if not fast_path:
-        assert suppressed == 0          # the Python model never sets VRING_USED_F_NO_NOTIFY
+        assert b["suppressed"] == 0     # the Python model never sets VRING_USED_F_NO_NOTIFY
     data = img.read_bytes()
     first = depth * req // SECTOR
     assert sectors(data, 0, first) == b"".join(pattern_guest(s) for s in range(first))
     assert not seen["dev"].errors
     # With the C run loop every request and the flush are served in C (it is armed at
     # DRIVER_OK, when the Python model looks at the empty queue once).
-    assert seen["dev"].fast_requests == (requests + 1 if fast_path else 0)
+    assert seen["dev"].fast_requests == (b["requests"] + 1 if fast_path else 0)
 
 
 @needs_kvm
@@ -275,13 +282,10 @@ def test_virtio_blk_polling_thread_hands_python_what_it_cannot_serve(tmp_path):
                          args=[1, layout.VIRTIO_MMIO_BASE, size, req, 32 << 10, depth, 0, 0, 1],
                          setup=setup, irqchip="kernel", timeout=60, fast_path=True)
     assert r.status == 0, r.text
-    m = re.search(r"bench bytes=(\d+) cycles=\d+ requests=(\d+) notifies=(\d+) errors=(\d+) "
-                  r"checksum=(\d+) suppressed=(\d+)", r.text)
-    assert m, r.text
-    nbytes, requests, notifies, errors, checksum, suppressed = map(int, m.groups())
-    assert (nbytes, requests, errors) == (size, 16, 0)
-    assert notifies + suppressed == 4 + 1 and suppressed >= 1     # the GET_ID's, at least
-    assert checksum == sum(data[off] for off in range(0, size, 4096))
+    b = bench_report(r)
+    assert (b["bytes"], b["requests"], b["errors"]) == (size, 16, 0)
+    assert b["notifies"] + b["suppressed"] == 4 + 1 and b["suppressed"] >= 1   # GET_ID's at least
+    assert b["checksum"] == sum(data[off] for off in range(0, size, 4096))
     dev = seen["dev"]
     assert dev.requests == 1 and dev.fast_requests == 16      # GET_ID by Python, reads by C
     assert dev._fast.polled >= 1 and not dev.errors

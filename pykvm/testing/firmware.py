@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import struct
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -227,6 +228,10 @@ def start_real_mode(vcpu, entry: int) -> None:
 
 # ---------------------------------------------------------------- running
 
+# One `name=N` field of a report line; a hex value (0x...) is not one (its "0" is not a whole word).
+_FIELD = re.compile(r"\b(\w+)=(\d+)\b")
+
+
 class FirmwareResult(Record):
     """How a firmware run ended.
 
@@ -255,6 +260,16 @@ class FirmwareResult(Record):
     @property
     def text(self) -> str:
         return self.output.decode("utf-8", "replace")
+
+    def report(self, tag: str) -> dict[str, int] | None:
+        """The `name=N` fields (decimal) after `tag` on the first output line holding it; None if
+        no line does. Firmware reports numbers this way: firmware/virtio_blk.c prints
+        "virtio_blk: bench bytes=N cycles=C ...", so report("virtio_blk: bench")["bytes"] is N."""
+        for line in self.text.splitlines():
+            if tag in line:
+                rest = line.split(tag, 1)[1]
+                return {name: int(value) for name, value in _FIELD.findall(rest)}
+        return None
 
     @property
     def exception(self) -> int | None:
