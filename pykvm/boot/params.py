@@ -9,8 +9,8 @@ Every parameter a kernel parses is a NUL-terminated name somewhere in its image:
 
 So a name that is not in the image, followed by NUL or by "=" and NUL, is one the kernel cannot
 act on. pykvm uses this to leave out the KVM-PVM arguments it would add (pykvm.pvm) that a given
-kernel lacks: Linux 6.1 dropped `noxsave` and `nosmap`, and a small kernel has no audit, psi or
-watchdog. Left in, such an argument is not free where every kernel instruction is emulated: the
+kernel lacks: Linux 6.1 has no `nosmap` any more (it still parses `noxsave`, early in
+arch/x86/kernel/cpu/common.c), and a small kernel has no audit, psi or watchdog. Left in, such an argument is not free where every kernel instruction is emulated: the
 kernel parses the whole command line once per initcall level (init/main.c, do_initcall_level: nine
 passes of parse_args, each comparing every argument against every built-in module parameter), and an
 unknown one also goes through unknown_bootoption and every __setup entry, then to init's argv or
