@@ -22,6 +22,9 @@ def test_names_followed_by_nul_or_equals_nul_are_known():
     # A name that ends another string counts as known: a false "knows" only keeps an argument.
     assert kernel_knows(NAMES, "nosmap")
     assert unknown_keys(NAMES, ["psi", "audit", "noxsave"]) == ["psi", "noxsave"]
+    # Every place the name appears counts, not only the first.
+    assert kernel_knows(NAMES + b"psi=\0", "psi") and kernel_knows(NAMES + b"psi\0", "psi")
+    assert not kernel_knows(b"psi", "psi") and not kernel_knows(b"psi=", "psi")    # at the end
 
 
 def test_a_name_the_kernel_says_it_ignores_counts_as_unknown():

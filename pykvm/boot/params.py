@@ -40,7 +40,19 @@ def kernel_knows(image: bytes, key: str) -> bool:
     name = key.encode()
     if key in _INERT and _INERT[key] in image:
         return False
-    return (name + b"\0") in image or (name + b"=\0") in image
+    # One search for the name, the bytes after each hit checked: an unknown name costs one scan
+    # of the whole image (~15 MiB for the test kernel, ~8 ms), where searching for name + "\0"
+    # and then name + "=\0" took two, slower ones (NUL, 58 % of the image, is the needle's last
+    # byte, on which CPython's search decides how far to skip). Measured on the test kernel with
+    # pykvm's 17 KVM-PVM keys (6 unknown): 69 ms against 115 ms, best of 7 at load ~2; a
+    # LinuxVM's whole construction is 0.12-0.2 s there.
+    at = image.find(name)
+    while at >= 0:
+        end = at + len(name)
+        if image[end:end + 1] == b"\0" or image[end:end + 2] == b"=\0":
+            return True
+        at = image.find(name, at + 1)
+    return False
 
 
 def unknown_keys(image: bytes, keys) -> list[str]:
