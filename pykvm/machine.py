@@ -406,6 +406,8 @@ class Machine:
             self.stop()
         if self.userirq is not None:
             self.userirq.close()
+        if self.fast is not None:
+            self.fast.close()
         self.vm.close()
         for fd in self._eventfds:
             os.close(fd)

@@ -421,6 +421,34 @@ def test_c_path_is_bound_only_with_one_vcpu(tmp_path, cpus):
 
 # ---------------------------------------------------------------- the polling thread
 
+def _threads() -> int:
+    """This process's threads, C's own among them (the kernel's count)."""
+    return len(os.listdir("/proc/self/task"))
+
+
+@needs_kvm
+def test_closing_the_machine_ends_the_polling_thread(tmp_path):
+    """A disk attached and never closed by its owner, as test_c_path_is_bound_only_with_one_vcpu
+    does: the polling thread C started at attach ends with the machine."""
+    from pykvm.host.disk import DiskImage
+    from pykvm.machine import Machine
+    from pykvm.virtio import attach_mmio
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(1 << 20))
+    with DiskImage(img) as disk:
+        m = Machine(16 << 20, fast_path=True)
+        try:
+            before = _threads()
+            dev = B.VirtioBlk(disk)
+            attach_mmio(m, dev, 0)
+            assert _threads() == before + 1, "attach started the polling thread"
+        finally:
+            m.close()
+        assert _threads() == before
+        dev.close()             # and its owner may still close it
+
+
+
 def _wait_for(cond, limit: float = 60.0) -> bool:
     """Wait for another thread's work (a bound for a hung test, not a measurement)."""
     end = time.monotonic() + limit

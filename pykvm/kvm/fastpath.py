@@ -60,6 +60,14 @@ class FastPath:
     def finish_virtio_blk(self) -> None:
         self.virtio_blk.finish()
 
+    def close(self) -> None:
+        """The machine is going away: stop the bound virtio-blk's polling thread, if it has one
+        (csrc/virtio_blk_poll.h). Its owner may never close the device, and the device and its
+        BlkFastPath refer to each other, so without this the thread would idle on until the
+        garbage collector found the pair."""
+        if self.virtio_blk is not None:
+            self.virtio_blk.close()
+
     # ---- output ----
     def drain(self) -> None:
         """Hand the bytes the C loop accepted to the devices' own sinks."""
