@@ -449,6 +449,56 @@ def test_closing_the_machine_ends_the_polling_thread(tmp_path):
 
 
 
+# A guest reading a disk through the C path on a host that will not start the polling thread.
+_NO_THREAD_GUEST = """
+import os, sys, threading
+threading.stack_size(1 << 20)       # Python's own threads (the run clock) are not what is tested
+from pykvm.host.disk import DiskImage
+from pykvm.testing.firmware import run_firmware
+from pykvm.virtio import VirtioBlk, attach_mmio
+from pykvm.x86 import layout
+seen = {}
+with DiskImage(sys.argv[1], readonly=True) as disk:
+    def setup(m):
+        seen["dev"] = VirtioBlk(disk)
+        attach_mmio(m, seen["dev"], 0)
+        seen["threads"] = len(os.listdir("/proc/self/task"))
+    r = run_firmware("virtio_blk", args=[1, layout.VIRTIO_MMIO_BASE, 1 << 20, 128 << 10,
+                                         32 << 10, 4], setup=setup, irqchip="kernel",
+                     fast_path=True, timeout=60)
+b = r.report("virtio_blk: bench")
+print(r.status, seen["threads"], b["bytes"], b["notifies"], b["suppressed"], b["errors"],
+      seen["dev"].fast_requests, seen["dev"]._fast.polled)
+"""
+
+
+@needs_kvm
+def test_a_host_that_refuses_the_polling_thread_gets_kicks_served(tmp_path):
+    """pthread_create fails (EAGAIN: a pids cgroup, RLIMIT_NPROC, or, provoked here, no room for
+    the thread's stack: glibc sizes it from RLIMIT_STACK, read when the process starts). The disk
+    still works, every batch a kick served in C; a warning says so, no traceback."""
+    import resource
+    import subprocess
+    import sys
+    img = tmp_path / "d.img"
+    img.write_bytes(os.urandom(1 << 20))
+    huge = 100 << 40            # 100 TiB: more than a 47-bit address space has free
+    hard = resource.getrlimit(resource.RLIMIT_STACK)[1]
+    if hard != resource.RLIM_INFINITY and hard < huge:
+        pytest.skip(f"the stack limit's hard maximum ({hard} bytes) is too low to provoke it")
+
+    def limit_stack():
+        resource.setrlimit(resource.RLIMIT_STACK, (huge, hard))
+    p = subprocess.run([sys.executable, "-c", _NO_THREAD_GUEST, str(img)], preexec_fn=limit_stack,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "polling thread: Resource temporarily unavailable; without it every batch is a kick" \
+        in p.stderr, p.stderr
+    status, threads, nbytes, notifies, suppressed, errors, in_c, polled = map(int, p.stdout.split())
+    assert (status, threads, nbytes, errors) == (0, 1, 1 << 20, 0)
+    assert (notifies, suppressed, in_c, polled) == (2, 0, 8, 0)     # 2 batches of 4, both kicked
+
+
 def _wait_for(cond, limit: float = 60.0) -> bool:
     """Wait for another thread's work (a bound for a hung test, not a measurement)."""
     end = time.monotonic() + limit

@@ -83,7 +83,13 @@ class BlkFastPath:
         if poll_us > 0:
             if kick_signal is None:
                 raise ValueError("polling needs the signal that kicks the vCPU")
-            vblk.start_polling(poll_us, kick_signal, yields=poll_yields)
+            try:
+                vblk.start_polling(poll_us, kick_signal, yields=poll_yields)
+            except OSError as e:
+                # The thread only spares the guest its kicks. If the host will not give us one
+                # (pthread_create's EAGAIN: a pids cgroup, RLIMIT_NPROC, no room for its stack),
+                # every batch is a kick, served on the vCPU's thread as without polling.
+                _blk.log.warning("%s; without it every batch is a kick", e.strerror)
 
     # ---- arming ----
     def arm(self) -> None:
