@@ -195,7 +195,8 @@ def test_each_benchmark_runs_alone():
     """`python bench/<name>.py` and `python -m bench.<name>` both work (here: --help only)."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     for argv in (["bench/stream.py"], ["bench/exit_cost.py"], ["-m", "bench.boot"],
-                 ["-m", "bench.exits"], ["-m", "bench"], ["-m", "bench.exit_cost"]):
+                 ["-m", "bench.exits"], ["-m", "bench"], ["-m", "bench.exit_cost"],
+                 ["-m", "bench.boot_insns"]):
         r = subprocess.run([sys.executable, *argv, "--help"], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, (argv, r.stderr)
@@ -253,3 +254,26 @@ def test_boot_details_carry_kvms_emulated_instruction_count():
     assert "KVM: 10 exits in all, 2.5 M instructions emulated" in line
     # A host where KVM emulates nothing (VT-x/AMD-V running the guest natively) adds nothing.
     assert "KVM" not in _exit_summary({"exits": {"IO": 3}, "kvm": {"exits": 5, "insn_emulation": 0}})
+
+
+def test_boot_insns_attributes_counts_to_initcalls_and_stretches(tmp_path):
+    """bench/boot_insns.py: an initcall's instructions are the count between its own "calling"
+    and "returned" lines, with initcalls nested in it (or async work run while it waited) inside;
+    addresses printed by a kernel without KALLSYMS are named from System.map."""
+    from bench.boot_insns import costs, symbol_namer
+    smap = tmp_path / "System.map"
+    smap.write_text("ffffffff81000000 T outer_init\nffffffff81000100 t inner_init\n"
+                    "ffffffff81000200 D some_data\n")
+    marks = [(100, "[0.1] Linux version 6.1"),
+             (150, "[0.2] calling  0xffffffff81000000 @ 1"),
+             (170, "[0.3] calling  0xffffffff81000100 @ 1"),
+             (470, "[0.4] initcall 0xffffffff81000100 returned 0 after 9 usecs"),
+             (900, "[0.5] initcall 0xffffffff81000000 returned -19 after 12 usecs"),
+             (950, "[0.6] calling  never_returned+0x0/0x20 @ 1")]
+    c = costs(marks, 1000, symbol_namer(smap))
+    assert c.total == 1000
+    assert c.initcalls == [(750, "outer_init"), (300, "inner_init")]
+    assert c.stretches[0] == (430, "[0.4] initcall inner_init returned 0 after 9 usecs")
+    assert (300, "[0.3] calling  inner_init @ 1") in c.stretches
+    assert (100, "(before the first console line)") in c.stretches
+    assert sum(n for n, _ in c.stretches) == 1000

@@ -104,3 +104,18 @@ def test_a_test_kernel_left_compressed_keeps_every_kvm_pvm_argument(kvm, kernel)
         assert written_line(vm) == str(vm.cmdline) == vm.plan.description["cmdline"]
     assert "nosmap" in line and "nosmap" in vm.added_pvm_args
     assert "audit=0" in line and "audit=0" in vm.skipped_busywork
+
+
+@pytest.mark.kvm
+def test_one_vcpu_unpacks_the_initramfs_in_its_initcall(kvm, kernel):
+    """KVM-PVM, one vCPU: `initramfs_async=0` (nothing can run beside the unpacking); with two
+    vCPUs the kernel keeps its asynchronous unpacking. A user's own value stays. Nothing boots."""
+    from pykvm import LinuxVM
+    with LinuxVM(kernel.bzimage, memory="64M", pvm_workarounds=True) as vm:
+        assert "initramfs_async=0" in str(vm.cmdline).split()
+        assert "initramfs_async=0" in vm.added_pvm_args
+    with LinuxVM(kernel.bzimage, memory="64M", pvm_workarounds=True, cpus=2) as vm:
+        assert not vm.cmdline.has("initramfs_async")
+    with LinuxVM(kernel.bzimage, memory="64M", pvm_workarounds=True,
+                 append="initramfs_async=1") as vm:
+        assert vm.cmdline.get("initramfs_async") == "1"
