@@ -119,7 +119,8 @@ def _exit_summary(stats: dict) -> str:
     kvm = stats.get("kvm", {})
     if kvm.get("insn_emulation"):
         # KVM's own count (pykvm/kvm/stats.py): on KVM-PVM every guest kernel instruction, so the
-        # boot's work in a figure the host's load does not move (the wall time above it does).
+        # boot's work in a figure that moves far less with the host's load than the wall time
+        # above it (only the timer tick's share grows with wall time: pykvm/kvm/stats.py).
         line += (f"; KVM: {kvm.get('exits', 0)} exits in all, "
                  f"{kvm['insn_emulation'] / 1e6:.1f} M instructions emulated")
     return line

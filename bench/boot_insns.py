@@ -4,9 +4,12 @@
                                 [--system-map MAP]] [--append ARGS]
 
 On a KVM-PVM host every instruction of the guest kernel is run by KVM's instruction emulator, and
-KVM counts them (`insn_emulation`, read through KVM_GET_STATS_FD: pykvm/kvm/stats.py). Unlike
-wall time, that count hardly moves with the host's load, so it is the figure to compare two kernel
-configurations or two sets of kernel arguments with on a shared machine.
+KVM counts them (`insn_emulation`, read through KVM_GET_STATS_FD: pykvm/kvm/stats.py). That count
+moves far less with the host's load than wall time, so it is the figure to compare two kernel
+configurations or two sets of kernel arguments with on a shared machine - with one caveat: the
+timer tick comes every 10 ms of real time, so a boot slowed by load also runs more tick handlers
+(~0.12-0.16 M instructions per second of wall time for the test kernel; a boot at load 3 counted
+31 M where a quiet one counts 24 M). Compare boots of similar wall time; the wall time is printed.
 
 This boots the kernel to "Run /init" with `initcall_debug ignore_loglevel`, reads the count each
 time the console completes a line, and prints:
@@ -28,6 +31,7 @@ import argparse
 import bisect
 import re
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,7 +92,7 @@ def symbol_namer(system_map: Path | None):
 
 
 def boot(kernel: Path, initrd: Path, memory: str, append: str, timeout: float):
-    """Boot to UNTIL; ([(count, line)], total count, stop reason)."""
+    """Boot to UNTIL; ([(count, line)], total count, stop reason, wall seconds)."""
     from pykvm.linux import LinuxVM
     marks: list[tuple[int, str]] = []
     args = " ".join(a for a in ("initcall_debug ignore_loglevel", append) if a)
@@ -97,8 +101,9 @@ def boot(kernel: Path, initrd: Path, memory: str, append: str, timeout: float):
         count = lambda: vcpu.kvm_stats().get("insn_emulation", 0)  # noqa: E731
         vm.console.on_line(r".+", lambda m: marks.append(
             (count(), m.string.decode(errors="replace").strip())))
+        t = time.perf_counter()
         stop = vm.run(timeout=timeout)
-        return marks, count(), stop.reason
+        return marks, count(), stop.reason, time.perf_counter() - t
 
 
 def report(c: Costs, top: int) -> str:
@@ -134,10 +139,12 @@ def main(argv=None) -> int:
     if host_kind() != KVM_PVM:
         print("note: this host is not KVM-PVM: KVM emulates only the rare instructions hardware "
               "virtualization cannot run, so the counts below are not the boot's work")
-    marks, total, reason = boot(kernel, initrd, opts.memory, opts.append, opts.timeout)
+    marks, total, reason, wall = boot(kernel, initrd, opts.memory, opts.append, opts.timeout)
     if reason != "until":
         print(f"boot_insns: the guest did not reach {UNTIL!r} (stopped: {reason})", file=sys.stderr)
         return 1
+    print(f"{opts.memory} guest RAM, {wall:.1f} s wall time (the tick's share of the count grows "
+          "with it)")
     print(report(costs(marks, total, symbol_namer(system_map)), opts.top))
     return 0
 

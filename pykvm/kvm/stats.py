@@ -14,9 +14,11 @@ re-reads only the data block (pread at data_offset).
 
 Why pykvm reads them: the exits pykvm sees are the ones that reach user space. KVM's `exits`
 counts them all. And on a KVM-PVM host, where the guest's kernel code runs in KVM's instruction
-emulator, `insn_emulation` counts those instructions: the one measure of a Linux boot's work
-there that does not move with the host's load (a boot of the test kernel is ~18 million of them,
-about a microsecond each). `pykvm boot --stats` prints the counters listed in `SHOWN`.
+emulator, `insn_emulation` counts those instructions: a measure of a Linux boot's work there that
+moves far less with the host's load than wall time (a boot of the test kernel is ~18 million of
+them, about a microsecond each). The part that does move is the timer tick: it comes every 10 ms
+of real time whatever the guest got done, ~0.12-0.16 M instructions per second of wall time for
+the test kernel, so a boot slowed by a loaded host also counts more. `pykvm boot --stats` prints the counters listed in `SHOWN`.
 """
 
 from __future__ import annotations
