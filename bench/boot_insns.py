@@ -108,7 +108,8 @@ def boot(kernel: Path, initrd: Path, memory: str, append: str, timeout: float):
 
 def report(c: Costs, top: int) -> str:
     out = [f"{c.total / 1e6:.2f} M instructions emulated to {UNTIL!r}; "
-           f"{len(c.initcalls)} initcalls, {sum(n for n, _ in c.initcalls) / 1e6:.2f} M inside them"]
+           f"{len(c.initcalls)} initcalls, "
+           f"{sum(n for n, _ in c.initcalls) / 1e6:.2f} M inside them"]
     out.append(f"the {top} costliest initcalls:")
     out += [f"  {n / 1e6:7.3f} M  {name}" for n, name in c.initcalls[:top]]
     out.append(f"the {top} longest stretches between console lines (what followed the line):")
@@ -118,7 +119,8 @@ def report(c: Costs, top: int) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kernel", type=Path, help="bzImage (default: the test kernel, built if missing)")
+    ap.add_argument("--kernel", type=Path,
+                    help="bzImage (default: the test kernel, built if missing)")
     ap.add_argument("--initrd", type=Path, help="initramfs (default: pykvm's busybox one)")
     ap.add_argument("--system-map", type=Path, help="resolves initcall addresses (default: the "
                     "test kernel's, or System.map beside --kernel)")

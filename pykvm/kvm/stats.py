@@ -18,7 +18,8 @@ emulator, `insn_emulation` counts those instructions: a measure of a Linux boot'
 moves far less with the host's load than wall time (a boot of the test kernel is ~18 million of
 them, about a microsecond each). The part that does move is the timer tick: it comes every 10 ms
 of real time whatever the guest got done, ~0.12-0.16 M instructions per second of wall time for
-the test kernel, so a boot slowed by a loaded host also counts more. `pykvm boot --stats` prints the counters listed in `SHOWN`.
+the test kernel, so a boot slowed by a loaded host also counts more.
+`pykvm boot --stats` prints the counters listed in `SHOWN`.
 """
 
 from __future__ import annotations
