@@ -119,3 +119,28 @@ def test_one_vcpu_unpacks_the_initramfs_in_its_initcall(kvm, kernel):
     with LinuxVM(kernel.bzimage, memory="64M", pvm_workarounds=True,
                  append="initramfs_async=1") as vm:
         assert vm.cmdline.get("initramfs_async") == "1"
+
+
+@pytest.mark.kvm
+def test_a_restored_vm_reports_the_command_line_its_guest_booted_with(kvm, kernel, tmp_path):
+    """A restore reads no kernel, so the LinuxVM it builds cannot know which of pykvm's arguments
+    were left off: the snapshot carries the line. Saved before the first instruction; nothing
+    boots."""
+    from pykvm import LinuxVM
+    path = tmp_path / "vm.snap"
+    with LinuxVM(kernel.bzimage, memory="64M", pvm_workarounds=True) as vm:
+        vm.save(path)
+        line, added, skipped = str(vm.cmdline), vm.added_pvm_args, vm.skipped_busywork
+    assert "nosmap" not in line.split()             # one the test kernel does not know
+    with LinuxVM.restore(path) as restored:
+        assert written_line(restored) == line == str(restored.cmdline)
+        assert (restored.added_pvm_args, restored.skipped_busywork) == (added, skipped)
+    # A file whose recorded line cannot be parsed is refused like any unusable snapshot.
+    from pykvm.snapshot import SnapshotError
+    from test_snapshot import _rewrite
+
+    def unbalanced(sections):
+        sections["META"]["config"]["cmdline"] = 'console=ttyS0 "'
+    _rewrite(path, tmp_path / "bad.snap", unbalanced)
+    with pytest.raises(SnapshotError, match="its command line is unusable"):
+        LinuxVM.restore(tmp_path / "bad.snap")

@@ -36,7 +36,11 @@ def save_linux(vm, path: str | os.PathLike) -> int:
               # The CLI's QEMU-compatible test devices (pykvm/testdevs.py) are added after the
               # LinuxVM is built; the restoring side adds them again the same way.
               "test_devices": getattr(vm, "test_devices", None),
-              "unsaved_devices": unsaved_devices(vm.machine)}
+              "unsaved_devices": unsaved_devices(vm.machine),
+              # The command line as the guest got it: a restore reads no kernel, so it could not
+              # tell which of pykvm's own arguments were left off for this one (boot/params.py).
+              "cmdline": str(vm.cmdline), "added_pvm_args": list(vm.added_pvm_args),
+              "skipped_busywork": list(vm.skipped_busywork)}
     return save_machine(path, vm.machine, machine_devices(vm.machine), config=config, disks=disks)
 
 
@@ -93,6 +97,26 @@ def apply_to(vm, snap: Snapshot) -> None:
         cpu.setup_cpuid(vm.machine.kvm, vcpu)
     disks = {"disk": vm.disk} if vm.disk is not None else {}
     snap.apply(vm.machine, machine_devices(vm.machine), disks)
+    _adopt_cmdline(vm, snap)
+
+
+def _adopt_cmdline(vm, snap: Snapshot) -> None:
+    """vm.cmdline and the lists of pykvm's own arguments as the guest booted with them, in place of
+    the ones LinuxVM made from the configuration (which still hold the arguments the kernel did
+    not know). A snapshot that does not record them (pykvm before session 6) keeps those."""
+    text = snap.config.get("cmdline")
+    if not isinstance(text, str):
+        return
+    from pykvm.boot import BootError
+    from pykvm.boot.cmdline import Cmdline
+    try:
+        vm.cmdline = Cmdline(text)
+    except BootError as e:
+        raise SnapshotError(f"{snap.path}: its command line is unusable ({e})") from None
+    for name in ("added_pvm_args", "skipped_busywork"):
+        value = snap.config.get(name)
+        if isinstance(value, list) and all(isinstance(arg, str) for arg in value):
+            setattr(vm, name, value)
 
 
 def make_clone(vm) -> None:
