@@ -71,3 +71,31 @@ def test_kvm_counts_at_least_the_exits_pykvm_saw():
     assert seen == 11
     assert after["exits"] - before["exits"] >= seen
     assert m.vcpu.kvm_stats() == {}                   # closed: nothing to read, no error
+
+
+@needs_kvm
+def test_first_callers_on_two_threads_open_one_statistics_file(monkeypatch):
+    """`vm.stats` may come from a test's thread while another asks too: the file is opened once
+    (a second open would leak a file descriptor), and a close() during a read waits for it."""
+    import threading
+    import time
+    from pykvm.kvm import stats
+    opened = []
+    real_open = stats.open_stats
+
+    def slow_open(fd):
+        time.sleep(0.05)                 # widen the window between "not open yet" and "opened"
+        opened.append(fd)
+        return real_open(fd)
+
+    monkeypatch.setattr(stats, "open_stats", slow_open)
+    with Machine(1 << 20, irqchip="none") as m:
+        readings = []
+        threads = [threading.Thread(target=lambda: readings.append(m.vcpu.kvm_stats()))
+                   for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(opened) == 1
+    assert len(readings) == 4 and all("exits" in r for r in readings)

@@ -91,7 +91,7 @@ class Vcpu:
         self.thread_id: int | None = None       # the thread inside run(), for kick()
         # kick() comes from other threads (timers, watchdogs, the profiler) and writes to the
         # kvm_run page: close() takes this lock to unmap it, so a late kick never touches freed
-        # memory.
+        # memory. kvm_stats() takes it too, for the statistics file close() closes.
         self._kick_lock = threading.Lock()
         # The C side of run() (csrc/kvm_helpers.h): fd and kvm_run page in one struct, which also
         # keeps the accounting: TSC ticks inside KVM_RUN, and exits by KVM_EXIT_* reason.
@@ -115,16 +115,19 @@ class Vcpu:
 
     def kvm_stats(self) -> dict[str, int]:
         """KVM's own counters for this vCPU (pykvm.kvm.stats), {} where the kernel has no
-        KVM_GET_STATS_FD (before 5.14). The file is opened once and kept until close()."""
-        if self.fd < 0:
-            return {}
-        if self._stats is None:
-            from .stats import open_stats
-            try:
-                self._stats = open_stats(self.fd)
-            except KvmError:
-                self._stats = False
-        return self._stats.read() if self._stats else {}
+        KVM_GET_STATS_FD (before 5.14). The file is opened once and kept until close().
+        Any thread may ask (`vm.stats` from a test while the vCPU runs): the lock that close()
+        takes keeps two first callers from opening two files, and a read from a closed one."""
+        with self._kick_lock:
+            if self.fd < 0:
+                return {}
+            if self._stats is None:
+                from .stats import open_stats
+                try:
+                    self._stats = open_stats(self.fd)
+                except KvmError:
+                    self._stats = False
+            return self._stats.read() if self._stats else {}
 
     def close(self) -> None:
         with self._kick_lock:
