@@ -11,6 +11,7 @@ import pytest
 
 from pykvm import LinuxVM, pvm
 from pykvm.assets import USERLAND_MARKER, initramfs, test_kernel
+from pykvm.lane.tcg import unexpected_splats, xsetbv_reaches_kvm
 
 pytestmark = [pytest.mark.amdv, pytest.mark.kvm, pytest.mark.linux]
 
@@ -26,7 +27,10 @@ def test_pykvm_info_reports_hardware_virtualization():
 
 
 def test_test_kernel_reaches_a_busybox_shell():
-    """The busybox init prints its marker from guest user mode, then its shell runs a command."""
+    """The busybox init prints its marker from guest user mode, then its shell runs a command.
+    On the way the kernel reported no warning, BUG or oops - but for the XSAVE one QEMU's TCG
+    causes, tolerated only if a guest's XSETBV is measured, here, not to reach KVM
+    (pykvm/lane/tcg.py)."""
     with LinuxVM(test_kernel().bzimage, initrd=initramfs(), memory="64M") as vm:
         vm.start(timeout=TIMEOUT)
         vm.console.expect(USERLAND_MARKER, timeout=TIMEOUT)
@@ -34,6 +38,9 @@ def test_test_kernel_reaches_a_busybox_shell():
         vm.send("echo lane-$((6 * 7))-ok\n")
         vm.console.expect(r"lane-42-ok", timeout=TIMEOUT)
         vm.stop()
+        console = vm.console.text
+    splats = unexpected_splats(console, xsetbv_reaches_kvm=xsetbv_reaches_kvm())
+    assert splats == [], "\n".join("\n".join(s.lines) for s in splats)
 
 
 def test_the_selftest_check_passes_here():

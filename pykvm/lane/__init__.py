@@ -18,7 +18,8 @@ well enough for Linux's kvm_amd, so a small QEMU machine ("L1") is such a host. 
 
 Users: ``pykvm selftest [-- COMMAND]`` (:mod:`.selftest`), and the ``amdv`` pytest marker
 (:mod:`.pytest_plugin`), whose tests all run in one lane boot. Under TCG, times mean nothing:
-the lane is for behaviour, never for performance figures.
+the lane is for behaviour, never for performance figures. Where TCG's SVM is not AMD's, and the one
+guest-kernel warning that costs (a guest's XSETBV never reaches L1's KVM): :mod:`.tcg`.
 """
 
 from .qemu import LaneError, LaneUnavailable

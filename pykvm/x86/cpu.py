@@ -26,6 +26,7 @@ CR0_PG = 1 << 31   # paging
 CR4_PAE = 1 << 5
 CR4_OSFXSR = 1 << 9
 CR4_OSXMMEXCPT = 1 << 10
+CR4_OSXSAVE = 1 << 18  # XSAVE/XRSTOR and XGETBV/XSETBV usable (SDM Vol. 1, 13.3)
 # EFER (MSR 0xc0000080) bits
 EFER_SCE = 1 << 0
 EFER_LME = 1 << 8  # long mode enable
