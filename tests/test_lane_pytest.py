@@ -89,6 +89,8 @@ def test_selection_reaches_the_inner_run(tmp_path):
     assert "2 passed, 3 deselected" in p.stdout
     inner_argv = json.loads((tmp_path / "lane-argv.json").read_text())
     assert [a for a in inner_argv if a.startswith("test_sample.py::")] == ["test_sample.py::test_in_lane_passes"]
+    # pytest's output capture off the 9p share (pykvm/lane/runner.py, L1_TMP)
+    assert inner_argv[:2] == ["env", "TMPDIR=/tmp"]
 
 
 def test_a_lane_that_dies_fails_every_marked_test_with_the_reason(tmp_path):

@@ -32,7 +32,7 @@ from _pytest.reports import TestReport
 from .. import pvm
 from .inner import RESULTS_ENV
 from .qemu import DEBIAN_PACKAGE, QEMU, LaneUnavailable, qemu_binary
-from .runner import INNER_ENV, LaneResult, cleanup, new_run_dir, run
+from .runner import INNER_ENV, L1_TMP, LaneResult, cleanup, new_run_dir, run
 
 MARK = "amdv"
 MARKER_HELP = (f"{MARK}: needs real hardware virtualization (guest userland): runs directly on "
@@ -151,7 +151,12 @@ class LanePlugin:
 
     def _inner_argv(self, run_dir: Path, nodeids: list[str]) -> list[str]:
         opt = self.config.option
-        argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "pykvm.lane.inner",
+        # TMPDIR on L1's tmpfs: pytest captures a test's output in an unlinked temporary file and
+        # truncates it after reading; on the share that truncate fails, and once a test has
+        # printed anything, it and every test after it error (runner.L1_TMP). tmp_path stays in
+        # the share (--basetemp), kept with a failed run.
+        argv = ["env", f"TMPDIR={L1_TMP}",
+                sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "pykvm.lane.inner",
                 f"--rootdir={self.config.rootpath}", f"--basetemp={run_dir / 'basetemp'}",
                 "-v", "-rN"]  # -v: a timed-out run's output names the test it was in
         argv.append("--color=yes" if self.config.get_terminal_writer().hasmarkup else "--color=no")

@@ -47,6 +47,11 @@ _NOISE = ("Unhandled WRMSR(0xc0010007)",)
 # (:func:`exported_paths`); nothing under /proc, /sys or /dev can be.
 HIDDEN = ("/proc", "/sys", "/dev", "/run", "/tmp")
 EXPORTABLE = ("/run", "/tmp")
+# L1's own /tmp, a tmpfs (l1-init.sh). A job's $TMPDIR is the share (job_environment), whose 9p
+# files do not all behave as local ones: ftruncate of an open but unlinked file fails with ENOENT
+# there (measured 2026-12-03; pykvm/host/overlay.py works around it). pytest's output capture is
+# such a file, so the inner pytest keeps its temporary files here instead (pytest_plugin.py).
+L1_TMP = "/tmp"
 
 
 @dataclass
