@@ -18,7 +18,8 @@ import pytest
 from conftest import needs_kvm
 
 SOURCE = Path(__file__).parent / "c" / "raw_kvm_debug.c"
-needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc builds tests/c/raw_kvm_debug.c")
+needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None,
+                               reason="gcc builds tests/c/raw_kvm_debug.c")
 
 
 def raw_kvm_debug(tmp_path) -> dict[str, list[str]]:

@@ -78,7 +78,11 @@ def _check_warnings(console: str) -> int:
     """Step 3: print the verdict on the boot's kernel warnings; 1 if it failed."""
     from ..testing.kernellog import kernel_splats
     from .tcg import XSAVE_SPLAT, unexpected_splats, xsetbv_reaches_kvm
-    reaches = xsetbv_reaches_kvm()
+    try:
+        reaches = xsetbv_reaches_kvm()
+    except (OSError, RuntimeError) as e:   # KvmError is an OSError; the probe guest did not halt
+        print(f"selftest: FAILED: the XSETBV probe guest (pykvm/lane/tcg.py) failed: {e}", flush=True)
+        return 1
     unexpected = unexpected_splats(console, xsetbv_reaches_kvm=reaches)
     if unexpected:
         print(f"selftest: FAILED: the test kernel reported {len(unexpected)} problem(s), the first: "

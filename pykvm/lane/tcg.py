@@ -2,16 +2,17 @@
 one guest-kernel warning the lane's checks tolerate because of it.
 
 **XSETBV is not intercepted.** KVM asks the CPU to intercept XSETBV in every guest (svm.c,
-init_vmcb: INTERCEPT_XSETBV; AMD APM vol. 2, 15.9 "Instruction Intercepts", exit code 0x8D): the
+init_vmcb: INTERCEPT_XSETBV; AMD APM vol. 2, ch. 15, "Instruction Intercepts", exit code 0x8D): the
 guest's write to XCR0 (which XSAVE state components the OS has turned on; SDM vol. 1, 13.3) then
 goes through kvm_set_xcr, and KVM keeps the guest's CPUID leaf 0xD in step with it -
 CPUID.(EAX=0DH,ECX=0):EBX is "the size of the XSAVE area for the components *currently set* in
 XCR0" (SDM vol. 1, 13.2), which kvm_update_cpuid_runtime recomputes from vcpu->arch.xcr0. QEMU 7.2's
 translator never checks that intercept (its xsetbv case in target/i386/tcg/translate.c calls
-helper_xsetbv directly; the check, gen_svm_check_intercept(s, SVM_EXIT_XSETBV), came with "target/i386:
-check intercept for XSETBV", QEMU 8.2, October 2023). So an L2 guest's XSETBV changes TCG's XCR0
-and L1's KVM never hears of it: KVM_GET_XCRS still says XCR0 = 1 (x87, its reset value), and CPUID
-0xD.0 EBX stays 576 (the legacy area and the XSAVE header), whatever L2 enabled.
+helper_xsetbv directly; the check, gen_svm_check_intercept(s, SVM_EXIT_XSETBV), came with
+"target/i386: check intercept for XSETBV", October 2023, after 7.2). So an L2 guest's XSETBV
+changes TCG's XCR0 and L1's KVM never hears of it: KVM_GET_XCRS still says XCR0 = 1 (x87, its
+reset value), and CPUID 0xD.0 EBX stays 576 (the legacy area and the XSAVE header), whatever L2
+enabled.
 
 Linux checks exactly that at boot (arch/x86/kernel/fpu/xstate.c, paranoid_xstate_size_valid): it
 enables x87|SSE|AVX (XCR0 = 7, an 832-byte area: 576 + AVX's 256 at offset 576), asks CPUID 0xD.0
@@ -73,7 +74,8 @@ def xsetbv_reaches_kvm() -> bool | None:
         if stop.reason != StopReason.HALT:
             raise RuntimeError(f"the XSETBV probe guest did not halt: {stop}")
         xcrs = m.vcpu.get_xcrs()
-        xcr0 = next((xcrs.xcrs[i].value for i in range(xcrs.nr_xcrs) if xcrs.xcrs[i].xcr == 0), None)
+        xcr0 = next((xcrs.xcrs[i].value for i in range(xcrs.nr_xcrs) if xcrs.xcrs[i].xcr == 0),
+                    None)
     return xcr0 == _XCR0
 
 

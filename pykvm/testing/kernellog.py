@@ -1,4 +1,5 @@
-"""The kernel's own reports of trouble in a guest's console log: WARN and BUG splats, oopses, panics.
+"""The kernel's own reports of trouble in a guest's console log: WARN and BUG splats, oopses,
+panics.
 
 A boot that reaches its shell can still have hit a WARN_ON on the way; a test that only waits for a
 prompt would never know. `kernel_splats(console)` finds them, so a test can assert there are none

@@ -4,7 +4,7 @@
  * "Single-step and debug"; pykvm/lane/tcg.py). One "name value" line per result:
  *
  *   steps-real N            single steps (KVM_GUESTDBG_SINGLESTEP) over 11 real-mode instructions
- *   steps-real-blockirq N   the same with KVM_GUESTDBG_BLOCKIRQ, as pykvm's gdb stub asks for a stepi
+ *   steps-real-blockirq N   the same with KVM_GUESTDBG_BLOCKIRQ (what pykvm's gdb stub asks for)
  *   steps-protected N       the same loop in 32-bit protected mode (flat segments, no paging)
  *   int3 exit|guest         a real-mode int3 with KVM_GUESTDBG_USE_SW_BP: a Debug exit, or the
  *                           guest's own IVT[3] handler ran
@@ -88,7 +88,8 @@ int main(void) {
     CHECK(vm, "KVM_CREATE_VM");
     mem = mmap(0, MEM_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (mem == MAP_FAILED) { perror("mmap"); return 2; }
-    struct kvm_userspace_memory_region region = { .memory_size = MEM_SIZE, .userspace_addr = (uint64_t)mem };
+    struct kvm_userspace_memory_region region = { .memory_size = MEM_SIZE,
+                                                   .userspace_addr = (uint64_t)mem };
     CHECK(ioctl(vm, KVM_SET_USER_MEMORY_REGION, &region), "KVM_SET_USER_MEMORY_REGION");
     vcpu = ioctl(vm, KVM_CREATE_VCPU, 0);
     CHECK(vcpu, "KVM_CREATE_VCPU");
@@ -117,8 +118,8 @@ int main(void) {
     memcpy(mem + 0x1800, LOOP32, sizeof LOOP32);
     struct kvm_sregs s;
     CHECK(ioctl(vcpu, KVM_GET_SREGS, &s), "KVM_GET_SREGS");
-    struct kvm_segment code = { .limit = 0xffffffff, .selector = 8, .type = 11, .present = 1, .db = 1,
-                                .s = 1, .g = 1 };
+    struct kvm_segment code = { .limit = 0xffffffff, .selector = 8, .type = 11, .present = 1,
+                                .db = 1, .s = 1, .g = 1 };
     struct kvm_segment data = code;
     data.type = 3;
     data.selector = 16;
@@ -141,8 +142,8 @@ int main(void) {
     real_mode(0x1280, 0);
     guest_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP, 0, 0);
     CHECK(ioctl(vcpu, KVM_RUN, 0), "KVM_RUN");
-    printf("int3 %s\n", run->exit_reason == KVM_EXIT_DEBUG && run->debug.arch.exception == 3 ? "exit"
-                        : run->exit_reason == KVM_EXIT_HLT ? "guest" : "other");
+    int bp_exit = run->exit_reason == KVM_EXIT_DEBUG && run->debug.arch.exception == 3;
+    printf("int3 %s\n", bp_exit ? "exit" : run->exit_reason == KVM_EXIT_HLT ? "guest" : "other");
 
     real_mode(0x1281, 0);                         /* DR0 on the out at 0x1282; DR7.L0, execute */
     guest_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP, 0x1282, 0x1);
@@ -154,7 +155,8 @@ int main(void) {
     real_mode(0x1400, CR4_OSXSAVE);
     CHECK(ioctl(vcpu, KVM_RUN, 0), "KVM_RUN");
     if (run->exit_reason != KVM_EXIT_HLT) {
-        fprintf(stderr, "the XSETBV guest stopped with exit reason %u, not hlt\n", run->exit_reason);
+        fprintf(stderr, "the XSETBV guest stopped with exit reason %u, not hlt\n",
+                run->exit_reason);
         return 2;
     }
     struct kvm_xcrs xcrs;
