@@ -17,7 +17,7 @@ from pykvm import pvm
 from pykvm.assets import USERLAND_MARKER, REBOOT_ARG, cloud_kernel, initramfs
 from pykvm import LinuxVM   # the public import the README shows
 
-from conftest import KVM_MARKS
+from conftest import KVM_MARKS, assert_no_kernel_warnings
 
 pytestmark = [*KVM_MARKS, pytest.mark.linux]
 
@@ -99,6 +99,7 @@ def test_userland_runs_and_reboots(kernel, rootfs):
     with LinuxVM(kernel.bzimage, initrd=rootfs, append=REBOOT_ARG, memory=MEMORY) as vm:
         vm.start(timeout=BOOT_TIMEOUT)
         vm.console.expect(USERLAND_MARKER, timeout=BOOT_TIMEOUT)
+        assert_no_kernel_warnings(vm.console.text)
         stop = vm.wait(BOOT_TIMEOUT)
         assert stop is not None and stop.reason == "reset"   # reboot=k: through the i8042
 

@@ -20,7 +20,8 @@ import pytest
 from pykvm import LinuxVM
 from pykvm.assets import USERLAND_MARKER, cloud_kernel, disk_image, initramfs, test_kernel
 from pykvm.halt import HaltWatch
-from pykvm.lane.tcg import unexpected_splats, xsetbv_reaches_kvm
+
+from conftest import assert_no_kernel_warnings
 
 pytestmark = [pytest.mark.amdv, pytest.mark.kvm, pytest.mark.linux]
 
@@ -42,13 +43,14 @@ def sbin(tool):
 
 
 def booted(vm, tmp_path):
-    """Start `vm`, its console also in tmp_path/console.log (kept with a failed lane run), and
-    wait for the busybox init's marker."""
+    """Start `vm`, its console also in tmp_path/console.log (kept with a failed lane run), wait
+    for the busybox init's marker, and check the kernel reported no warning on the way there."""
     log = open(tmp_path / "console.log", "wb")
     vm.console.tee_file(log)
     vm.machine.on_stop.append(lambda stop: log.close())
     vm.start(timeout=3 * TIMEOUT)
     vm.console.expect(USERLAND_MARKER, timeout=TIMEOUT)
+    assert_no_kernel_warnings(vm.console.text)
     return vm
 
 
@@ -244,7 +246,5 @@ def test_debian_kernel_reaches_userland_with_no_extra_arguments(tmp_path, which)
         release = vm.shell("uname -r", check=True).output.strip()
         assert re.match(release_pattern, release), release
         stop = vm.poweroff(timeout=TIMEOUT)
-        console = vm.console.text
+        assert_no_kernel_warnings(vm.console.text)    # also after the boot, to the poweroff
     assert stop.reason in ("halt", "poweroff"), stop
-    splats = unexpected_splats(console, xsetbv_reaches_kvm=xsetbv_reaches_kvm())
-    assert splats == [], "\n".join("\n".join(s.lines) for s in splats)

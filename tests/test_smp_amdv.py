@@ -12,6 +12,8 @@ import pytest
 from pykvm import LinuxVM
 from pykvm.assets import USERLAND_MARKER, initramfs, test_kernel
 
+from conftest import assert_no_kernel_warnings
+
 pytestmark = [pytest.mark.amdv, pytest.mark.kvm, pytest.mark.linux]
 
 TIMEOUT = 300
@@ -30,6 +32,7 @@ def test_userland_sees_two_cpus_and_keeps_both_busy(tmp_path):
         vm.console.tee_file(log)
         vm.start(timeout=6 * TIMEOUT)
         vm.console.expect(USERLAND_MARKER, timeout=TIMEOUT)
+        assert_no_kernel_warnings(vm.console.text)
         assert vm.shell("nproc", timeout=TIMEOUT).output.strip() == "2"
         assert vm.shell("grep -c ^processor /proc/cpuinfo", timeout=TIMEOUT).output.strip() == "2"
         before = ticks(vm.shell(CPU_TICKS, timeout=TIMEOUT).output)

@@ -11,6 +11,8 @@ import pytest
 from pykvm import LinuxVM
 from pykvm.assets import USERLAND_MARKER, initramfs, test_kernel
 
+from conftest import assert_no_kernel_warnings
+
 pytestmark = [pytest.mark.amdv, pytest.mark.kvm, pytest.mark.linux]
 
 TIMEOUT = 600
@@ -24,6 +26,7 @@ def at_the_prompt(tmp_path_factory):
     with LinuxVM(test_kernel().bzimage, initrd=initramfs(), memory=MEMORY, rng=True) as vm:
         vm.start(timeout=3 * TIMEOUT)
         vm.console.expect(USERLAND_MARKER, timeout=TIMEOUT)
+        assert_no_kernel_warnings(vm.console.text)
         assert vm.shell("echo ready").output == "ready\n"
         vm.stop()
         vm.save(path)
