@@ -20,9 +20,12 @@ EBX, gets 576, and WARNs once - "XSAVE consistency problem: size 832 != kernel_s
 register dump and call trace, then the CPUID leaves - before it falls back to FXSAVE
 (fpu__init_disable_system_xstate). Every Linux L2 in the lane prints it; L1's own boot, where TCG
 answers CPUID itself from its own XCR0, does not ("Enabled xstate features 0x7, context size is 832
-bytes"). Not pykvm's: the same two reads after a guest's XSETBV come out the same way from a raw C
-KVM program in L1 (measured 2026-12-03, Debian's QEMU 7.2, L1 6.1.0-57 kvm_amd: XCR0 written 7,
-KVM_GET_XCRS 1, CPUID 0xD.0 EBX 576; on KVM-PVM: 7 and 832), and pykvm passes leaf 0xD from
+bytes"); nor does QEMU offer L1 XSAVE features TCG lacks: for -cpu EPYC it drops XSAVEC ("TCG
+doesn't support requested feature: CPUID.0DH:EAX.xsavec", in qemu.log), leaving L1 xsave,
+xsaveopt, avx and avx2, the standard format. Not pykvm's: the same two reads after a guest's
+XSETBV come out the same way from a raw C KVM program in L1 (measured 2026-12-03, Debian's QEMU
+7.2, L1 6.1.0-57 kvm_amd: XCR0 written 7, KVM_GET_XCRS 1, CPUID 0xD.0 EBX 576; on KVM-PVM: 7 and
+832; tests/c/raw_kvm_debug.c keeps the check), and pykvm passes leaf 0xD from
 KVM_GET_SUPPORTED_CPUID unchanged (pykvm/x86/cpu.py, setup_cpuid).
 
 So the lane's checks tolerate that one WARN, word for word, and only on a host where
