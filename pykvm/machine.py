@@ -142,6 +142,10 @@ class Machine:
         # look even at a guest that never exits. None: never.
         self.watchdog_period: float | None = None
         self.on_stop: list[Callable[[Stop], None]] = []
+        # Called by close() before anything is torn down, last added first: whatever holds on to
+        # guest memory or the vCPUs from a thread of its own (the gdb stub restoring its int3s
+        # when gdb detaches) finishes while both are still there.
+        self.on_close: list[Callable[[], None]] = []
         # How long run() has let the guest run: held while a debugger holds the vCPUs, so that
         # run(timeout) does not count the minutes someone spends in gdb (pykvm/runclock.py).
         self.run_clock = RunClock()
@@ -404,6 +408,8 @@ class Machine:
     def close(self) -> None:
         if self.running:
             self.stop()
+        while self.on_close:
+            self.on_close.pop()()
         if self.userirq is not None:
             self.userirq.close()
         if self.fast is not None:

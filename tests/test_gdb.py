@@ -26,6 +26,10 @@ needs_gdb = pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb is not i
                                "(Debian: apt-get install gdb; ./run installs it)")
 needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc builds firmware/")
 
+# The stub serves gdb from a thread of its own: an exception there (e.g. detaching after the
+# machine was closed, as one did in a fresh-clone suite run) fails the test instead of a warning.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+
 
 # ---------------------------------------------------------------- framing
 
@@ -504,3 +508,23 @@ def test_the_guests_own_cpl3_int3_still_reaches_its_handler():
     assert "Breakpoint 1, main ()" in out and "$1 = 3" in out, out
     assert result.status == 0x1003 and "exception 3 (#BP breakpoint)" in result.text, result.text
     assert "cs=0x2b" in result.text, result.text                   # the frame says CPL3
+
+
+
+@needs_kvm
+def test_closing_the_machine_closes_the_stub_while_memory_is_still_there():
+    """Machine.close runs `on_close` first, newest first: the stub (which registers its close
+    there) ends its thread before guest memory and vCPUs go, so a session's last act (restoring
+    code under its int3s) never meets a closed machine - it did once, in a fresh-clone suite run,
+    as a ValueError on a released memoryview in the pykvm-gdb thread."""
+    from pykvm.machine import Machine
+    m = Machine(1 << 20, irqchip="none")
+    stub = GdbStub(m, address=("127.0.0.1", 0), log=lambda msg: None)
+    stub.start()
+    m.mem.write(0x1000, b"\x90")
+    seen = []
+    m.on_close.insert(0, lambda: seen.append((stub._thread.is_alive(), m.mem.read(0x1000, 1))))
+    assert stub._thread.is_alive()
+    m.close()
+    assert seen == [(False, b"\x90")]        # the stub's close ran first, memory still readable
+    assert not stub._thread.is_alive()

@@ -85,6 +85,7 @@ class GdbStub:
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._closing = False
+        self._conn: socket.socket | None = None    # gdb's connection while a session lasts
         self.connected = threading.Event()  # a gdb has attached (tests, examples)
         self.resumed = threading.Event()    # gdb let the vCPUs run (set at each resume)
 
@@ -111,6 +112,7 @@ class GdbStub:
         m.interrupted_handlers.append(c.on_interrupted)
         m.internal_error_handlers.insert(0, c.on_internal_error)
         m.on_stop.append(self._on_machine_stop)
+        m.on_close.append(self.close)         # gdb's session ends before memory and vCPUs go
         if self.wait:
             c.hold_all()
         self._thread = threading.Thread(target=self._serve, name="pykvm-gdb", daemon=True)
@@ -124,13 +126,25 @@ class GdbStub:
         return self._sock.getsockname()[1]
 
     def close(self) -> None:
+        """Stop listening and end gdb's session. Returns once the session's thread has ended,
+        so its last act - restoring guest code under its int3s, letting the vCPUs go - never
+        meets a closed machine (Machine.close calls this first). gdb gets two seconds to take the
+        guest's exit ("W" packet) and disconnect; after that its connection is shut."""
         self._closing = True
         self._wakeup()
         if self._sock is not None:
             self._sock.close()
         self.control.let_go()
-        if self._thread is not None:
-            self._thread.join(2)
+        if self._thread is None or self._thread is threading.current_thread():
+            return
+        self._thread.join(2)
+        conn = self._conn
+        if self._thread.is_alive() and conn is not None:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)   # the session's recv() sees the end
+            except OSError:
+                pass
+        self._thread.join(10)
 
     def _wakeup(self) -> None:
         try:
@@ -163,11 +177,13 @@ class GdbStub:
                     return
                 self.log(f"gdb attached from {peer[0]}:{peer[1]}")
                 self.connected.set()
+                self._conn = conn
                 try:
                     self._session(conn)
                 except OSError:
                     pass
                 finally:
+                    self._conn = None
                     conn.close()
                     self.control.detach()
                     self.log("gdb detached; the guest runs on")
