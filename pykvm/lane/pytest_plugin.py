@@ -136,6 +136,11 @@ class LanePlugin:
         item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
         for report in self._reports_for(item):
             item.ihook.pytest_runtest_logreport(report=report)
+        # This item never set anything up here, but the items before it in its module did: tear
+        # down what `nextitem` does not need, as pytest's own protocol would at this item's
+        # teardown. Otherwise a lane item last in a mixed module leaves that module set up and
+        # the next module's first test errors ("previous item was not torn down properly").
+        item.session._setupstate.teardown_exact(nextitem)
         item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
         return True
 
