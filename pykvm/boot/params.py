@@ -7,18 +7,19 @@ Every parameter a kernel parses is a NUL-terminated name somewhere in its image:
     module_param(notests, ...) in cryptomgr     "cryptomgr.notests\\0"  (moduleparam.h: prefix + name)
     cmdline_find_option_bool(cmdline, "nopcid") "nopcid\\0"   (arch/x86/lib/cmdline.c, early CPU set-up)
 
-So a name that is not in the image, followed by NUL or by "=" and NUL, is one the kernel cannot
-act on. pykvm uses this to leave out the KVM-PVM arguments it would add (pykvm.pvm) that a given
-kernel lacks: Linux 6.1 has no `nosmap` any more (it still parses `noxsave`, early in
-arch/x86/kernel/cpu/common.c), and a small kernel has no audit, psi or watchdog. Left in, such an argument is not free where every kernel instruction is emulated: the
-kernel parses the whole command line once per initcall level (init/main.c, do_initcall_level: nine
-passes of parse_args, each comparing every argument against every built-in module parameter), and an
-unknown one also goes through unknown_bootoption and every __setup entry, then to init's argv or
-environment. Measured on KVM-PVM (test kernel, 64 MiB, sampled with --profile): strlen, parse_args,
-next_arg, parameq and unknown_bootoption were ~4.5 % of a boot's samples with pykvm's usual ~22
-arguments, ~10 % with 22 unknown ones more. For the test kernel this leaves out six (nosmap,
-nokaslr, audit, psi, cryptomgr.notests, and the 240-character initcall_blacklist, which a kernel
-without KALLSYMS ignores after printing it three times on the console).
+So a name that is not in the image, followed by NUL or by "=" and NUL, is one the kernel cannot act
+on. pykvm uses this to leave out the KVM-PVM arguments it would add (pykvm.pvm) that a given kernel
+lacks: Linux 6.1 has no `nosmap` any more (it still parses `noxsave`, early in
+arch/x86/kernel/cpu/common.c), and a small kernel has no audit, psi or watchdog. Left in, such an
+argument is not free where every kernel instruction is emulated: the kernel parses the whole command
+line once per initcall level (init/main.c, do_initcall_level: nine passes of parse_args, each
+comparing every argument against every built-in module parameter), and an unknown one also goes
+through unknown_bootoption and every __setup entry, then to init's argv or environment. Measured on
+KVM-PVM (test kernel, 64 MiB, sampled with --profile): strlen, parse_args, next_arg, parameq and
+unknown_bootoption were ~4.5 % of a boot's samples with pykvm's usual ~22 arguments, ~10 % with 22
+unknown ones more. For the test kernel this leaves out six (nosmap, nokaslr, audit, psi,
+cryptomgr.notests, and the 240-character initcall_blacklist, which a kernel without KALLSYMS ignores
+after printing it three times on the console).
 
 A false "knows" (the name happens to appear as a string for another reason) only keeps an
 argument, as before. Matching is on the name as written: Linux treats '-' and '_' alike in
