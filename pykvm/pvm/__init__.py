@@ -25,7 +25,9 @@ This package:
        clac / stac          RFLAGS.AC <- 0 / 1
        popcnt r, r/m        r <- number of set bits; ZF = (source == 0); OF SF AF CF PF <- 0
 
-   Anything else is left alone (returns False) and `describe_gap()` names it for the VMM's error.
+   Anything else is run again once, unchanged (another vCPU may have rewritten the code since
+   KVM looked: Linux's text_poke_bp; see gaps.py), then left alone (returns False) and
+   `describe_gap()` names it for the VMM's error.
 
 The package is split four ways: `host.py` (which host, what to expect, kernel arguments; plain
 Python), `busywork.py` (the boot work only userland would notice, skipped: each argument with its

@@ -6,6 +6,7 @@ complete (`describe_gap`); unstick a guest spinning on `vmcall` (`StuckVmcall`).
 from __future__ import annotations
 
 import struct
+import weakref
 from dataclasses import dataclass
 
 import iced_x86 as iced
@@ -120,9 +121,10 @@ def complete_gap(machine, exit) -> bool:
     if not _is_emulation_failure(exit):
         return False
     gap = _read_gap(machine, exit)
-    if gap.insn is None or gap.insn.mnemonic not in SUPPORTED:
-        return False
     vcpu, mem = machine.vcpu, machine.mem
+    if gap.insn is None or gap.insn.mnemonic not in SUPPORTED:
+        return _retry_once(machine, gap)
+    _retried.pop(vcpu, None)
     xsave = None
     if gap.insn.mnemonic in _LDMXCSR or gap.insn.mnemonic in _STMXCSR:
         xsave = _get_xsave(vcpu)
@@ -138,6 +140,37 @@ def complete_gap(machine, exit) -> bool:
             done = page_fault(done.mnemonic, gap.regs["rip"], pf, gap.regs["cpl"])
     _apply(vcpu, gap, done, xsave)
     machine.stats.pvm_gaps[done.counter_key] += 1
+    return True
+
+
+# ---- code rewritten between KVM's fetch and ours ----
+#
+# Another vCPU can rewrite an instruction between KVM's failed emulation of it and our read of it.
+# Linux patches live kernel text that way for static keys, static calls and ftrace: text_poke_bp
+# (arch/x86/kernel/alternative.c) writes int3 over the first byte, syncs every CPU with an IPI,
+# writes the new tail, syncs, writes the new first byte, syncs. A CPU that meets the int3 meanwhile
+# traps to poke_int3_handler, which emulates the new instruction. Here KVM-PVM's emulator stops on
+# that int3 and exits; by the time we read RIP the patch can be finished and the bytes are the new,
+# ordinary instruction - injecting #BP then would be wrong (poke_int3_handler no longer knows the
+# address and the kernel dies of "int3"). Seen once in a two-vCPU boot of Debian's cloud kernel just
+# after "IPI shorthand broadcast: enabled" (a static key flipped): KVM failed at a jump label whose
+# bytes were by then `66 90`, a 2-byte nop.
+#
+# A CPU running this code would execute either the int3 or the new instruction, so running the new
+# one is right: re-enter the guest once with nothing changed. A real gap fails again on the same
+# RIP and bytes, and is reported then. The record is per vCPU (each vCPU thread completes its own
+# gaps) and is cleared by every completed gap.
+
+_retried: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # vCPU -> (RIP, bytes)
+
+
+def _retry_once(machine, gap: _Gap) -> bool:
+    """True (re-enter the guest unchanged) the first time KVM fails at this RIP on these bytes."""
+    seen = (gap.regs["rip"], gap.code)
+    if _retried.get(machine.vcpu) == seen:
+        return False
+    _retried[machine.vcpu] = seen
+    machine.stats.pvm_gaps["retried"] += 1
     return True
 
 
