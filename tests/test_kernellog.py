@@ -87,3 +87,14 @@ def test_xsetbv_reaches_kvm_on_this_host():
     XSETBV is seen by KVM. In the lane the same probe says False (test_lane_amdv.py)."""
     from pykvm.lane.tcg import xsetbv_reaches_kvm
     assert xsetbv_reaches_kvm() is True
+
+
+def test_a_tolerated_warn_cut_short_does_not_hide_the_next_report():
+    """A "cut here" block whose "end trace" line never came (the log cut off, or another CPU's
+    report printed in between) ends at the next "cut here": the next WARN is a splat of its own,
+    not lines of the tolerated one."""
+    cut_short = LANE_L2_BOOT.split("[    1.264886]")[0]
+    found = unexpected_splats(cut_short + OTHER_WARN, xsetbv_reaches_kvm=False)
+    assert [s.message for s in found] == \
+        ["WARNING: CPU: 0 PID: 1 at drivers/base/core.c:123 device_add+0x1/0x2"]
+    assert [s.message for s in kernel_splats(cut_short + OTHER_WARN)][0] == XSAVE_SPLAT

@@ -42,36 +42,37 @@ def _strip(line: str) -> str:
     return _TIMESTAMP.sub("", line.rstrip("\r")).rstrip()
 
 
+def _report(lines: list[str], start: int, most: int | None) -> list[str]:
+    """The lines of the report that begins at ``lines[start]``: up to its "end trace" line, but
+    never into the next "cut here" (another report begins there, and a splat a test tolerates must
+    not hide it) and, with ``most``, at most that many lines."""
+    block = [lines[start]]
+    for i in range(start + 1, len(lines)):
+        if lines[i] == CUT_HERE or len(block) == most:
+            break
+        block.append(lines[i])
+        if _END_TRACE.search(lines[i]):
+            break
+    return block
+
+
 def kernel_splats(console: str) -> list[Splat]:
     """Every report of trouble in `console`, in order. A "cut here" block is one splat, named by
     the line after "cut here" (a WARN's message); a report line outside any block (a BUG, an oops,
-    a panic, a call trace with no header) starts a splat of its own, named by that line, which
-    runs to its "end trace" line (or the next "cut here", or _REPORT_LINES lines)."""
+    a panic, a call trace with no header) starts a splat of its own, named by that line. Either
+    runs to its "end trace" line or the next "cut here" (a report line outside a block: at most
+    _REPORT_LINES lines)."""
     lines = [_strip(line) for line in console.splitlines()]
     splats: list[Splat] = []
     i = 0
     while i < len(lines):
-        line = lines[i]
-        if line == CUT_HERE:
-            block = [line]
-            i += 1
-            while i < len(lines):
-                block.append(lines[i])
-                i += 1
-                if _END_TRACE.search(block[-1]):
-                    break
-            message = next((b for b in block[1:] if b), "")
-            splats.append(Splat(message, block))
-            continue
-        if _REPORT.search(line):
-            block = [line]
-            i += 1
-            while i < len(lines) and lines[i] != CUT_HERE and len(block) < _REPORT_LINES:
-                block.append(lines[i])
-                i += 1
-                if _END_TRACE.search(block[-1]):
-                    break
-            splats.append(Splat(line, block))
-            continue
-        i += 1
+        if lines[i] == CUT_HERE:
+            block = _report(lines, i, most=None)
+            splats.append(Splat(next((b for b in block[1:] if b), ""), block))
+        elif _REPORT.search(lines[i]):
+            block = _report(lines, i, most=_REPORT_LINES)
+            splats.append(Splat(lines[i], block))
+        else:
+            block = [lines[i]]
+        i += len(block)
     return splats
