@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import textwrap
 
 import pykvm.lane.pytest_plugin as lane_plugin
 from pykvm.lane.inner import RESULTS_ENV
@@ -25,35 +24,24 @@ from pykvm.lane.runner import LaneResult
 
 pytest_plugins = ["pytester"]
 
-# A module whose last item goes to the lane, after a host item that set up a module fixture...
-MODULE_A = '''
+# A module with a module-scoped fixture and a test on the host that sets it up. Module A adds an
+# amdv item LAST, so it goes to the lane after the host item; module B follows.
+MODULE = '''
 import pytest
 
 @pytest.fixture(scope="module")
-def a_resource(events):
-    events("a up")
+def resource(events):
+    events("{name} up")
     yield
-    events("a down")
+    events("{name} down")
 
-def test_a_on_the_host(a_resource):
-    pass
-
-@pytest.mark.amdv
-def test_a_in_the_lane():
+def test_{name}_on_the_host(resource):
     pass
 '''
 
-# ...followed by a module whose first test sets up a module fixture of its own.
-MODULE_B = '''
-import pytest
-
-@pytest.fixture(scope="module")
-def b_resource(events):
-    events("b up")
-    yield
-    events("b down")
-
-def test_b_on_the_host(b_resource):
+LANE_ITEM = '''
+@pytest.mark.amdv
+def test_a_in_the_lane():
     pass
 '''
 
@@ -96,7 +84,7 @@ def test_a_module_ending_in_a_lane_item_is_torn_down_before_the_next(pytester, m
     monkeypatch.setenv("TMPDIR", str(pytester.path))  # the fake run's directory (new_run_dir)
     pytester.makeconftest(CONFTEST)
     pytester.makeini("[pytest]\nmarkers =\n    amdv: lane\n")
-    pytester.makepyfile(test_a=textwrap.dedent(MODULE_A), test_b=textwrap.dedent(MODULE_B))
+    pytester.makepyfile(test_a=MODULE.format(name="a") + LANE_ITEM, test_b=MODULE.format(name="b"))
 
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "test_a.py", "test_b.py")
 
