@@ -28,7 +28,6 @@ On VT-x/AMD-V only the rare instructions KVM emulates are counted, and this says
 from __future__ import annotations
 
 import argparse
-import bisect
 import re
 import sys
 import time
@@ -80,14 +79,14 @@ def symbol_namer(system_map: Path | None):
     ("0xffffffff81a9e951"), which System.map resolves; symbol names pass through."""
     if system_map is None or not system_map.exists():
         return lambda s: s
-    from pykvm.profile import load_system_map
+    from pykvm.profile import find_symbol, load_system_map
     addrs, names = load_system_map(system_map)
 
     def name(printed: str) -> str:
         if not printed.startswith("0x"):
             return printed.split("+")[0]
-        i = bisect.bisect_right(addrs, int(printed.split("+")[0], 16)) - 1
-        return names[i] if i >= 0 else printed
+        found = find_symbol(addrs, names, int(printed.split("+")[0], 16))
+        return printed if found is None else found[0]
     return name
 
 

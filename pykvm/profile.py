@@ -42,6 +42,14 @@ def load_system_map(path: str | Path) -> tuple[list[int], list[str]]:
     return [a for a, _ in pairs], [n for _, n in pairs]
 
 
+def find_symbol(addrs: list[int], names: list[str], addr: int) -> tuple[str, int] | None:
+    """The text symbol `addr` lies in, from load_system_map's lists, and the offset into it: the
+    last symbol at or below `addr` (System.map gives only where each starts), or None below the
+    first one."""
+    i = bisect.bisect_right(addrs, addr) - 1
+    return (names[i], addr - addrs[i]) if i >= 0 else None
+
+
 class GuestProfiler:
     """Samples RIP on Interrupted exits; `start(machine)` installs it, `report()` summarizes."""
 
@@ -64,10 +72,8 @@ class GuestProfiler:
                      "the symbols from the kernel image") if system_map and not self._addrs else ""
 
     def symbol(self, rip: int) -> str:
-        i = bisect.bisect_right(self._addrs, rip) - 1
-        if i < 0:
-            return f"{rip:#x}"
-        return f"{self._names[i]}+{rip - self._addrs[i]:#x}"
+        found = find_symbol(self._addrs, self._names, rip)
+        return f"{rip:#x}" if found is None else f"{found[0]}+{found[1]:#x}"
 
     def start(self, machine) -> None:
         machine.interrupted_handlers.append(self._sample)
