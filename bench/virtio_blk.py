@@ -292,13 +292,24 @@ def run(quick: bool = False) -> list[dict]:
     return out
 
 
+def _kind(r: dict) -> tuple[str, str | None, bool]:
+    """How the device served result `r` of run(): the row label's suffix, a note for the row's
+    details, and whether the row holds issue 16's goal (only the path LinuxVM's machines use)."""
+    if not r["fast_path"]:
+        return (", Python device", "the reference path, not a goal: the Python model every C "
+                "request is held to (tests/test_virtio_blk_fast.py); issue 16 asks the C path for "
+                "the speed", False)
+    if r["poll_us"] == 0:
+        return (", kicks", "not a goal: the C path without its polling thread, each batch a kick "
+                "(an exit from guest CPL3), for comparison with the row above", False)
+    return "", None, True
+
+
 def _label(r: dict) -> str:
     size = f"{r['request_bytes'] >> 20} MiB" if r["request_bytes"] >= 1 << 20 \
         else f"{r['request_bytes'] >> 10} KiB"
     what = "write" if r["write"] else "read"
-    path = ", Python device" if not r["fast_path"] else ", kicks" if r["poll_us"] == 0 \
-        else ""
-    return f"guest virtio-blk {what}, {size} x{r['depth']}{path}"
+    return f"guest virtio-blk {what}, {size} x{r['depth']}{_kind(r)[0]}"
 
 
 def virtio_blk_rows(quick: bool = False) -> Section:
@@ -314,17 +325,12 @@ def virtio_blk_rows(quick: bool = False) -> Section:
         if "host_preadv_guest_ram_mbps" in r:
             details.append(f"host preadv into guest RAM: {r['host_preadv_guest_ram_mbps']:.0f} "
                            "MB/s (a copy-free device's ceiling)")
-        if not r["fast_path"]:
-            details.append("the reference path, not a goal: the Python model every C request is "
-                           "held to (tests/test_virtio_blk_fast.py); issue 16 asks the C path for "
-                           "the speed")
-        elif r["poll_us"] == 0:
-            details.append("not a goal: the C path without its polling thread, each batch a kick "
-                           "(an exit from guest CPL3), for comparison with the row above")
-        default = r["fast_path"] and r["poll_us"] is None
+        _, note, goal = _kind(r)
+        if note:
+            details.append(note)
         sec.rows.append(Row(_label(r), r["guest_mbps"], "MB/s", r["host_mbps"],
                             "pwrite+fsync" if r["write"] else "pread",
-                            GOAL if default else None, details=details))
+                            GOAL if goal else None, details=details))
     return sec
 
 

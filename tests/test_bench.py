@@ -246,6 +246,29 @@ def test_boot_rows_from_made_up_boots(monkeypatch, tmp_path):
     assert not any("64MiB" in r.name for r in quick.rows)
 
 
+def test_virtio_blk_rows_from_made_up_results(monkeypatch):
+    """virtio_blk_rows names each row by how the device served it, and only the default path (C,
+    with its polling thread) holds issue 16's goal; the other two say they are no goal."""
+    from bench import virtio_blk
+    counts = dict(guest_mbps=100.0, host_mbps=200.0, size_bytes=64 << 20, guest_requests=64,
+                  guest_notifies=2, guest_suppressed=6, c_requests=64, polled=6, guest_exits=9,
+                  depth=4, write=False, request_bytes=1 << 20)
+    made_up = [dict(counts, fast_path=True, poll_us=None),
+               dict(counts, write=True, request_bytes=4096, fast_path=True, poll_us=None),
+               dict(counts, fast_path=True, poll_us=0),
+               dict(counts, fast_path=False, poll_us=None)]
+    monkeypatch.setattr(virtio_blk, "run", lambda quick=False: made_up)
+    rows = virtio_blk.virtio_blk_rows().rows
+    assert [r.name for r in rows] == ["guest virtio-blk read, 1 MiB x4",
+                                      "guest virtio-blk write, 4 KiB x4",
+                                      "guest virtio-blk read, 1 MiB x4, kicks",
+                                      "guest virtio-blk read, 1 MiB x4, Python device"]
+    assert [r.goal is not None for r in rows] == [True, True, False, False]
+    assert [r.baseline_name for r in rows] == ["pread", "pwrite+fsync", "pread", "pread"]
+    assert not any("not a goal" in d for r in rows[:2] for d in r.details)
+    assert all(any("not a goal" in d for d in r.details) for r in rows[2:])
+
+
 def test_boot_details_carry_kvms_emulated_instruction_count():
     from bench.boot import _exit_summary
     line = _exit_summary({"exits": {"IO": 3, "HLT": 1}, "exits_handled_in_c": 2,
