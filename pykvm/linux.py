@@ -170,6 +170,7 @@ class LinuxVM(RunnableVM):
                 staged = stage_kernel(kernel_bytes, decompress=boot.decompress)
                 # The command line is settled here, once, and written to the guest as it stands.
                 self._forget(staged.unknown_params(self._own_pvm_keys()))
+                self._check_line_fits(staged.cmdline_max)
                 self.plan = load_linux(self.machine.mem, staged, str(self.cmdline),
                                        initrd=initrd_bytes,
                                        acpi_rsdp=self.acpi.tables.rsdp if self.acpi else 0)
@@ -213,6 +214,19 @@ class LinuxVM(RunnableVM):
         self.added_pvm_args = [a for a in self.added_pvm_args if a.partition("=")[0] not in gone]
         self.skipped_busywork = [a for a in self.skipped_busywork
                                  if a.partition("=")[0] not in gone]
+
+    def _check_line_fits(self, max_len: int) -> None:
+        """A line longer than the kernel's setup_header.cmdline_size is refused by the loader; say
+        here how much of it is the user's --append, which is the part they can shorten."""
+        total = len(str(self.cmdline).encode())
+        if total <= max_len:
+            return
+        own = total - len(str(Cmdline(self.config.boot.append)).encode())
+        fix = (f"--append is {total - own} bytes; beside pykvm's own {own} it can have at most "
+               f"{max_len - own}" if own < max_len else
+               f"pykvm's own arguments alone are {own} bytes (--no-pvm-workarounds leaves most off)")
+        raise BootError(f"command line is {total} bytes but this kernel accepts at most {max_len} "
+                        f"(setup_header.cmdline_size): {fix}")
 
     def _open_disk(self, disk, readonly: bool, snapshot: bool):
         from .host.disk import DiskImage

@@ -144,3 +144,25 @@ def test_a_restored_vm_reports_the_command_line_its_guest_booted_with(kvm, kerne
     _rewrite(path, tmp_path / "bad.snap", unbalanced)
     with pytest.raises(SnapshotError, match="its command line is unusable"):
         LinuxVM.restore(tmp_path / "bad.snap")
+
+
+@pytest.mark.kvm
+def test_a_line_too_long_for_the_kernel_says_how_much_append_may_have(kvm, tmp_path):
+    """The kernel takes setup_header.cmdline_size bytes of command line, pykvm's own arguments
+    included: the error says how long --append may be beside them. Nothing boots."""
+    from pykvm import LinuxVM
+    from pykvm.boot import BootError
+    from pykvm.testing.synthetic import compress, make_bzimage, make_elf
+    vmlinux = make_elf([(0x1000000, bytes(4096), 0x1000)], 0x1000000,
+                       banner=b"Linux version 6.1.0-fake (t@t) #1")
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(make_bzimage(compress(vmlinux, "gzip"), cmdline_size=2047))
+    with LinuxVM(kernel, memory="64M") as vm:
+        own = len(str(vm.cmdline)) + 1              # pykvm's arguments and the space before them
+    with LinuxVM(kernel, memory="64M", append="a" * (2047 - own)) as vm:
+        assert len(str(vm.cmdline)) == 2047
+    with pytest.raises(BootError) as e:
+        LinuxVM(kernel, memory="64M", append="a" * (2048 - own))
+    assert str(e.value) == (f"command line is 2048 bytes but this kernel accepts at most 2047 "
+                            f"(setup_header.cmdline_size): --append is {2048 - own} bytes; beside "
+                            f"pykvm's own {own} it can have at most {2047 - own}")
