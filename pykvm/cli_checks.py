@@ -235,13 +235,23 @@ def host_memory() -> int | None:
     return None
 
 
+def too_little_memory(text: str | int, n: int, minimum: int = MIN_MEMORY) -> InputError:
+    """The error for guest RAM below `minimum`, naming the amount as given: `--memory 512` is 512
+    bytes (QEMU's -m would read MiB), which "0 MiB" would not explain."""
+    amount = (f"{n >> 20} MiB" if n >= MiB and n % MiB == 0 else
+              f"{n >> 10} KiB" if n >= KiB and n % KiB == 0 else f"{n} byte{'s' * (n != 1)}")
+    bare = isinstance(text, str) and text.strip()[-1:].isdigit()
+    hint = "; a number with no K, M, G or T counts bytes: 256M is 256 MiB" if bare else ""
+    return InputError(f"{amount} of memory is too little for Linux: give at least "
+                      f"{minimum >> 20} MiB (--memory{hint})")
+
+
 def memory(text: str | int, *, minimum: int = MIN_MEMORY) -> int:
     """Guest RAM: a size (see `size`) of at least `minimum`, a multiple of 4 KiB, and no more than
     the host has (a larger anonymous mapping fails in mmap with ENOMEM)."""
     n = size(text)
     if n < minimum:
-        raise InputError(f"{n >> 20} MiB of memory is too little for Linux: give at least "
-                         f"{minimum >> 20} MiB (--memory)")
+        raise too_little_memory(text, n, minimum)
     if n % 4096:
         raise InputError(f"memory size {text!r} is not a whole number of 4 KiB pages (--memory)")
     host = host_memory()

@@ -91,8 +91,7 @@ class MachineConfig:
     def __post_init__(self) -> None:
         memory = cli_checks.size(self.memory)
         if memory < layout.MIN_MEMORY:
-            raise InputError(f"{memory >> 20} MiB of memory is too little for Linux: "
-                             f"give at least {layout.MIN_MEMORY >> 20} MiB (--memory)")
+            raise cli_checks.too_little_memory(self.memory, memory, layout.MIN_MEMORY)
         object.__setattr__(self, "memory", memory)
         _one_of("irqchip", self.irqchip, IRQCHIPS)
         if isinstance(self.cpus, bool) or not isinstance(self.cpus, int) or self.cpus < 1:

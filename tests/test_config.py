@@ -35,3 +35,13 @@ def test_bad_values_fail_with_one_line_when_made(options):
 def test_unknown_keyword_is_a_type_error():
     with pytest.raises(TypeError, match="disck"):
         LinuxConfig.from_options("bzImage", disck="root.img")
+
+
+def test_too_little_memory_names_the_amount_as_given():
+    """`memory=512` is 512 bytes, not the 512 MiB QEMU's -m would read: the error says so, where it
+    once said "0 MiB"."""
+    with pytest.raises(InputError, match=r"^512 bytes of memory is too little for Linux: give at "
+                                         r"least 32 MiB \(--memory; a number with no K, M, G or T"):
+        LinuxConfig.from_options("bzImage", memory="512")
+    with pytest.raises(InputError, match=r"^4 KiB of memory .*\(--memory\)$"):
+        LinuxConfig.from_options("bzImage", memory=4096)
