@@ -15,7 +15,7 @@ CODE = bytes([
     0xb0, 0x02,        # mov al, 2
     0x04, 0x03,        # add al, 3
     0x04, ord("0"),    # add al, '0'     ; the digit '5'
-    0xe6, 0xe9,        # out 0xe9, al    ; -> exit: IoOut(port=0xe9, data=b'5')
+    0xe6, 0xe9,        # out 0xe9, al    ; -> exit: IoOut(port=0xe9, size=1, count=1, data=b'5')
     0xf4,              # hlt             ; -> exit: Hlt
 ])
 GUEST_ADDR = 0x1000

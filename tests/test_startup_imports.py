@@ -106,7 +106,10 @@ def test_frozen_record_refuses_assignment_and_hashes_by_value():
 def test_exits_and_stop_keep_their_dataclass_behaviour():
     from pykvm.kvm import exits as E
     from pykvm.stop import Stop, StopReason
-    assert repr(E.MmioWrite(0x10, b"x")) == "MmioWrite(addr=16, data=b'x')"
+    # A dataclass's repr, but addresses in hex and the bytes of KVM's data window, not a memoryview
+    assert repr(E.MmioWrite(0x10, memoryview(b"x"))) == "MmioWrite(addr=0x10, data=b'x')"
+    assert repr(E.IoOut(0xe9, 1, 1, memoryview(bytearray(b"5")))) == \
+        "IoOut(port=0xe9, size=1, count=1, data=b'5')"
     assert E.Debug(1, 0x1000) == E.Debug(1, 0x1000, 0, 0)
     assert E.Hlt() == E.Hlt() and E.Hlt() != E.Shutdown()
     s = Stop("until", message="matched")

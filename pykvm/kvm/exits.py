@@ -41,6 +41,10 @@ class PortIo(Exit):
         self.count = count
         self.data = data
 
+    def __repr__(self) -> str:  # the port in hex and the bytes, not "<memory at 0x...>"
+        return (f"{type(self).__qualname__}(port={self.port:#x}, size={self.size}, "
+                f"count={self.count}, data={bytes(self.data)!r})")
+
 
 class IoOut(PortIo):
     """`out`/`outs`: the guest wrote `count` items of `size` bytes to `port`; `data` holds them."""
@@ -63,6 +67,9 @@ class Mmio(Exit):
     def __init__(self, addr: int, data: memoryview) -> None:
         self.addr = addr
         self.data = data
+
+    def __repr__(self) -> str:
+        return f"{type(self).__qualname__}(addr={self.addr:#x}, data={bytes(self.data)!r})"
 
 
 class MmioWrite(Mmio):
