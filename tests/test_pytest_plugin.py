@@ -68,3 +68,31 @@ def test_boot_once_restore_per_test_console_in_the_failure_report(tmp_path):
     # The failing test's report carries what its guest printed after the restore.
     report = out[out.index("test_that_fails"):]
     assert "Command line:" in report
+
+
+@pytest.mark.linux
+@pytest.mark.kvm
+def test_the_readmes_example_passes_as_the_readme_says_to_run_it(tmp_path):
+    """README.md's plugin example, with the --pykvm-save-at the README gives for it: a clone's
+    console starts at the save point, so a default save at "Run /init" would never show it."""
+    import re
+    from pathlib import Path
+    if kvm_unusable_reason():
+        pytest.skip(kvm_unusable_reason())
+    from pykvm.assets import initramfs, test_kernel
+    from pykvm.assets.errors import AssetError
+    try:
+        kernel = test_kernel(build=False)
+    except AssetError as e:
+        pytest.skip(str(e))
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### The pytest plugin"):]
+    section = section[:section.index("\n## ")]
+    example = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    save_at = re.search(r"`--pykvm-save-at='([^']+)'`", section).group(1)
+    (tmp_path / "test_readme.py").write_text(example)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+                        f"--pykvm-kernel={kernel.bzimage}", f"--pykvm-initrd={initramfs()}",
+                        "--pykvm-memory=64M", f"--pykvm-save-at={save_at}", "test_readme.py"],
+                       capture_output=True, text=True, timeout=1800, cwd=tmp_path)
+    assert "1 passed" in r.stdout, r.stdout[-3000:]

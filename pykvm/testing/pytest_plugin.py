@@ -1,18 +1,20 @@
 """pytest plugin: boot a kernel once per test session, give every test a fresh restored copy.
 
 Installed with pykvm (the `pytest11` entry point in pyproject.toml), inactive until a kernel is
-named. A test asks for `pykvm_vm`:
+named. A test asks for `pykvm_vm` (here with `--pykvm-save-at='Freeing unused kernel image'`):
 
-    def test_mounts_root(pykvm_vm):
+    def test_reaches_init(pykvm_vm):
         pykvm_vm.start()
         pykvm_vm.console.expect("Run /init", timeout=60)
 
-The first test that needs it boots the kernel (`--pykvm-kernel`, `--pykvm-initrd`,
-`--pykvm-memory`, `--pykvm-append`, or the `pykvm_*` ini options of the same names) until a
-console line matches `--pykvm-save-at` (default "Run /init as init process"), saves the VM in the
-session's temporary directory and stops it. Every test then gets `LinuxVM.restore(...,
-clone=True)` of that file: a VM at exactly that point, not started (call `start()` or `run()`),
-closed after the test. Restoring maps the saved RAM copy-on-write, so a test costs a fraction of
+The first test that needs it boots the kernel (`--pykvm-kernel=...`, `--pykvm-initrd=...`,
+`--pykvm-memory=...`, `--pykvm-append=...`, or the `pykvm_*` ini options of the same names; with
+`=`, since pytest reads a path given as a separate word as one of its own and looks for rootdir
+and the ini file around it) until a console line matches `--pykvm-save-at` (default "Run /init as
+init process"), saves the VM in the session's temporary directory and stops it. Every test then
+gets `LinuxVM.restore(..., clone=True)` of that file: a VM at exactly that point, not started
+(call `start()` or `run()`), closed after the test; its console holds only what the guest prints
+from there on (with the default, the example above would wait in vain: init has started). Restoring maps the saved RAM copy-on-write, so a test costs a fraction of
 a second instead of a boot, and tests cannot see each other's changes.
 
 Fixtures: `pykvm_snapshot` (session: the snapshot's path), `pykvm_vm` (a restored LinuxVM).
