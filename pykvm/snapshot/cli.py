@@ -22,7 +22,8 @@ def add_save_options(parser) -> None:
     parser.add_argument("--save-at", metavar="REGEX",
                         help="when a console line matches REGEX, save the VM to --save-to and stop")
     parser.add_argument("--save-to", metavar="FILE",
-                        help="snapshot file: written at --save-at, or when pykvm gets SIGUSR1")
+                        help="snapshot file: written at --save-at, or when pykvm gets SIGUSR1 "
+                             "(then the run stops, status 0)")
 
 
 def check_boot_options(args, usage_error) -> None:
