@@ -126,7 +126,8 @@ def cmd_boot(args) -> int:
             profiler.start(vm.machine)
         if args.trace:
             from .trace import ExitTracer
-            trace_out = sys.stderr if args.trace == "-" else open(args.trace, "w")
+            # Line-buffered: a write the host refuses shows up at the exit that wrote it.
+            trace_out = sys.stderr if args.trace == "-" else open(args.trace, "w", buffering=1)
             vm.machine.trace = ExitTracer(vm.machine, trace_out)
         if vm.host_kind == "KVM-PVM" and vm.pvm_workarounds:
             from . import pvm

@@ -53,8 +53,9 @@ def run_on_console(vm, args, say) -> tuple[Stop, int | None]:
     if interactive:
         vm.console.tee(terminal_sink(sys.stdout.buffer, raw=os.isatty(1) and os.isatty(0)))
     elif args.console != "none":
-        log = open(args.console, "wb")
-        vm.console.tee_file(log)
+        log = open(args.console, "wb", buffering=0)    # unbuffered: close() has nothing to write
+        vm.console.tee_file(log, on_error=lambda e: vm.machine.request_stop(Stop(
+            StopReason.ERROR, message=f"cannot write --console {args.console}: {e.strerror or e}")))
     saver = snapshot_cli.SaveOnSignal(vm) if args.save_to else None
     try:
         if interactive and os.isatty(0):

@@ -74,10 +74,24 @@ class ConsoleLog:
         """Also send every future byte to `sink` (e.g. sys.stdout.buffer.write)."""
         self._sinks.append(sink)
 
-    def tee_file(self, f: BinaryIO) -> None:
+    def tee_file(self, f: BinaryIO, on_error: Callable[[OSError], object] | None = None) -> None:
+        """Also write every future byte to file `f`, flushed at once. With `on_error`, a write
+        the host refuses (a full disk: ENOSPC) ends the copy and goes to on_error(exc), rather
+        than raising out of the UART's register write that produced the byte."""
+        failed = False
+
         def write(data: bytes) -> None:
-            f.write(data)
-            f.flush()
+            nonlocal failed
+            if failed:
+                return
+            try:
+                f.write(data)
+                f.flush()
+            except OSError as e:
+                if on_error is None:
+                    raise
+                failed = True
+                on_error(e)
         self._sinks.append(write)
 
     def on_line(self, pattern: str, fn: Callable[[re.Match], None]) -> None:

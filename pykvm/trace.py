@@ -15,6 +15,7 @@ import sys
 from typing import TextIO
 
 from .kvm import exits as E
+from .stop import Stop, StopReason
 
 
 class ExitTracer:
@@ -51,4 +52,9 @@ class ExitTracer:
         if self.limit is None or self.count <= self.limit:
             vcpus = getattr(self.machine, "vcpus", ())
             who = f" cpu{self.machine.vcpu.index}" if len(vcpus) > 1 else ""
-            print(f"[exit {self.count}{who}] {self.describe(exit)}", file=self.out)
+            try:
+                print(f"[exit {self.count}{who}] {self.describe(exit)}", file=self.out)
+            except OSError as e:        # a full disk (ENOSPC), a closed pipe: stop, saying why
+                self.limit = 0
+                why = f"cannot write the exit trace: {e.strerror or e}"
+                self.machine.request_stop(Stop(StopReason.ERROR, message=why))

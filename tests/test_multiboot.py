@@ -208,6 +208,19 @@ def test_a_failed_check_is_a_different_status(tmp_path):
     assert p.returncode == ((0x89 << 1) | 1) & 0xFF
 
 
+@needs_kvm
+@needs_gcc
+@pytest.mark.parametrize("option", [["--console", "/dev/full"],
+                                    ["--trace", "/dev/full", "--console", "none"]])
+def test_cli_a_console_or_trace_file_the_host_cannot_write_stops_the_run_in_one_line(option):
+    """/dev/full answers every write with ENOSPC, as a full disk does: the run stops (status 1,
+    a host failure) with one line naming the file, not a traceback out of a device's write."""
+    p = pykvm(str(kernel()), "--append", "exit=0x21", "--debug-exit", *option)
+    what = "--console /dev/full" if option[0] == "--console" else "the exit trace"
+    assert p.returncode == 1, p.stderr
+    assert f"pykvm: stopped: error: cannot write {what}: No space left on device" in p.stderr
+
+
 def test_cli_malformed_header_is_a_one_line_error(tmp_path):
     k = tmp_path / "bad.elf"
     k.write_bytes(bytes(header(checksum=0x1234)) + bytes(4096))
