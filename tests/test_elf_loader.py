@@ -66,6 +66,12 @@ def test_virtual_entry_is_translated():
     assert parse_elf(img).entry == 0x1000010
 
 
+def _as_type(e_type: int, image: bytes) -> bytes:
+    """`image` with its ELF header's e_type (offset 16) replaced: 3 is ET_DYN, what a program
+    such as /bin/ls is (position-independent) and what a kernel never is."""
+    return image[:16] + struct.pack("<H", e_type) + image[18:]
+
+
 @pytest.mark.parametrize("img, words", [
     (b"MZ\x90\x00" + bytes(100), ["not an ELF"]),
     (make_elf([(0x1000000, TEXT, len(TEXT))], 0x1000000, elfclass=1), ["x86-64"]),
@@ -74,6 +80,7 @@ def test_virtual_entry_is_translated():
     (make_elf([(0x1000000, TEXT, 0x10)], 0x1000000), ["filesz"]),
     (make_elf([(0x80000, TEXT, len(TEXT))], 0x80000), ["below 1 MiB"]),
     (make_elf([], 0x1000000), ["PT_LOAD"]),
+    (_as_type(3, make_elf([(0x1000000, TEXT, len(TEXT))], 0x1000000)), ["ET_DYN", "not a kernel"]),
     (vmlinux()[:200], ["truncated"]),
     (b"\x7fELF" + bytes(10), ["malformed"]),
 ])

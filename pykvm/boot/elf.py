@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 from pykvm.boot.errors import BootError
 from pykvm.elf import MAGIC as ELF_MAGIC
-from pykvm.elf import EM_X86_64, PT_LOAD, PT_NOTE, ElfFormatError, load_segments, read_elf64
+from pykvm.elf import EM_X86_64, ET_EXEC, PT_LOAD, PT_NOTE, ElfFormatError, load_segments
+from pykvm.elf import read_elf64
 from pykvm.memory import GuestMemory
 from pykvm.x86 import layout
 
@@ -81,6 +82,11 @@ def parse_elf(image: bytes) -> ElfKernel:
     if elf.machine != EM_X86_64:
         raise BootError(f"ELF file is for {elf.machine_name}, not x86-64 (EM_X86_64): "
                         f"pass an x86_64 vmlinux")
+    if elf.type != ET_EXEC:
+        # A kernel is linked to run at the addresses its program headers give (gABI e_type
+        # ET_EXEC); ET_DYN is a program or library for a dynamic loader (`pykvm boot /bin/ls`).
+        raise BootError(f"ELF file is {elf.type_name}, not ET_EXEC: a program or library, not a "
+                        f"kernel; pass a vmlinux, a bzImage or a multiboot kernel")
     entry = elf.entry
     loads, pvh = [], None
     for seg in elf.segments:
