@@ -137,6 +137,11 @@ class LinuxConfig:
     devices: DeviceConfig = field(default_factory=DeviceConfig)
     until: str | None = None
 
+    def __post_init__(self) -> None:
+        # Checked here, as every other value is, before a VM exists: LinuxVM only compiles it
+        # after building the machine, where a bad pattern would leave that machine unclosed.
+        cli_checks.regex(self.until, "until")
+
     @classmethod
     def from_options(cls, kernel: str | os.PathLike, **options) -> "LinuxConfig":
         """A config from flat keywords (LinuxVM's), each routed to the group that has the field."""

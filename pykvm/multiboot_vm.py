@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 
-from . import pvm
+from . import cli_checks, pvm
 from .boot.multiboot import Module, load_multiboot
 from .config import MachineConfig
 from .console import ConsoleLog
@@ -53,6 +53,7 @@ class MultibootVM(RunnableVM):
                  initrd: str | os.PathLike | None = None,
                  modules: list[tuple[str, str] | str] = (), machine: MachineConfig | None = None,
                  until: str | None = None, **machine_options):
+        cli_checks.regex(until, "until")     # now: it is compiled after the machine is built
         if machine is None:
             machine = MachineConfig(**{"memory": DEFAULT_MEMORY, **machine_options})
         elif machine_options:

@@ -45,3 +45,16 @@ def test_too_little_memory_names_the_amount_as_given():
         LinuxConfig.from_options("bzImage", memory="512")
     with pytest.raises(InputError, match=r"^4 KiB of memory .*\(--memory\)$"):
         LinuxConfig.from_options("bzImage", memory=4096)
+
+
+def test_a_bad_until_pattern_fails_when_made():
+    """Before any VM is built: LinuxVM compiles `until` only after its machine exists."""
+    with pytest.raises(InputError, match=r"^until '\(' is not a valid regular expression"):
+        LinuxConfig.from_options("bzImage", until="(")
+
+
+def test_a_bad_until_pattern_for_a_restore_is_said_as_such(tmp_path):
+    """Not "its VM configuration does not fit this pykvm": the pattern is checked first."""
+    from pykvm import LinuxVM
+    with pytest.raises(InputError, match=r"^until '\(' is not a valid regular expression"):
+        LinuxVM.restore(tmp_path / "vm.snap", until="(")

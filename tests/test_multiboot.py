@@ -278,6 +278,20 @@ def test_without_testdev_the_scratch_port_reads_as_nothing():
 
 @needs_kvm
 @needs_gcc
+@needs_kvm
+@needs_gcc
+def test_library_a_bad_until_pattern_fails_before_a_machine_is_built():
+    """The pattern is compiled after the machine exists: checked first, no VM is left open (it
+    was: a re.error, and the VM's file descriptors and guest RAM never released)."""
+    from pykvm.cli_checks import InputError
+    from pykvm.multiboot_vm import MultibootVM
+    k = kernel()
+    before = sorted(os.listdir("/proc/self/fd"))
+    with pytest.raises(InputError, match=r"^until '\(' is not a valid regular expression"):
+        MultibootVM(k, until="(")
+    assert sorted(os.listdir("/proc/self/fd")) == before
+
+
 def test_library_multiboot_vm_takes_the_machine_config_linux_vm_takes():
     """MultibootVM(machine=MachineConfig(...)), as `pykvm boot` builds it for either kind of
     kernel: the memory and vCPU count reach the guest (its info block and fw_cfg)."""

@@ -59,6 +59,8 @@ def restore_linux(cls, path: str | os.PathLike, *, until: str | None = None,
     """Build a LinuxVM like the saved one and put the saved state into it. `overrides`: options
     that may differ from the saved VM's without changing the machine (fast_path, ioeventfd,
     pvm_workarounds)."""
+    from pykvm.cli_checks import regex
+    regex(until, "until")   # a one-line InputError of its own, not "does not fit this pykvm"
     allowed = {"fast_path", "ioeventfd", "pvm_workarounds"}
     bad = set(overrides) - allowed
     if bad:
