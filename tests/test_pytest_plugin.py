@@ -48,9 +48,9 @@ def test_without_a_kernel_the_fixtures_skip_and_say_why(tmp_path):
     assert "3 skipped" in r.stdout and "no kernel for the pykvm fixtures" in r.stdout
 
 
-@pytest.mark.linux
-@pytest.mark.kvm
-def test_boot_once_restore_per_test_console_in_the_failure_report(tmp_path):
+def _kernel_args() -> tuple[str, str]:
+    """--pykvm-kernel= and --pykvm-initrd= for the cached test kernel; skips where there is no
+    usable /dev/kvm or no built kernel."""
     if kvm_unusable_reason():
         pytest.skip(kvm_unusable_reason())
     from pykvm.assets import initramfs, test_kernel
@@ -59,9 +59,15 @@ def test_boot_once_restore_per_test_console_in_the_failure_report(tmp_path):
         kernel = test_kernel(build=False)
     except AssetError as e:
         pytest.skip(str(e))
+    return f"--pykvm-kernel={kernel.bzimage}", f"--pykvm-initrd={initramfs()}"
+
+
+@pytest.mark.linux
+@pytest.mark.kvm
+def test_boot_once_restore_per_test_console_in_the_failure_report(tmp_path):
+    kernel, initrd = _kernel_args()
     # Saved at the kernel's first line, so the session boot and the tests stay short.
-    r = _pytest(tmp_path, f"--pykvm-kernel={kernel.bzimage}", f"--pykvm-initrd={initramfs()}",
-                "--pykvm-memory=64M", "--pykvm-save-at=Linux version")
+    r = _pytest(tmp_path, kernel, initrd, "--pykvm-memory=64M", "--pykvm-save-at=Linux version")
     out = r.stdout
     assert "1 failed, 2 passed" in out, out[-3000:]
     assert "pykvm console" in out and "on purpose" in out
@@ -77,14 +83,7 @@ def test_the_readmes_example_passes_as_the_readme_says_to_run_it(tmp_path):
     console starts at the save point, so a default save at "Run /init" would never show it."""
     import re
     from pathlib import Path
-    if kvm_unusable_reason():
-        pytest.skip(kvm_unusable_reason())
-    from pykvm.assets import initramfs, test_kernel
-    from pykvm.assets.errors import AssetError
-    try:
-        kernel = test_kernel(build=False)
-    except AssetError as e:
-        pytest.skip(str(e))
+    kernel, initrd = _kernel_args()
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme[readme.index("### The pytest plugin"):]
     section = section[:section.index("\n## ")]
@@ -92,7 +91,7 @@ def test_the_readmes_example_passes_as_the_readme_says_to_run_it(tmp_path):
     save_at = re.search(r"`--pykvm-save-at='([^']+)'`", section).group(1)
     (tmp_path / "test_readme.py").write_text(example)
     r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
-                        f"--pykvm-kernel={kernel.bzimage}", f"--pykvm-initrd={initramfs()}",
-                        "--pykvm-memory=64M", f"--pykvm-save-at={save_at}", "test_readme.py"],
+                        kernel, initrd, "--pykvm-memory=64M", f"--pykvm-save-at={save_at}",
+                        "test_readme.py"],
                        capture_output=True, text=True, timeout=1800, cwd=tmp_path)
     assert "1 passed" in r.stdout, r.stdout[-3000:]
