@@ -142,3 +142,11 @@ def test_bad_test_device_options_are_one_line_errors(tmp_path, args, words):
     k.write_bytes(b"\0" * 4096)
     p = pykvm("boot", str(k), *args, "--console", "none")
     assert p.returncode == 2 and words in one_line_error(p)
+
+
+def test_each_subcommand_says_what_it_does_in_its_help():
+    """`pykvm CMD --help` has a description under its usage, not just the options."""
+    from pykvm.cli import build_parser
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for name, parser in sub.choices.items():
+        assert parser.description, f"pykvm {name} --help has no description"
