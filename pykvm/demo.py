@@ -24,10 +24,19 @@ from . import cli, pvm
 from .assets import AssetError, cloud_kernel, initramfs, test_kernel
 
 RUN_INIT = r"Run /init as init process"
+USAGE = """usage: ./run boot [--cloud | --test-kernel] [pykvm boot options]
+
+Boot the default kernel for this host (Debian's cloud kernel on VT-x/AMD-V, pykvm's test kernel on
+KVM-PVM; --cloud / --test-kernel choose) with pykvm's busybox initramfs, both built or fetched
+and cached on first use. The kernel and --initrd are given for you; pykvm boot's options follow.
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:    # before any asset: a first build takes many minutes
+        print(USAGE)
+        return cli.main(["boot", "--help"])
     on_pvm = pvm.host_kind() == pvm.KVM_PVM
     cloud = not on_pvm
     for flag, choice in (("--cloud", True), ("--test-kernel", False)):

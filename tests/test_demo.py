@@ -38,3 +38,17 @@ def test_the_user_can_choose(booted):
     assert booted("Intel VT-x", "--test-kernel")[1] == "/cache/bzImage"
     assert booted(pvm.KVM_PVM, "--cloud")[1] == "/cache/vmlinuz-cloud"
     assert "--cloud" not in booted(pvm.KVM_PVM, "--cloud", "--memory", "512M")
+
+
+def test_help_says_what_run_boot_does_and_builds_nothing(monkeypatch, capsys):
+    """`./run boot --help`: its own usage, then pykvm boot's options; no asset is built for it
+    (the test kernel's first build takes 10-20 minutes)."""
+    def no_build():
+        raise AssertionError("--help built an asset")
+    for name in ("cloud_kernel", "test_kernel", "initramfs"):
+        monkeypatch.setattr(demo, name, no_build)
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    assert out.startswith("usage: ./run boot [--cloud | --test-kernel]") and "--memory" in out
