@@ -46,6 +46,15 @@ def test_missing_dev_kvm(tmp_path):
     assert "does not exist" in one_line_error(p)
 
 
+@needs_kvm
+def test_an_empty_kvm_device_variable_means_the_default():
+    """PYKVM_KVM_DEVICE= (set, empty: a CI's unset variable) is /dev/kvm, as if not set; it was
+    the path '' ("pykvm: error:  does not exist")."""
+    p = pykvm("info", env={"PYKVM_KVM_DEVICE": ""})
+    assert p.returncode == 0, p.stderr
+    assert "KVM device:       /dev/kvm" in p.stdout
+
+
 def test_unreadable_dev_kvm(tmp_path):
     node = tmp_path / "kvm"
     node.write_text("")

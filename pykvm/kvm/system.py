@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .vm import Vm
 
 # The KVM device node; PYKVM_KVM_DEVICE overrides it (a differently named node, or tests).
-DEV_KVM = os.environ.get("PYKVM_KVM_DEVICE", "/dev/kvm")
+DEV_KVM = os.environ.get("PYKVM_KVM_DEVICE") or "/dev/kvm"     # set but empty: the default
 
 # Capabilities shown by `pykvm info` and used by pykvm: name -> KVM_CAP_* number (from the header).
 CAPABILITIES = {
