@@ -68,3 +68,18 @@ def test_overlay_is_a_sparse_unlinked_file(tmp_path, monkeypatch):
     assert st_.st_size == size and st_.st_blocks * 512 < 1 << 20
     assert ov.written == 1 and len(ov._bits) <= size // CHUNK // 8 + 1
     ov.close()
+
+
+def test_an_overlay_folder_that_cannot_be_used_is_a_one_line_input_error(tmp_path, monkeypatch):
+    """PYKVM_OVERLAY_DIR missing, or a file: `pykvm boot ... --snapshot` exits 2 with one line
+    naming the folder and the fix (it was a FileNotFoundError traceback, status 1)."""
+    import pytest
+    from pykvm.cli_checks import InputError
+    (tmp_path / "a-file").write_bytes(b"")
+    for folder in (tmp_path / "missing", tmp_path / "a-file"):
+        monkeypatch.setenv("PYKVM_OVERLAY_DIR", str(folder))
+        with pytest.raises(InputError) as e:
+            Overlay(CHUNK, lambda offset, n: bytes(n))
+        assert str(e.value).startswith(f"cannot create the --snapshot overlay in {folder}: ")
+        assert str(e.value).endswith("; set PYKVM_OVERLAY_DIR to a writable folder")
+        assert "\n" not in str(e.value)

@@ -42,7 +42,12 @@ class Overlay:
         self.size = size
         self._base_read = base_read
         folder = directory or os.environ.get("PYKVM_OVERLAY_DIR") or tempfile.gettempdir()
-        fd, path = tempfile.mkstemp(prefix="pykvm-overlay-", dir=folder)
+        try:
+            fd, path = tempfile.mkstemp(prefix="pykvm-overlay-", dir=folder)
+        except OSError as e:     # a folder that is missing, not a folder, read-only or full
+            from ..cli_checks import InputError
+            raise InputError(f"cannot create the --snapshot overlay in {folder}: {e.strerror}; "
+                             "set PYKVM_OVERLAY_DIR to a writable folder") from None
         try:
             # Sparse: no blocks until written. Sized before the unlink: on a 9p mount (QEMU's
             # -virtfs, e.g. TMPDIR in the AMD-V lane) ftruncate of an unlinked file fails ENOENT,
