@@ -99,3 +99,11 @@ def test_a_lane_that_dies_fails_every_marked_test_with_the_reason(tmp_path):
     assert "4 failed, 1 passed" in p.stdout, p.stdout
     assert p.stdout.count("AMD-V lane: L1 kernel panic: not syncing: test") >= 8  # report + summary
     assert "l1 line" in p.stdout  # the L1 console's tail
+
+
+def test_a_bad_lane_timeout_fails_every_marked_test_with_one_line(tmp_path):
+    p = run_host_pytest(tmp_path, env_extra={"PYKVM_LANE_TIMEOUT": "soon"})
+    assert "INTERNALERROR" not in p.stdout, p.stdout[-2000:]
+    assert "4 failed, 1 passed" in p.stdout, p.stdout[-2000:]
+    assert ("AMD-V lane could not start: PYKVM_LANE_TIMEOUT='soon' is not a positive, finite "
+            "number of seconds") in p.stdout

@@ -21,6 +21,7 @@ Use it in a suite: ``pytest -p pykvm.lane.pytest_plugin``, or ``import_plugin`` 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -70,6 +71,20 @@ def where_to_run(kind: str | None = None, *, kvm_usable: bool | None = None, inn
         return SKIP, (f"needs VT-x/AMD-V: {what}, and {QEMU} for the AMD-V lane is not installed "
                       f"(apt-get install {DEBIAN_PACKAGE})")
     return LANE, ""
+
+
+def lane_timeout(text: str | None) -> float:
+    """PYKVM_LANE_TIMEOUT in seconds (unset or empty: DEFAULT_TIMEOUT); anything but a positive,
+    finite number is a ValueError, which fails each marked test with its one line."""
+    if not text:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"PYKVM_LANE_TIMEOUT={text!r} is not a positive, finite number of seconds")
+    return value
 
 
 def _prepare_assets() -> None:
@@ -176,7 +191,6 @@ class LanePlugin:
         nodeids = [i.nodeid for i in session.items if i.get_closest_marker(MARK)]
         self._say(f"running {len(nodeids)} {MARK} test(s) in the AMD-V lane: building assets, "
                   "then one L1 boot under QEMU TCG")
-        timeout = float(os.environ.get("PYKVM_LANE_TIMEOUT", DEFAULT_TIMEOUT))
         verbose = self.config.option.verbose > 0 or self.config.option.capture == "no"
         capman = self.config.pluginmanager.getplugin("capturemanager")
 
@@ -186,6 +200,7 @@ class LanePlugin:
 
         run_dir = None
         try:
+            timeout = lane_timeout(os.environ.get("PYKVM_LANE_TIMEOUT"))
             _prepare_assets()
             run_dir = new_run_dir()
             results = run_dir / "results.jsonl"
