@@ -242,12 +242,12 @@ def _machine_summary(vm) -> str:
     return f"{cpus} vCPU{'s' if cpus != 1 else ''}, {tables}"
 
 
-def add_run_options(parser: argparse.ArgumentParser) -> None:
+def add_run_options(parser: argparse.ArgumentParser, gdb: bool = True) -> None:
     """--timeout, --until and --console: how a run ends and where its console goes, the same for
-    `pykvm boot` and `pykvm restore` (pykvm/snapshot/cli.py)."""
+    `pykvm boot` and `pykvm restore` (pykvm/snapshot/cli.py; `gdb`: the command has --gdb)."""
     parser.add_argument("--timeout", type=float,
-                        help="stop after the guest has run this many seconds (exit status 4); "
-                             "time gdb holds it stopped does not count")
+                        help="stop after the guest has run this many seconds (exit status 4)"
+                             + ("; time gdb holds it stopped does not count" if gdb else ""))
     parser.add_argument("--until", metavar="REGEX",
                         help="stop with status 0 when a console line matches REGEX")
     parser.add_argument("--console", default="stdio", metavar="stdio|none|FILE",

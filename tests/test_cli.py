@@ -159,3 +159,10 @@ def test_each_subcommand_says_what_it_does_in_its_help():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     for name, parser in sub.choices.items():
         assert parser.description, f"pykvm {name} --help has no description"
+
+
+def test_restore_help_mentions_no_gdb_it_does_not_have():
+    from pykvm.cli import build_parser
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert "gdb" not in sub.choices["restore"].format_help()
+    assert "gdb holds it stopped" in sub.choices["boot"].format_help()

@@ -69,7 +69,7 @@ def add_restore_command(sub, run_fn) -> None:
                        "it stopped. Exit status as for boot; 2 for a snapshot that cannot be used.")
     from pykvm.cli import add_run_options      # at call time: pykvm.cli imports this module
     p.add_argument("snapshot", help="snapshot file")
-    add_run_options(p)
+    add_run_options(p, gdb=False)      # a restore offers no --gdb
     p.add_argument("--clone", action="store_true",
                    help="give this VM its own identity (a new VM generation ID, on which "
                         "Linux reseeds its CRNG; a new MAC; fresh virtio-rng entropy)")
