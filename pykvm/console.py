@@ -24,8 +24,9 @@ from typing import BinaryIO, Callable
 class ExpectTimeout(TimeoutError):
     """The awaited output did not appear in time. Carries the console's tail for the report."""
 
-    def __init__(self, pattern: str, timeout: float, tail: str):
-        super().__init__(f"{pattern!r} did not appear within {timeout:g} s; console ended with:\n{tail}")
+    def __init__(self, pattern: str, timeout: float, tail: str, stopped: bool = False):
+        when = "before the VM stopped" if stopped else f"within {timeout:g} s"
+        super().__init__(f"{pattern!r} did not appear {when}; console ended with:\n{tail}")
         self.pattern = pattern
         self.tail = tail
 
@@ -145,7 +146,7 @@ class ConsoleLog:
                     return m
                 left = deadline - time.monotonic()
                 if left <= 0 or self.closed:
-                    raise ExpectTimeout(pattern, timeout, self.tail())
+                    raise ExpectTimeout(pattern, timeout, self.tail(), stopped=self.closed)
                 self._cond.wait(min(left, 0.5))
 
     def contains(self, pattern: str) -> bool:

@@ -142,3 +142,19 @@ def test_a_closed_console_fails_at_once():
     shell = GuestShell(lambda data: None, console)
     with pytest.raises(ExpectTimeout):
         shell.run("echo never", timeout=600)
+
+
+def test_waiting_on_a_console_whose_vm_stopped_says_so_not_a_timeout():
+    """A VM that stops (a panic) closes its console: expect() gives up at once, and its error
+    says the VM stopped, not that the whole timeout went by."""
+    console = ConsoleLog()
+    console.write(b"Kernel panic - not syncing: Attempted to kill init!\n")
+    console.close()
+    with pytest.raises(ExpectTimeout) as e:
+        console.expect("login:", timeout=120)
+    assert str(e.value).startswith("'login:' did not appear before the VM stopped; console ended")
+    with pytest.raises(ExpectTimeout) as e:
+        GuestShell(lambda data: None, console).run("true", timeout=120)
+    assert "a shell answering on the console' did not appear before the VM stopped" in str(e.value)
+    assert "Kernel panic" in str(e.value)
+

@@ -135,7 +135,8 @@ class GuestShell:
                 return
             except ExpectTimeout as e:
                 if self._console.closed or time.monotonic() >= deadline:
-                    raise ExpectTimeout("a shell answering on the console", timeout, e.tail) from None
+                    raise ExpectTimeout("a shell answering on the console", timeout, e.tail,
+                                        stopped=self._console.closed) from None
 
     def run(self, command: str, timeout: float = 120.0, check: bool = False) -> CommandResult:
         """Run one command line in the guest's shell; its output and exit status."""
