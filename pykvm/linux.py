@@ -347,11 +347,20 @@ class LinuxVM(RunnableVM):
         else:
             self.devices.feed_serial(data)
 
+    def _needs_userland(self, what: str) -> None:
+        # On KVM-PVM a guest's first syscall from CPL3 faults (docs/kvm-pvm.md): no shell ever
+        # answers, and waiting for one would only end in a timeout that names no reason.
+        if self.host_kind == pvm.KVM_PVM:
+            raise MachineError(f"{what} needs guest userland, which cannot run on this KVM-PVM "
+                               "host: mark the test amdv to run it in the AMD-V lane (README), "
+                               "or use a VT-x/AMD-V host")
+
     def shell(self, command: str, timeout: float = 120.0, check: bool = False):
         """Run a command line in the guest's shell on its console (COM1 or hvc0) and return a
         CommandResult(output, status); check=True raises CommandFailed on a non-zero status. The
         VM must be start()ed; the first call waits for a shell to answer (pykvm/testing/shell.py
         has the protocol and its limits)."""
+        self._needs_userland("shell()")
         if not self.machine.running:
             raise MachineError("shell() needs a running guest: start() it first")
         if getattr(self, "_shell", None) is None:
@@ -363,6 +372,7 @@ class LinuxVM(RunnableVM):
         """Type `command` into the guest's shell and wait for the machine to stop; the Stop (reason
         "poweroff", or "halt" where the kernel has no way to cut the power). TimeoutError if it
         does not stop within `timeout` seconds."""
+        self._needs_userland("poweroff()")
         if self.machine.running:
             self.send(command + "\n")
         stop = self.wait(timeout)

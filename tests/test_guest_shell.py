@@ -158,3 +158,17 @@ def test_waiting_on_a_console_whose_vm_stopped_says_so_not_a_timeout():
     assert "a shell answering on the console' did not appear before the VM stopped" in str(e.value)
     assert "Kernel panic" in str(e.value)
 
+
+@pytest.mark.kvm
+def test_shell_and_poweroff_on_kvm_pvm_say_at_once_that_userland_cannot_run(kernel):
+    """Nothing boots: on a KVM-PVM host the guest's userland never runs, so no shell answers."""
+    from conftest import kvm_unusable_reason
+    from pykvm import LinuxVM, pvm
+    from pykvm.machine import MachineError
+    if kvm_unusable_reason() or pvm.host_kind() != pvm.KVM_PVM:
+        pytest.skip(kvm_unusable_reason() or "this host's /dev/kvm is not KVM-PVM")
+    with LinuxVM(kernel.bzimage, memory="64M") as vm:
+        for call in (lambda: vm.shell("uname -r"), vm.poweroff):
+            with pytest.raises(MachineError, match="needs guest userland, which cannot run on "
+                                                   "this KVM-PVM host: mark the test amdv"):
+                call()
