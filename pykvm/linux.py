@@ -359,7 +359,7 @@ class LinuxVM(RunnableVM):
         """Run a command line in the guest's shell on its console (COM1 or hvc0) and return a
         CommandResult(output, status); check=True raises CommandFailed on a non-zero status. The
         VM must be start()ed; the first call waits for a shell to answer (pykvm/testing/shell.py
-        has the protocol and its limits)."""
+        has the protocol and its limits). On a KVM-PVM host: MachineError at once, as poweroff()."""
         self._needs_userland("shell()")
         if not self.machine.running:
             raise MachineError("shell() needs a running guest: start() it first")
@@ -371,7 +371,7 @@ class LinuxVM(RunnableVM):
     def poweroff(self, timeout: float = 120.0, command: str = "poweroff -f") -> Stop:
         """Type `command` into the guest's shell and wait for the machine to stop; the Stop (reason
         "poweroff", or "halt" where the kernel has no way to cut the power). TimeoutError if it
-        does not stop within `timeout` seconds."""
+        does not stop within `timeout` seconds; on a KVM-PVM host, MachineError at once."""
         self._needs_userland("poweroff()")
         if self.machine.running:
             self.send(command + "\n")
