@@ -48,6 +48,18 @@ def test_without_a_kernel_the_fixtures_skip_and_say_why(tmp_path):
     assert "3 skipped" in r.stdout and "no kernel for the pykvm fixtures" in r.stdout
 
 
+def test_a_kernel_that_cannot_boot_is_one_line_per_test(tmp_path):
+    """--pykvm-kernel naming a missing file: each test errors with the reason in one line, no
+    traceback into pykvm (nothing boots)."""
+    if kvm_unusable_reason():
+        pytest.skip(kvm_unusable_reason())
+    r = _pytest(tmp_path, f"--pykvm-kernel={tmp_path / 'missing'}")
+    assert "3 errors" in r.stdout, r.stdout[-3000:]
+    assert f"pykvm: cannot boot the session's kernel: kernel {tmp_path / 'missing'} does not " \
+           "exist" in r.stdout
+    assert "cli_checks.py" not in r.stdout and "During handling" not in r.stdout
+
+
 def _kernel_args() -> tuple[str, str]:
     """--pykvm-kernel= and --pykvm-initrd= for the cached test kernel; skips where there is no
     usable /dev/kvm or no built kernel."""

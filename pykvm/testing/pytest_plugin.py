@@ -60,7 +60,9 @@ def _option(config, name: str):
 @pytest.fixture(scope="session")
 def pykvm_snapshot(request, tmp_path_factory) -> str:
     """Path of the session's snapshot: the configured kernel booted to `--pykvm-save-at`."""
+    from pykvm.boot import BootError
     from pykvm.linux import LinuxVM
+    from pykvm.machine import MachineError
     from pykvm.stop import StopReason
 
     config = request.config
@@ -71,8 +73,15 @@ def pykvm_snapshot(request, tmp_path_factory) -> str:
         pytest.skip("/dev/kvm is missing or not usable by this user")
     save_at = _option(config, "save-at") or DEFAULT_SAVE_AT
     path = tmp_path_factory.mktemp("pykvm") / "session.snap"
-    with LinuxVM(kernel, initrd=_option(config, "initrd"), append=_option(config, "append") or "",
-                 memory=_option(config, "memory") or DEFAULT_MEMORY, until=save_at) as vm:
+    try:
+        vm = LinuxVM(kernel, initrd=_option(config, "initrd"),
+                     append=_option(config, "append") or "",
+                     memory=_option(config, "memory") or DEFAULT_MEMORY, until=save_at)
+    except (MachineError, BootError) as e:      # a missing kernel, too little memory, ...: one line
+        vm, why = None, str(e)
+    if vm is None:                              # (outside the except: no chained traceback)
+        pytest.fail(f"pykvm: cannot boot the session's kernel: {why}", pytrace=False)
+    with vm:
         stop = vm.run(BOOT_TIMEOUT)
         if stop.reason is not StopReason.UNTIL:
             pytest.fail(f"pykvm: the session boot stopped ({stop.reason}: {stop.message}) before "
