@@ -348,6 +348,12 @@ def _save_args(args) -> None:
     regex(getattr(args, "save_at", None), "--save-at")
     if getattr(args, "save_to", None):
         output_file(args.save_to, "--save-to")
+        # A snapshot is written beside the target and renamed over it (pykvm/snapshot/format.py):
+        # over /dev/null that would put a 256 MiB file where the device node was.
+        kind = _kind(os.stat(args.save_to).st_mode) if os.path.exists(args.save_to) else None
+        if kind is not None:
+            raise InputError(f"--save-to {args.save_to} is {kind}: a snapshot replaces the file "
+                             "it is saved to; give a regular file's name")
 
 
 def restore_args(args) -> None:

@@ -250,6 +250,20 @@ def test_saving_a_running_machine_is_refused():
         m.close()
 
 
+def test_saving_over_something_not_a_regular_file_is_refused(tmp_path):
+    """A snapshot is written beside its path and renamed over it: over a FIFO or a device node
+    (as root: /dev/null itself) that would put a regular file in its place."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    m, _ = snapshot_firmware.boot((1000, STEPS))
+    try:
+        with pytest.raises(SnapshotError, match="is not a regular file"):
+            save_machine(fifo, m, machine_devices(m))
+    finally:
+        m.close()
+    assert fifo.is_fifo()
+
+
 @pytest.mark.linux
 @pytest.mark.parametrize("options, save_at, after", [
     # The Python 8259/8254 and the PIIX IDE disk: saved once the kernel has identified the disk,

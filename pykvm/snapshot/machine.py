@@ -131,6 +131,12 @@ def save_machine(path: str | os.PathLike, machine, devices: dict, *, config: dic
     whatever the restoring side needs to rebuild the same machine; `disks` is {name: DiskImage}
     (fingerprinted; their overlays saved when opened with snapshot=True). Returns the file size."""
     from pykvm.kvm import state as kvm_state
+    import stat
+    # The file is written beside `path` and renamed over it: a device node or FIFO there would be
+    # replaced by a regular file (as root, /dev/null itself), so only a regular file is overwritten.
+    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
+        raise SnapshotError(f"{os.fspath(path)} is not a regular file: a snapshot replaces the "
+                            "file it is saved to; give a regular file's name")
     if machine.running and getattr(machine, "_thread", None) is not threading.current_thread():
         # (On the thread start() made, in an on_stop hook, every vCPU is out of KVM_RUN: fine.)
         raise SnapshotError("cannot save a running machine: stop it first")
