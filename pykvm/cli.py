@@ -260,9 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="what this host's KVM offers",
-                          description="Say what this host's KVM offers: the device and API version, "
-                          "whether it is VT-x, AMD-V or KVM-PVM (and what that means for guests), "
-                          "the vCPU limits and the capabilities pykvm uses.")
+                          description="Say what this host's KVM offers: the device and API "
+                          "version, whether it is VT-x, AMD-V or KVM-PVM (and what that means for "
+                          "guests), the vCPU limits and the capabilities pykvm uses.")
     info.add_argument("--device", default=None, help="the KVM device (default /dev/kvm, or $PYKVM_KVM_DEVICE)")
     info.set_defaults(fn=cmd_info)
 

@@ -224,7 +224,8 @@ class LinuxVM(RunnableVM):
         own = total - len(str(Cmdline(self.config.boot.append)).encode())
         fix = (f"--append is {total - own} bytes; beside pykvm's own {own} it can have at most "
                f"{max_len - own}" if own < max_len else
-               f"pykvm's own arguments alone are {own} bytes (--no-pvm-workarounds leaves most off)")
+               f"pykvm's own arguments alone are {own} bytes (--no-pvm-workarounds leaves "
+               "most off)")
         raise BootError(f"command line is {total} bytes but this kernel accepts at most {max_len} "
                         f"(setup_header.cmdline_size): {fix}")
 

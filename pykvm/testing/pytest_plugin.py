@@ -14,8 +14,9 @@ and the ini file around it) until a console line matches `--pykvm-save-at` (defa
 init process"), saves the VM in the session's temporary directory and stops it. Every test then
 gets `LinuxVM.restore(..., clone=True)` of that file: a VM at exactly that point, not started
 (call `start()` or `run()`), closed after the test; its console holds only what the guest prints
-from there on (with the default, the example above would wait in vain: init has started). Restoring maps the saved RAM copy-on-write, so a test costs a fraction of
-a second instead of a boot, and tests cannot see each other's changes.
+from there on (with the default, the example above would wait in vain: init has started).
+Restoring maps the saved RAM copy-on-write, so a test costs a fraction of a second instead of a
+boot, and tests cannot see each other's changes.
 
 Fixtures: `pykvm_snapshot` (session: the snapshot's path), `pykvm_vm` (a restored LinuxVM).
 When a test that used `pykvm_vm` fails, its report gets a "pykvm console" section with what the
