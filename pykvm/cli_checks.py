@@ -57,6 +57,8 @@ def _kind(mode: int) -> str | None:
 
 
 def _open_error(e: OSError, path, what: str) -> InputError:
+    if not os.fspath(path):      # `pykvm boot ''` (an unset shell variable): "kernel  does not..."
+        return InputError(f"{what}: an empty file name")
     if isinstance(e, FileNotFoundError):
         return InputError(f"{what} {path} does not exist")
     if isinstance(e, IsADirectoryError):
@@ -319,12 +321,12 @@ def boot_args(args) -> None:
     Files the VMM reads are checked here and read again (with the same checks) when used."""
     args.memory = memory(args.memory)
     input_file(args.kernel, "kernel", MAX_KERNEL)
-    if args.initrd:
+    if args.initrd is not None:          # not `if args.initrd`: --initrd '' is an error, not none
         rd = input_file(args.initrd, "initrd", MAX_INITRD)
         if rd.stat().st_size >= args.memory:
             raise InputError(f"initrd {args.initrd} ({rd.stat().st_size >> 20} MiB) does not fit "
                              f"in {args.memory >> 20} MiB of guest memory (--memory)")
-    if args.disk:
+    if args.disk is not None:
         disk_image(args.disk, writable=not (args.readonly or args.snapshot))
     args.timeout = timeout(args.timeout)
     if hasattr(args, "cpus"):
@@ -336,9 +338,9 @@ def boot_args(args) -> None:
             tap_name(name)
     if args.console not in ("stdio", "none"):
         output_file(args.console, "--console")
-    if args.trace:
+    if args.trace is not None:
         output_file(args.trace, "--trace", dash_ok=True)
-    if args.profile and args.profile != "-":
+    if args.profile is not None and args.profile != "-":
         input_file(args.profile, "--profile System.map", MAX_SYSTEM_MAP)
     _save_args(args)
 

@@ -319,3 +319,19 @@ def test_generated_restore_arguments(files, capsys, data):
     assert "Traceback" not in err, (argv, err)
     assert len(_errors(err)) == 1 or err.startswith("usage:"), (argv, err)
     assert _snapshot(files) == before, argv
+
+
+@pytest.mark.parametrize("argv, what", [
+    (["boot", ""], "kernel"),
+    (["boot", "{d}/kernel", "--initrd", ""], "initrd"),
+    (["boot", "{d}/kernel", ""], "disk image"),
+    (["boot", "{d}/kernel", "--trace", ""], "--trace"),
+    (["boot", "{d}/kernel", "--profile", ""], "--profile System.map"),
+    (["restore", ""], "snapshot"),
+])
+def test_an_empty_file_name_is_said_as_such(files, capsys, argv, what):
+    """An unset shell variable (`pykvm boot "$KERNEL"`): one line naming the argument. `--initrd ''`
+    booted with no initrd at all, and a kernel said 'kernel  does not exist'."""
+    got, err = _run_main([a.replace("{d}", str(files)) for a in argv] + ["--console", "none"],
+                         capsys)
+    assert got == 2 and f"pykvm: error: {what}: an empty file name" in err, err
