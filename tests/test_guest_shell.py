@@ -81,7 +81,8 @@ class PtyShell:
         os.close(slave)
         self.console = ConsoleLog()
         self.sent = []
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._pump_thread = threading.Thread(target=self._pump, daemon=True)
+        self._pump_thread.start()
 
     def _pump(self):
         while True:
@@ -99,8 +100,14 @@ class PtyShell:
         os.write(self.master, data)
 
     def close(self):
+        # The pump must be gone before the master's descriptor is closed: the next test's
+        # openpty() gets the same number, and a pump still looping would read (and lose) that
+        # pty's output - seen as a shell whose answers never came, once in ~25 runs under load.
+        # With the shell dead and our slave closed, the master's read ends (EIO).
         self.proc.kill()
         self.proc.wait()
+        self._pump_thread.join(timeout=30)
+        assert not self._pump_thread.is_alive(), "the pty pump did not end with the shell"
         os.close(self.master)
 
 
