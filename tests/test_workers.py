@@ -133,3 +133,29 @@ def test_terminal_reader_failure_is_reported():
     os.close(w)
     (name, e), = errors
     assert name == "pykvm-terminal" and "guest input queue gone" in str(e)
+
+
+def test_terminal_reader_busy_at_exit_ends_cleanly():
+    """A reader still inside feed() when the terminal closes (a guest slow to take input) ends
+    when feed() returns, with no error: its stop pipe was not closed under it."""
+    from pykvm.host.terminal import Terminal
+
+    r, w = os.pipe()
+    errors, entered, release = [], threading.Event(), threading.Event()
+
+    def feed(data):
+        entered.set()
+        release.wait(30)
+
+    term = Terminal(feed, lambda: None, fd=r, on_error=lambda name, e: errors.append((name, e)))
+    with term:
+        os.write(w, b"x")
+        assert entered.wait(30)
+    # __exit__ gave up waiting (1 s) with the reader still in feed()
+    thread = term._thread
+    assert thread.is_alive()
+    release.set()
+    thread.join(30)
+    assert not thread.is_alive() and errors == []
+    os.close(r)
+    os.close(w)

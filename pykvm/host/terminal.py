@@ -44,6 +44,8 @@ class Terminal:
         self.on_stats = on_stats
         self._saved = None
         self._stop_r, self._stop_w = os.pipe()
+        self._pipe_lock = threading.Lock()   # whoever is last closes the stop pipe, once
+        self._pipe_open = True
         self._thread: threading.Thread | None = None
         self._escape = False
 
@@ -55,13 +57,25 @@ class Terminal:
         return self
 
     def __exit__(self, *exc) -> None:
-        os.write(self._stop_w, b"x")
+        with self._pipe_lock:
+            if self._pipe_open:
+                os.write(self._stop_w, b"x")
         if self._thread:
             self._thread.join(timeout=1)
         if self._saved is not None:
             termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
-        os.close(self._stop_r)
-        os.close(self._stop_w)
+        # A reader still inside feed() (a guest that does not take input) finds the stop byte
+        # when it returns and closes the pipe itself: closed here, its select() would meet a
+        # closed descriptor, or one the process has since reused for another file.
+        if self._thread is None or not self._thread.is_alive():
+            self._close_stop_pipe()
+
+    def _close_stop_pipe(self) -> None:
+        with self._pipe_lock:
+            if self._pipe_open:
+                self._pipe_open = False
+                os.close(self._stop_r)
+                os.close(self._stop_w)
 
     def _say(self, msg: bytes) -> None:
         os.write(sys.stdout.fileno(), msg)
@@ -88,6 +102,12 @@ class Terminal:
             self.feed(bytes(out))
 
     def _loop(self) -> None:
+        try:
+            self._read_keys()
+        finally:
+            self._close_stop_pipe()
+
+    def _read_keys(self) -> None:
         while True:
             r, _, _ = select.select([self.fd, self._stop_r], [], [])
             if self._stop_r in r:
